@@ -1,0 +1,95 @@
+"""The GQA attention port: mlx-lm's attention that also keeps the window queries.
+
+It reuses the model's own projections, norms and RoPE, so parameter names and outputs
+are unchanged; the only addition is the last ``window`` post-RoPE queries, which
+scoring needs and ``mx.fast.scaled_dot_product_attention`` never exposes.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import CKVError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_WINDOW = 8
+
+
+class WindowAttention(nn.Module):
+    """Grouped-query attention that remembers its latest ``window`` queries."""
+
+    def __init__(self, base: nn.Module, window: int = DEFAULT_WINDOW):
+        super().__init__()
+        self.n_heads = base.n_heads
+        self.n_kv_heads = base.n_kv_heads
+        self.scale = base.scale
+        self.q_proj, self.k_proj = base.q_proj, base.k_proj
+        self.v_proj, self.o_proj = base.v_proj, base.o_proj
+        self.q_norm = getattr(base, "q_norm", None)
+        self.k_norm = getattr(base, "k_norm", None)
+        self.rope = base.rope
+        self.window = window
+        self._window_queries = None
+
+    @property
+    def window_queries(self) -> mx.array:
+        """The latest post-RoPE queries, ``[n_heads, <= window, head_dim]``."""
+        return self._window_queries[0]
+
+    def reset(self):
+        self._window_queries = None
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        b, n, _ = x.shape
+        queries = self.q_proj(x).reshape(b, n, self.n_heads, -1)
+        keys = self.k_proj(x).reshape(b, n, self.n_kv_heads, -1)
+        values = self.v_proj(x).reshape(b, n, self.n_kv_heads, -1)
+        if self.q_norm is not None:
+            queries, keys = self.q_norm(queries), self.k_norm(keys)
+        queries = queries.transpose(0, 2, 1, 3)
+        keys = keys.transpose(0, 2, 1, 3)
+        values = values.transpose(0, 2, 1, 3)
+
+        offset = 0 if cache is None else cache.offset
+        queries = self.rope(queries, offset=offset)
+        keys = self.rope(keys, offset=offset)
+        self._remember(queries)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+
+        out = mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=self.scale, mask=mask
+        )
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
+
+    def _remember(self, queries: mx.array):
+        if self._window_queries is not None and queries.shape[2] < self.window:
+            queries = mx.concatenate([self._window_queries, queries], axis=2)
+        self._window_queries = queries[:, :, -self.window :, :]
+
+
+def architecture(model: nn.Module) -> str:
+    """The model's mlx-lm architecture name, refusing unsupported ones."""
+    arch = getattr(model, "model_type", None) or getattr(model.args, "model_type", "")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CKVError(
+            f"model architecture {arch!r} is not supported: use a "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} model"
+        )
+    if any(getattr(layer, "use_sliding", False) for layer in model.layers):
+        raise CKVError("models with sliding-window layers are not supported yet")
+    return arch
+
+
+def install(model: nn.Module, window: int = DEFAULT_WINDOW) -> list[WindowAttention]:
+    """Swap every layer's attention for :class:`WindowAttention` (idempotent).
+
+    Returns the attention modules, one per layer.
+    """
+    architecture(model)
+    for layer in model.layers:
+        if not isinstance(layer.self_attn, WindowAttention):
+            layer.self_attn = WindowAttention(layer.self_attn, window)
+        layer.self_attn.window = window
+    return [layer.self_attn for layer in model.layers]

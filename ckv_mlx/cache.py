@@ -1,0 +1,163 @@
+"""A per-layer KV cache that can evict: logical position apart from physical rows.
+
+Before compression it grows like mlx-lm's ``KVCache``. ``compress(keep, budget)`` keeps
+the given rows (a token set per KV head, or one for all) and fixes the capacity at
+``budget + region``: new tokens fill the region, and the caller evicts back to the
+budget before it overflows, so the memory of a compressed layer is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.cache import _BaseCache
+
+DEFAULT_REGION = 64
+
+
+class EvictingKVCache(_BaseCache):
+    """KV rows of one layer, ``[1, kv_heads, rows, head_dim]``, in position order."""
+
+    step = 256
+
+    def __init__(self, region: int = DEFAULT_REGION):
+        self.keys = None
+        self.values = None
+        self.offset = 0
+        self.length = 0
+        self.budget: int | None = None
+        self.region = region
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    @property
+    def compressed(self) -> bool:
+        return self.budget is not None
+
+    def free_slots(self) -> int:
+        """Rows that can be appended before a compressed layer must evict."""
+        return self.budget + self.region - self.length
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        self._append(keys, values)
+        self.offset += keys.shape[2]
+        return self.fetch()
+
+    def _append(self, keys: mx.array, values: mx.array):
+        n = keys.shape[2]
+        if self.length + n > self.capacity:
+            self._grow(keys, values, self.length + n)
+        start, self.length = self.length, self.length + n
+        self.keys[..., start : self.length, :] = keys
+        self.values[..., start : self.length, :] = values
+
+    def _grow(self, keys: mx.array, values: mx.array, needed: int):
+        if self.compressed:
+            size = max(needed, self.budget + self.region)
+        else:
+            size = -(-needed // self.step) * self.step
+        self.keys = _resized(self.keys, keys, self.length, size)
+        self.values = _resized(self.values, values, self.length, size)
+
+    def compress(self, keep: mx.array, budget: int):
+        """Keep rows ``keep`` (``[kv_heads or 1, k]``, sorted) and bound the layer.
+
+        ``budget`` (>= k) is the number of rows eviction returns to; the capacity
+        becomes ``budget + region``.
+        """
+        kept_k, kept_v = (_take_rows(x, keep) for x in self.fetch())
+        self.budget = max(budget, keep.shape[-1])
+        self.keys = self.values = None
+        self.length = 0
+        self._append(kept_k, kept_v)
+
+    def fetch(self):
+        """The held rows: ``(keys, values)``, each ``[1, kv_heads, length, head_dim]``."""
+        return self.keys[..., : self.length, :], self.values[..., : self.length, :]
+
+    def size(self) -> int:
+        return self.length
+
+    def empty(self) -> bool:
+        return self.keys is None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows held (keys and values)."""
+        if self.keys is None:
+            return 0
+        row = self.keys.shape[1] * (self.keys.shape[3] + self.values.shape[3])
+        return self.length * row * self.keys.dtype.size
+
+    def make_mask(self, n: int, return_array: bool = False, window_size=None):
+        if window_size is not None or return_array:
+            return create_causal_mask(n, self.length, window_size=window_size)
+        return "causal" if n > 1 else None
+
+    @property
+    def state(self):
+        return self.fetch() if self.keys is not None else []
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values = v
+        self.length = self.keys.shape[2]
+
+    @property
+    def meta_state(self):
+        return (str(self.offset), str(self.budget or 0), str(self.region))
+
+    @meta_state.setter
+    def meta_state(self, v):
+        offset, budget, region = (int(x) for x in v)
+        self.offset, self.region = offset, region
+        self.budget = budget or None
+
+    @classmethod
+    def from_state(cls, state, meta_state) -> "EvictingKVCache":
+        cache = cls()
+        cache.state = state
+        cache.meta_state = meta_state
+        return cache
+
+
+def _take_rows(x: mx.array, rows: mx.array) -> mx.array:
+    """Gather ``rows`` (``[heads or 1, k]``) along the sequence axis of ``x``."""
+    heads, dim = x.shape[1], x.shape[3]
+    index = mx.broadcast_to(rows[None, :, :, None], (1, heads, rows.shape[-1], dim))
+    return mx.take_along_axis(x, index, axis=2)
+
+
+def _resized(old: mx.array | None, like: mx.array, used: int, size: int) -> mx.array:
+    """A zero buffer of ``size`` rows shaped like ``like``, holding ``old[:used]``."""
+    new = mx.zeros((*like.shape[:2], size, like.shape[3]), like.dtype)
+    if old is not None and used:
+        new[..., :used, :] = old[..., :used, :]
+    return new
+
+
+def save_caches(path: str | Path, caches: list[EvictingKVCache], metadata: dict) -> None:
+    """Write caches and JSON-able ``metadata`` to one safetensors file, atomically."""
+    path = Path(path)
+    arrays = dict(tree_flatten([c.state for c in caches]))
+    meta = {"ckv": json.dumps({**metadata, "layers": [c.meta_state for c in caches]})}
+    tmp = path.with_name(f".{path.name}.tmp.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_caches(path: str | Path) -> tuple[list[EvictingKVCache], dict]:
+    """Read what :func:`save_caches` wrote: ``(caches, metadata)``."""
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    info = json.loads(meta["ckv"])
+    states = tree_unflatten(list(arrays.items()))
+    layers = info.pop("layers")
+    caches = [EvictingKVCache.from_state(s, m) for s, m in zip(states, layers)]
+    return caches, info

@@ -1,0 +1,168 @@
+"""`python -m ckv_mlx.generate`: answer a question over a document with a compressed cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .blas import ensure_fast_blas, warn_if_slow_blas
+from .cache import DEFAULT_REGION
+from .errors import CKVError
+from .methods import METHODS
+from .prompts import TRUNCATE_CHOICES
+
+DEFAULT_PROMPT = "Summarize the document in a few sentences."
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m ckv_mlx.generate",
+        description="Answer a question over a long document with a compressed KV cache.",
+    )
+    p.add_argument("--model", default=None, help="mlx-lm model folder or hub id (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--doc", type=Path, help="document: .pdf .txt .md")
+    p.add_argument("--prompt", default=None, help=f"question (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--method", default="compresskv", choices=list(METHODS))
+    p.add_argument("--budget", default="128", help="tokens per layer (average), or a fraction of the prompt: 5%% or 0.05 (ignored by full)")
+    p.add_argument("--profile", type=Path, help="SRH profile (default: the model's file in profiles/, if any)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--raw", action="store_true", help="no chat template: document, newline, prompt")
+    p.add_argument("--truncate", choices=TRUNCATE_CHOICES, default="none", help="what to drop when the document exceeds the context (default: refuse)")
+    p.add_argument("--region", type=int, default=DEFAULT_REGION, help="rows per layer for generated tokens before re-scoring")
+    p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    ensure_fast_blas()
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except CKVError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from .budgets import parse_budget
+    from .documents import read_document
+    from .methods import make_method
+    from .models import load_model
+    from .profiles import resolve_profile
+    from .prompts import prompt_tokens
+    from .session import Session
+
+    if args.max_tokens < 1:
+        raise CKVError("--max-tokens must be at least 1")
+    document = read_document(args.doc) if args.doc else ""
+    loaded = load_model(args.model)
+    warn_if_slow_blas()
+    profile, notes = resolve_profile(args.profile, loaded.shape)
+    method, method_notes = make_method(args.method, profile)
+    tokens, dropped = prompt_tokens(
+        loaded.tokenizer,
+        document,
+        args.prompt or DEFAULT_PROMPT,
+        raw=args.raw,
+        context_length=loaded.context_length,
+        reserve=args.max_tokens,
+        truncate=args.truncate,
+    )
+    if dropped:
+        notes.append(f"dropped {dropped:,} document tokens ({args.truncate}) to fit the context")
+    budget = parse_budget(args.budget, len(tokens)) if method.compresses else None
+    if budget is not None and budget <= method.window:
+        raise CKVError(
+            f"budget {budget} is too small: it must be more than the observation "
+            f"window ({method.window} tokens)"
+        )
+    for note in notes + method_notes:
+        print(f"note: {note}", file=sys.stderr)
+
+    session = Session(loaded.model, loaded.tokenizer, method, region=args.region)
+    logits = session.prefill(tokens, progress=_progress)
+    session.compress(budget)
+    text, interrupted = _stream(session, logits, loaded.tokenizer, args)
+    report = _report(session, loaded.name, args, budget, profile, text, interrupted)
+    out = sys.stderr if args.json else sys.stdout
+    print(_summary(report), file=out)
+    if args.json:
+        print(json.dumps(report))
+    return 130 if interrupted else 0
+
+
+def _progress(done: int, total: int):
+    print(f"\rprefill {done:,}/{total:,} tokens", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+
+def _stream(session, logits, tokenizer, args) -> tuple[str, bool]:
+    """Print the answer as it is generated; Ctrl-C stops it and keeps what was said."""
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    interrupted = False
+    try:
+        for token in session.generate(logits, args.max_tokens, args.temp):
+            detokenizer.add_token(token)
+            print(detokenizer.last_segment, end="", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+    detokenizer.finalize()
+    print(detokenizer.last_segment, flush=True)
+    if interrupted:
+        print(f"interrupted: generation stopped after {session.stats.generated_tokens} tokens", file=sys.stderr)
+    return detokenizer.text, interrupted
+
+
+def _report(session, model_name, args, budget, profile, text, interrupted) -> dict:
+    s = session.stats
+    return {
+        "text": text,
+        "model": model_name,
+        "method": session.method.name,
+        "requested_method": args.method,
+        "budget": budget,
+        "layer_budgets": s.layer_budgets,
+        "prompt_tokens": s.prompt_tokens,
+        "generated_tokens": s.generated_tokens,
+        "kv_bytes_full": s.kv_bytes_full,
+        "kv_bytes_kept": s.kv_bytes_kept,
+        "kv_ratio": s.kv_bytes_kept / s.kv_bytes_full if s.kv_bytes_full else None,
+        "prefill_tps": s.prefill_tps,
+        "decode_tps": s.decode_tps,
+        "compress_s": s.compress_s,
+        "peak_memory_bytes": s.peak_memory_bytes,
+        "profile": str(profile.path) if profile is not None else None,
+        "interrupted": interrupted,
+    }
+
+
+def _summary(r: dict) -> str:
+    mib = 1024 * 1024
+    lines = [
+        "",
+        f"prompt tokens    {r['prompt_tokens']:,}",
+        f"method           {r['method']}" + (f" (asked: {r['requested_method']})" if r["method"] != r["requested_method"] else ""),
+        f"KV cache         full {r['kv_bytes_full'] / mib:.2f} MiB -> kept {r['kv_bytes_kept'] / mib:.2f} MiB"
+        + (f" ({100 * r['kv_ratio']:.1f} %)" if r["kv_ratio"] is not None else ""),
+    ]
+    if r["layer_budgets"]:
+        lines.append(f"layer budgets    {_budgets(r['layer_budgets'])} (average {r['budget']})")
+    lines += [
+        f"prefill          {r['prefill_tps']:.1f} tok/s",
+        f"decode           {r['generated_tokens']} tokens, {r['decode_tps']:.1f} tok/s",
+        f"peak memory      {r['peak_memory_bytes'] / mib:.0f} MiB",
+    ]
+    return "\n".join(lines)
+
+
+def _budgets(budgets: list[int]) -> str:
+    if len(set(budgets)) == 1:
+        return f"{budgets[0]} x {len(budgets)}"
+    return " ".join(str(b) for b in budgets)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

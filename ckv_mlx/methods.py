@@ -1,0 +1,148 @@
+"""Compression methods: a scorer (which rows matter) plus a budget policy per layer.
+
+Each method answers two questions and nothing else; the cache does the cutting.
+``layer_budgets`` splits an average budget over layers; ``keep_indices`` picks the rows
+of one layer to keep, ``[kv_heads or 1, budget]``, from its window queries and keys.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import budgets
+from .errors import CKVError
+from .scoring import group_mean, head_scores, keep_top
+
+DEFAULT_KERNEL = 5
+DEFAULT_POOLING = "avg"
+DEFAULT_FIRST_K = 4
+
+
+class Method:
+    """Base: uniform budgets, window scoring over ``heads(layer)``, shared selection."""
+
+    name = ""
+    compresses = True
+
+    def __init__(self, window: int = 8, kernel: int = DEFAULT_KERNEL, pooling: str = DEFAULT_POOLING):
+        self.window, self.kernel, self.pooling = window, kernel, pooling
+
+    def layer_budgets(self, avg_budget: int, n_layers: int) -> list[int]:
+        return budgets.uniform(n_layers, avg_budget)
+
+    def keep_indices(
+        self, layer: int, window_queries: mx.array, keys: mx.array, scale: float, budget: int
+    ) -> mx.array:
+        """Rows of ``keys`` (``[kv_heads, N, d]``) to keep, sorted; all when N <= budget."""
+        n = keys.shape[1]
+        if n <= budget:
+            return mx.arange(n)[None]
+        return keep_top(self.scores(layer, window_queries, keys, scale), budget, self.window)
+
+    def scores(self, layer: int, window_queries, keys, scale) -> mx.array:
+        raise NotImplementedError
+
+
+class FullCache(Method):
+    """No compression: the reference every method is measured against."""
+
+    name = "full"
+    compresses = False
+
+
+class StreamingLLM(Method):
+    """Attention sinks plus the most recent tokens; ignores the queries."""
+
+    name = "streamingllm"
+
+    def __init__(self, sinks: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        self.sinks = sinks
+
+    def keep_indices(self, layer, window_queries, keys, scale, budget):
+        n = keys.shape[1]
+        if n <= budget:
+            return mx.arange(n)[None]
+        sinks = min(self.sinks, budget)
+        rows = mx.concatenate([mx.arange(sinks), mx.arange(n - (budget - sinks), n)])
+        return rows[None].astype(mx.int32)
+
+
+class SnapKV(Method):
+    """All query heads, averaged within each GQA group: one token set per KV head."""
+
+    name = "snapkv"
+
+    def scores(self, layer, window_queries, keys, scale):
+        heads = list(range(window_queries.shape[0]))
+        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling)
+        kv_heads = keys.shape[0]
+        return group_mean(per_head, heads, len(heads) // kv_heads, kv_heads)
+
+
+class PyramidKV(SnapKV):
+    """SnapKV scoring with budgets decreasing linearly from the first layer to the last."""
+
+    name = "pyramidkv"
+
+    def layer_budgets(self, avg_budget, n_layers):
+        return budgets.pyramid(n_layers, avg_budget, window=self.window)
+
+
+class CompressKV(Method):
+    """The paper: mean over the layer's Semantic Retrieval Heads, one token set per layer,
+    error-aware layer budgets."""
+
+    name = "compresskv"
+
+    def __init__(self, profile, **kwargs):
+        super().__init__(**kwargs)
+        self.profile = profile
+
+    def layer_budgets(self, avg_budget, n_layers):
+        if self.profile.layer_errors is None:
+            return budgets.uniform(n_layers, avg_budget)
+        return budgets.error_aware(self.profile.layer_errors, avg_budget)
+
+    def scores(self, layer, window_queries, keys, scale):
+        heads = self.profile.srh_heads(layer)
+        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling)
+        return per_head.mean(axis=0, keepdims=True)
+
+
+class CompressKVGQA(CompressKV):
+    """Ours: each KV head selects with the SRHs of its own GQA group (the layer's SRH
+    mean when its group has none), so every KV head keeps its own token set."""
+
+    name = "compresskv-gqa"
+
+    def scores(self, layer, window_queries, keys, scale):
+        heads = self.profile.srh_heads(layer)
+        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling)
+        kv_heads = keys.shape[0]
+        return group_mean(per_head, heads, window_queries.shape[0] // kv_heads, kv_heads)
+
+
+METHODS = {m.name: m for m in (FullCache, CompressKV, CompressKVGQA, SnapKV, PyramidKV, StreamingLLM)}
+PROFILED = (CompressKV.name, CompressKVGQA.name)
+
+
+def make_method(name: str, profile=None) -> tuple[Method, list[str]]:
+    """The method called ``name``, configured from ``profile``; plus notes for the user.
+
+    A profiled method without a profile falls back to SnapKV scoring and says so.
+    """
+    if name not in METHODS:
+        raise CKVError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+    if name not in PROFILED:
+        return METHODS[name](), []
+    if profile is None:
+        note = (
+            f"no SRH profile for this model: {name} falls back to SnapKV scoring "
+            "(make one with `python -m ckv_mlx.profile`, or pass --profile)"
+        )
+        return SnapKV(), [note]
+    d = profile.defaults
+    method = METHODS[name](profile, window=d.window, kernel=d.kernel, pooling=d.pooling)
+    notes = [] if profile.layer_errors else [f"profile has no layer errors: {name} uses uniform budgets"]
+    return method, notes

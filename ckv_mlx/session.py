@@ -1,0 +1,182 @@
+"""The engine: prefill -> compress -> generate over one model, with exact statistics.
+
+Every caller (CLI, app, profiler, evaluation, benchmark) drives this one class. All MLX
+work of a session must happen on one thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+
+from .attention import install
+from .cache import DEFAULT_REGION, EvictingKVCache
+from .errors import CKVError
+from .methods import Method
+
+PREFILL_STEP = 512
+
+
+@dataclass
+class Stats:
+    """What one prefill, compression and generation cost and kept."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    kv_bytes_full: int = 0
+    kv_bytes_kept: int = 0
+    layer_budgets: list[int] | None = None
+    prefill_s: float = 0.0
+    compress_s: float = 0.0
+    decode_s: float = 0.0
+    peak_memory_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.generated_tokens / self.decode_s if self.decode_s else 0.0
+
+
+class Session:
+    """A model with evicting caches and one compression method."""
+
+    def __init__(self, model, tokenizer, method: Method, region: int = DEFAULT_REGION):
+        self.model, self.tokenizer, self.method = model, tokenizer, method
+        self.region = region
+        self.attentions = install(model, method.window)
+        self.reset()
+
+    def reset(self):
+        """Forget the document: empty caches and window queries."""
+        self.caches = [EvictingKVCache(self.region) for _ in self.attentions]
+        for attention in self.attentions:
+            attention.reset()
+        self.stats = Stats()
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+    @property
+    def position(self) -> int:
+        """Logical position of the next token (tokens seen so far)."""
+        return self.caches[0].offset
+
+    def prefill(
+        self, tokens: list[int], progress: Callable[[int, int], None] | None = None
+    ) -> mx.array:
+        """Run the whole prompt through a full cache; return the last token's logits."""
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        logits = self.feed(tokens, progress)
+        mx.eval(logits)
+        self.stats.prefill_s = time.perf_counter() - start
+        self.stats.prompt_tokens = len(tokens)
+        self.stats.kv_bytes_full = self.kv_bytes
+        return logits
+
+    def feed(
+        self, tokens: list[int], progress: Callable[[int, int], None] | None = None
+    ) -> mx.array:
+        """Append tokens to the cache in chunks; return the logits of the last one.
+
+        Once compressed, chunks are at most ``region`` tokens and each layer evicts
+        back to its budget before a chunk would overflow it.
+        """
+        if not tokens:
+            raise CKVError("nothing to process: the prompt is empty")
+        step = self.region if self.compressed else PREFILL_STEP
+        body, last = tokens[:-1], tokens[-1:]
+        for start in range(0, len(body), step):
+            chunk = body[start : start + step]
+            self.make_room(len(chunk))
+            self.model(mx.array([chunk]), cache=self.caches)
+            mx.eval([c.keys for c in self.caches])
+            if progress:
+                progress(start + len(chunk), len(tokens))
+        self.make_room(1)
+        logits = self.model(mx.array([last]), cache=self.caches)[:, -1, :]
+        if progress:
+            progress(len(tokens), len(tokens))
+        return logits
+
+    @property
+    def compressed(self) -> bool:
+        return self.caches[0].compressed
+
+    def compress(self, avg_budget: int | None) -> list[int] | None:
+        """Cut every layer to its share of ``avg_budget`` (tokens per layer, window
+        included). A prompt no longer than the budget is kept whole."""
+        if not self.method.compresses:
+            self.stats.kv_bytes_kept = self.kv_bytes
+            return None
+        window = self.method.window
+        if avg_budget is None or avg_budget <= window:
+            raise CKVError(
+                f"budget {avg_budget} is too small: it must be more than the "
+                f"observation window ({window} tokens)"
+            )
+        start = time.perf_counter()
+        length = self.caches[0].length
+        budgets = self.method.layer_budgets(avg_budget, len(self.caches))
+        if length <= avg_budget:
+            budgets = [max(b, length) for b in budgets]
+        for layer, budget in enumerate(budgets):
+            self._compress_layer(layer, budget)
+        mx.eval([c.keys for c in self.caches])
+        self.stats.compress_s = time.perf_counter() - start
+        self.stats.kv_bytes_kept = self.kv_bytes
+        self.stats.layer_budgets = budgets
+        return budgets
+
+    def _compress_layer(self, layer: int, budget: int):
+        attention, cache = self.attentions[layer], self.caches[layer]
+        keys = cache.fetch()[0][0]
+        keep = self.method.keep_indices(
+            layer, attention.window_queries, keys, attention.scale, budget
+        )
+        cache.compress(keep, budget)
+
+    def make_room(self, n: int):
+        """Re-score and evict every compressed layer that cannot take ``n`` more rows."""
+        for layer, cache in enumerate(self.caches):
+            if cache.compressed and cache.free_slots() < n:
+                self._compress_layer(layer, cache.budget)
+
+    def generate(
+        self,
+        logits: mx.array,
+        max_tokens: int,
+        temp: float = 0.0,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[int]:
+        """Sample up to ``max_tokens`` tokens, starting from ``logits``; stops at EOS.
+
+        Every yielded token is appended to the cache (lazily), so a follow-up
+        continues after the whole answer.
+        """
+        sampler = make_sampler(temp)
+        eos = set(self.tokenizer.eos_token_ids)
+        start = time.perf_counter()
+        try:
+            for _ in range(max_tokens):
+                token = sampler(logits - mx.logsumexp(logits, keepdims=True)).item()
+                if token in eos or should_stop():
+                    break
+                self.stats.generated_tokens += 1
+                yield token
+                self.make_room(1)
+                logits = self.model(mx.array([[token]]), cache=self.caches)[:, -1, :]
+        finally:
+            self.stats.decode_s += time.perf_counter() - start
+            self.stats.peak_memory_bytes = max(
+                self.stats.peak_memory_bytes, mx.get_peak_memory()
+            )

@@ -1,0 +1,110 @@
+"""The evicting cache: exact bytes, true RoPE positions, bounded memory, save/load."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from ckv_mlx.cache import load_caches, save_caches
+from ckv_mlx.methods import make_method
+from ckv_mlx.session import Session
+from fakes import fake_profile
+from tiny import TinyTokenizer, tiny_model
+
+PROMPT = 96
+
+
+def prompt_tokens(n=PROMPT, seed=3):
+    mx.random.seed(seed)
+    return mx.random.randint(1, 128, (n,)).tolist()
+
+
+def compressed_session(name, budget, arch="llama", region=16, layers=3):
+    model = tiny_model(arch, layers=layers)
+    method, _ = make_method(name, fake_profile(model))
+    session = Session(model, TinyTokenizer(), method, region=region)
+    kept = {}
+    keep_indices = method.keep_indices
+
+    def spy(layer, *args):
+        kept[layer] = keep_indices(layer, *args)
+        return kept[layer]
+
+    method.keep_indices = spy
+    logits = session.prefill(prompt_tokens())
+    session.compress(budget)
+    return session, logits, kept
+
+
+@pytest.mark.parametrize("name", ["compresskv", "compresskv-gqa", "snapkv", "pyramidkv", "streamingllm"])
+def test_nbytes_is_the_formula(name):
+    session, _, kept = compressed_session(name, budget=32)
+    heads, dim = 2, 16
+    kept_rows = [kept[layer].shape[-1] for layer in range(len(session.caches))]
+    assert kept_rows == session.stats.layer_budgets
+    assert session.kv_bytes == sum(kept_rows) * heads * dim * 2 * 4
+    assert session.stats.kv_bytes_full == len(session.caches) * PROMPT * heads * dim * 2 * 4
+
+
+def masked_plain_logits(model, prompt, forced, kept):
+    """Plain mlx-lm attention over the full cache, with evicted rows masked out."""
+    cache = make_prompt_cache(model)
+    model(mx.array([prompt]), cache=cache)
+    out = []
+    for token in forced:
+        h = model.model.embed_tokens(mx.array([[token]]))
+        for layer, (block, c) in enumerate(zip(model.layers, cache)):
+            visible = np.zeros((block.self_attn.n_kv_heads, c.offset + 1), dtype=bool)
+            rows = np.broadcast_to(np.array(kept[layer]), (visible.shape[0], kept[layer].shape[-1]))
+            np.put_along_axis(visible, rows, True, axis=1)
+            visible[:, len(prompt):] = True
+            group = block.self_attn.n_heads // block.self_attn.n_kv_heads
+            mask = mx.array(np.repeat(visible, group, axis=0)[None, :, None, :])
+            h = block(h, mask, c)
+        out.append(model.model.embed_tokens.as_linear(model.model.norm(h))[:, -1])
+    return out
+
+
+@pytest.mark.parametrize("name", ["compresskv", "snapkv", "streamingllm"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_decode_after_compression_continues_rope_at_true_position(name, arch):
+    session, _, kept = compressed_session(name, budget=40, arch=arch, region=32)
+    forced = prompt_tokens(10, seed=9)
+    ours = []
+    for token in forced:
+        session.make_room(1)
+        ours.append(session.model(mx.array([[token]]), cache=session.caches)[:, -1])
+    assert session.position == PROMPT + len(forced)
+    reference = masked_plain_logits(tiny_model(arch, layers=3), prompt_tokens(), forced, kept)
+    for step, (a, b) in enumerate(zip(reference, ours)):
+        assert mx.allclose(a, b, atol=1e-4, rtol=1e-4), f"step {step}"
+
+
+@pytest.mark.parametrize("name", ["compresskv", "snapkv", "streamingllm"])
+def test_region_keeps_memory_bounded_over_1000_tokens(name):
+    region = 16
+    session, logits, _ = compressed_session(name, budget=32, region=region)
+    budgets = session.stats.layer_budgets
+    generated = 0
+    for _ in session.generate(logits, max_tokens=1000):
+        generated += 1
+        for cache, budget in zip(session.caches, budgets):
+            assert cache.length <= budget + region
+            assert cache.capacity <= budget + region
+    assert generated == 1000
+    assert session.position == PROMPT + 1000  # every yielded token is in the cache
+    assert all(c.length >= b for c, b in zip(session.caches, budgets))
+
+
+def test_saved_cache_loads_and_continues_identically(tmp_path):
+    session, _, _ = compressed_session("snapkv", budget=32)
+    path = tmp_path / "session.safetensors"
+    save_caches(path, session.caches, {"model": "tiny", "budget": 32})
+    caches, meta = load_caches(path)
+    assert meta == {"model": "tiny", "budget": 32}
+    for a, b in zip(session.caches, caches):
+        assert (a.offset, a.length, a.budget, a.region) == (b.offset, b.length, b.budget, b.region)
+    token = mx.array([[5]])
+    expected = session.model(token, cache=session.caches)
+    assert mx.array_equal(session.model(token, cache=caches), expected)
+    assert not list(tmp_path.glob(".*tmp*"))

@@ -1,0 +1,139 @@
+"""Kept indices against the plain-NumPy reference of the method doc (tests/reference.py)."""
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import reference as ref
+from ckv_mlx.methods import CompressKV, CompressKVGQA, PyramidKV, SnapKV, StreamingLLM, make_method
+from ckv_mlx.session import Session
+from fakes import fake_profile
+from tiny import TinyTokenizer, tiny_model
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "compresskv"
+needs_shared = pytest.mark.skipif(
+    not SHARED.is_dir(), reason="needs ../shared/reference/compresskv (the paper's files; CI has it)"
+)
+
+
+def random_layer(seed, q_heads=8, kv_heads=2, n=200, w=8, d=16):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(q_heads, w, d)).astype(np.float32) * 2
+    k = rng.normal(size=(kv_heads, n, d)).astype(np.float32)
+    return q, k
+
+
+def ours(method, q, k, budget, layer=0):
+    keep = method.keep_indices(layer, mx.array(q), mx.array(k), q.shape[-1] ** -0.5, budget)
+    return np.array(keep)
+
+
+class Profile1:
+    """The one thing CompressKV asks of a profile here: a layer's SRHs."""
+
+    layer_errors = None
+
+    def __init__(self, heads):
+        self.heads = heads
+
+    def srh_heads(self, layer):
+        return self.heads
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_compresskv_matches_numpy(seed, pooling):
+    q, k = random_layer(seed)
+    srh = [5, 0, 7, 2]
+    got = ours(CompressKV(Profile1(srh), pooling=pooling), q, k, 48)
+    want = ref.select_compresskv(q, k, srh, 48, pooling=pooling)
+    assert got.shape == (1, 48)
+    np.testing.assert_array_equal(got[0], want)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_compresskv_gqa_matches_numpy(seed):
+    q, k = random_layer(seed, q_heads=12, kv_heads=4)
+    srh = [1, 2, 9, 3]  # groups 0, 0, 3, 1: group 2 has none and falls back
+    got = ours(CompressKVGQA(Profile1(srh)), q, k, 40)
+    np.testing.assert_array_equal(got, ref.select_compresskv_gqa(q, k, srh, 40))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_snapkv_matches_numpy_per_kv_head(seed):
+    q, k = random_layer(seed)
+    got = ours(SnapKV(), q, k, 32)
+    np.testing.assert_array_equal(got, ref.select_snapkv(q, k, 32))
+
+
+def test_streamingllm_matches_numpy():
+    q, k = random_layer(0)
+    np.testing.assert_array_equal(ours(StreamingLLM(), q, k, 32)[0], ref.select_streamingllm(200, 32))
+
+
+def test_short_prompt_keeps_everything():
+    q, k = random_layer(0, n=30)
+    np.testing.assert_array_equal(ours(SnapKV(), q, k, 32)[0], np.arange(30))
+
+
+def test_pyramid_budgets_match_reference():
+    for layers, budget in [(32, 128), (30, 64), (24, 512)]:
+        assert PyramidKV().layer_budgets(budget, layers) == ref.pyramid_budgets(layers, budget)
+
+
+def session_selection(model, method, prompt_len, budget, seed=0):
+    """Prefill a random prompt; return (per-layer window queries, keys, kept indices)."""
+    session = Session(model, TinyTokenizer(), method)
+    mx.random.seed(seed)
+    session.prefill(mx.random.randint(1, 128, (prompt_len,)).tolist())
+    inputs = [(np.array(a.window_queries), np.array(c.fetch()[0][0])) for a, c in zip(session.attentions, session.caches)]
+    kept = {}
+    keep_indices = method.keep_indices
+    method.keep_indices = lambda layer, *a: kept.setdefault(layer, keep_indices(layer, *a))
+    budgets = session.compress(budget)
+    return inputs, kept, budgets
+
+
+@pytest.mark.parametrize("name", ["compresskv", "compresskv-gqa", "snapkv"])
+def test_session_selects_like_numpy_on_a_tiny_model(name):
+    model = tiny_model("llama", layers=3, heads=6, kv_heads=2)
+    profile = fake_profile(model)
+    method, _ = make_method(name, profile)
+    inputs, kept, budgets = session_selection(model, method, 150, 40)
+    for layer, ((q, k), budget) in enumerate(zip(inputs, budgets)):
+        heads = profile.srh_heads(layer)
+        want = {
+            "compresskv": lambda: ref.select_compresskv(q, k, heads, budget)[None],
+            "compresskv-gqa": lambda: ref.select_compresskv_gqa(q, k, heads, budget),
+            "snapkv": lambda: ref.select_snapkv(q, k, budget),
+        }[name]()
+        np.testing.assert_array_equal(np.array(kept[layer]), want, err_msg=f"layer {layer}")
+
+
+@needs_shared
+def test_llama_profile_runs_on_a_model_of_its_shape():
+    from ckv_mlx.budgets import error_aware
+    from ckv_mlx.profiles import check_profile_matches
+    from ckv_mlx.profiles.importer import import_head_idx, read_layer_score
+    from fakes import tiny_shape
+
+    name = "Llama-3.1-8B-Instruct"
+    profile = import_head_idx(
+        SHARED / "scores" / f"{name}_head_idx.json", SHARED / "scores" / f"{name}_layer_score.jsonl"
+    )
+    model = tiny_model("llama", layers=32, heads=32, kv_heads=8, head_dim=4)
+    assert check_profile_matches(profile, tiny_shape(model, name)) == [
+        "profile was made for head_dim 128 but the model has 4"
+    ]
+    method, notes = make_method("compresskv", profile)
+    assert notes == []
+    inputs, kept, budgets = session_selection(model, method, 400, 64)
+    errors = read_layer_score(SHARED / "scores" / f"{name}_layer_score.jsonl", 32)
+    assert budgets == error_aware(errors, 64)
+    for layer, ((q, k), budget) in enumerate(zip(inputs, budgets)):
+        heads = profile.srh[layer][:4]
+        np.testing.assert_array_equal(
+            np.array(kept[layer])[0], ref.select_compresskv(q, k, heads, budget), err_msg=f"layer {layer}"
+        )

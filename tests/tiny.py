@@ -1,0 +1,46 @@
+"""Tiny random mlx-lm models of each supported family, for fast exact tests."""
+
+from __future__ import annotations
+
+import importlib
+
+import mlx.core as mx
+
+MODULES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def tiny_model(
+    arch: str = "llama",
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    vocab: int = 128,
+    seed: int = 0,
+):
+    """A float32 model with random weights; ``hidden = heads * head_dim``."""
+    module = importlib.import_module(f"mlx_lm.models.{MODULES[arch]}")
+    config = {
+        "model_type": arch,
+        "hidden_size": heads * head_dim,
+        "num_hidden_layers": layers,
+        "intermediate_size": 2 * heads * head_dim,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+    }
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    return model
+
+
+class TinyTokenizer:
+    """Just what :class:`ckv_mlx.session.Session` asks of a tokenizer."""
+
+    eos_token_ids: set[int] = set()
