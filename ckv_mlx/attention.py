@@ -37,6 +37,10 @@ class WindowAttention(nn.Module):
         """The latest post-RoPE queries, ``[n_heads, <= window, head_dim]``."""
         return self._window_queries[0]
 
+    def set_window_queries(self, queries: mx.array):
+        """Restore queries saved from :attr:`window_queries`."""
+        self._window_queries = queries[None]
+
     def reset(self):
         self._window_queries = None
 

@@ -78,6 +78,14 @@ class EvictingKVCache(_BaseCache):
         self.length = 0
         self._append(kept_k, kept_v)
 
+    def copy(self) -> "EvictingKVCache":
+        """An independent copy (MLX arrays are updated in place by slice assignment)."""
+        twin = EvictingKVCache(self.region)
+        twin.offset, twin.length, twin.budget = self.offset, self.length, self.budget
+        if self.keys is not None:
+            twin.keys, twin.values = mx.array(self.keys), mx.array(self.values)
+        return twin
+
     def fetch(self):
         """The held rows: ``(keys, values)``, each ``[1, kv_heads, length, head_dim]``."""
         return self.keys[..., : self.length, :], self.values[..., : self.length, :]

@@ -7,7 +7,7 @@ work of a session must happen on one thread.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -60,6 +60,22 @@ class Session:
         for attention in self.attentions:
             attention.reset()
         self.stats = Stats()
+
+    def snapshot(self) -> tuple:
+        """A copy of the caches, window queries and stats, e.g. of a prefilled document."""
+        return (
+            [c.copy() for c in self.caches],
+            [a.window_queries for a in self.attentions],
+            replace(self.stats),
+        )
+
+    def restore(self, snapshot: tuple):
+        """Go back to a :meth:`snapshot`; it can be restored again later."""
+        caches, queries, stats = snapshot
+        self.caches = [c.copy() for c in caches]
+        for attention, q in zip(self.attentions, queries):
+            attention.set_window_queries(q)
+        self.stats = replace(stats)
 
     @property
     def kv_bytes(self) -> int:

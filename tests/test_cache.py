@@ -108,3 +108,20 @@ def test_saved_cache_loads_and_continues_identically(tmp_path):
     expected = session.model(token, cache=session.caches)
     assert mx.array_equal(session.model(token, cache=caches), expected)
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_restored_snapshot_compresses_like_a_fresh_prefill():
+    fresh, _, fresh_kept = compressed_session("snapkv", budget=32)
+    model = tiny_model("llama", layers=3)
+    method, _ = make_method("streamingllm")
+    session = Session(model, TinyTokenizer(), method, region=16)
+    session.prefill(prompt_tokens())
+    prefilled = session.snapshot()
+    session.compress(40)
+    list(session.generate(mx.zeros((1, 128)), max_tokens=30))
+    session.restore(prefilled)
+    session.method, _ = make_method("snapkv", fake_profile(model))
+    session.compress(32)
+    for a, b in zip(session.caches, fresh.caches):
+        assert mx.array_equal(a.fetch()[0], b.fetch()[0])
+    assert session.stats.generated_tokens == 0

@@ -1,0 +1,242 @@
+"""Document reading: PDF and text round trips, one-line errors for each bad input."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fpdf import FPDF
+from PIL import Image
+
+from ckv_mlx.documents import document_hash, read_document
+from ckv_mlx.errors import CKVError
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+
+SOURCE_TEXT = (
+    "Northwind Orchards harvested apples, pears and cherries across thirty-eight orchards. "
+    "Revenue grew by nine percent while the new plant in Yakima dried fruit around the clock. "
+    "Seasonal pickers returned from earlier harvests, and the board proposed a larger dividend. "
+) * 12
+DEMO_FACTS = ("$412.6 million", "Orchard Crisps", "35.5 percent", "fastest", "2,140",
+              "Yakima", "Daniel Okafor", "Chief Financial Officer")
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\S+", text)
+
+
+def is_subsequence(needles: list[str], haystack: list[str]) -> bool:
+    remaining = iter(haystack)
+    return all(any(word == candidate for candidate in remaining) for word in needles)
+
+
+def new_pdf() -> FPDF:
+    pdf = FPDF()
+    pdf.set_font("Helvetica", size=11)
+    pdf.add_page()
+    return pdf
+
+
+def write_pdf(pdf: FPDF, path: Path) -> Path:
+    pdf.output(str(path))
+    return path
+
+
+def text_pdf(path: Path, text: str = SOURCE_TEXT) -> Path:
+    pdf = new_pdf()
+    pdf.multi_cell(0, 6, text)
+    pdf.add_page()
+    pdf.multi_cell(0, 6, "Second page: the outlook for next year is steady.")
+    return write_pdf(pdf, path)
+
+
+def assert_one_line_error(path: Path, *needles: str) -> str:
+    with pytest.raises(CKVError) as caught:
+        read_document(path)
+    message = str(caught.value)
+    assert "\n" not in message and message.strip() == message
+    assert path.name in message
+    for needle in needles:
+        assert needle.lower() in message.lower(), message
+    return message
+
+
+# PDF
+
+
+def test_pdf_text_round_trips(tmp_path):
+    text = read_document(text_pdf(tmp_path / "doc.pdf"))
+    assert words(text) == words(SOURCE_TEXT) + words("Second page: the outlook for next year is steady.")
+    assert "\r" not in text
+
+
+def test_two_column_pdf_keeps_each_column_in_order(tmp_path):
+    left = "Left column begins. " + "Apples ripen slowly in the cool valley air. " * 6
+    right = "Right column begins. " + "Pears are stored cold for months before shipping. " * 6
+    pdf = new_pdf()
+    pdf.multi_cell(85, 6, left)
+    pdf.set_xy(115, 10)
+    pdf.multi_cell(85, 6, right)
+    text_words = words(read_document(write_pdf(pdf, tmp_path / "columns.pdf")))
+    assert is_subsequence(words(left), text_words)
+    assert is_subsequence(words(right), text_words)
+    assert not is_subsequence(words(right)[:3] + words(left)[:3], text_words)
+
+
+def test_pdf_line_end_hyphen_joins_the_word(tmp_path):
+    pdf = new_pdf()
+    pdf.cell(0, 6, "The harvest was extra-", new_x="LMARGIN", new_y="NEXT")
+    pdf.cell(0, 6, "ordinarily good this year.", new_x="LMARGIN", new_y="NEXT")
+    text = read_document(write_pdf(pdf, tmp_path / "hyphen.pdf"))
+    assert "extraordinarily good" in text
+    assert "\x02" not in text and "\ufffe" not in text
+
+
+def test_pdf_suffix_is_case_insensitive(tmp_path):
+    assert "steady" in read_document(text_pdf(tmp_path / "DOC.PDF"))
+
+
+def test_encrypted_pdf(tmp_path):
+    pdf = new_pdf()
+    pdf.multi_cell(0, 6, SOURCE_TEXT)
+    pdf.set_encryption(owner_password="owner", user_password="secret")
+    path = write_pdf(pdf, tmp_path / "locked.pdf")
+    assert_one_line_error(path, "encrypted", "password", "qpdf --decrypt")
+
+
+def test_scanned_pdf_needs_ocr(tmp_path):
+    pdf = new_pdf()
+    pdf.rect(20, 20, 170, 250, style="F")
+    pdf.add_page()
+    pdf.image(Image.new("L", (64, 64), color=128), x=20, y=20, w=170)
+    path = write_pdf(pdf, tmp_path / "scan.pdf")
+    assert_one_line_error(path, "no extractable text", "OCR", "ocrmypdf")
+
+
+def test_blank_pdf_has_no_text(tmp_path):
+    path = write_pdf(new_pdf(), tmp_path / "blank.pdf")
+    message = assert_one_line_error(path, "no text")
+    assert "OCR" not in message
+
+
+def test_corrupt_pdf(tmp_path):
+    path = tmp_path / "broken.pdf"
+    path.write_bytes(b"%PDF-1.4\n\x00\x13garbage that is not a PDF body\n" * 20)
+    assert_one_line_error(path, "not a valid PDF")
+
+
+def test_pdf_reads_from_many_threads(tmp_path):
+    path = text_pdf(tmp_path / "doc.pdf")
+    expected = read_document(path)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(read_document, [path] * 32))
+    assert results == [expected] * 32
+
+
+# Text and Markdown
+
+
+def test_utf8_text_and_line_endings(tmp_path):
+    path = tmp_path / "notes.md"
+    path.write_bytes("# Récolte\r\n\r\nPommes – 12 €\r\nend\r".encode("utf-8"))
+    assert read_document(path) == "# Récolte\n\nPommes – 12 €\nend\n"
+
+
+def test_utf8_bom_is_dropped(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfPear orchard")
+    assert read_document(path) == "Pear orchard"
+
+
+def test_cp1252_text_with_accents(tmp_path):
+    text = "Le café du marché propose une crème brûlée à 4,50 €.\nNaïve façade, señor Müller's résumé, déjà vu.\n"
+    path = tmp_path / "legacy.txt"
+    path.write_bytes(text.encode("cp1252"))
+    assert read_document(path) == text
+
+
+def test_latin1_text_with_accents(tmp_path):
+    text = "La cosecha de manzanas fue excelente este año. El señor Muñoz dirigió la expansión en España.\n"
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(text.encode("latin-1"))
+    assert read_document(path) == text
+
+
+def test_utf16_text(tmp_path):
+    text = "Orchard report: café, crème, 日本の林檎.\n"
+    path = tmp_path / "wide.txt"
+    path.write_bytes(text.encode("utf-16"))
+    assert read_document(path) == text
+
+
+def test_utf16_without_bom_is_not_taken_for_utf8(tmp_path):
+    text = "Orchard report for the year: apples, pears and cherries.\n"
+    path = tmp_path / "wide-le.txt"
+    path.write_bytes(text.encode("utf-16-le"))
+    assert read_document(path) == text
+
+
+def test_empty_text_file(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_bytes(b"")
+    assert_one_line_error(path, "no text")
+
+
+def test_whitespace_only_markdown(tmp_path):
+    path = tmp_path / "blank.md"
+    path.write_text(" \n\t\n\n")
+    assert_one_line_error(path, "no text")
+
+
+# Paths
+
+
+def test_missing_file(tmp_path):
+    assert_one_line_error(tmp_path / "nowhere.pdf", "not found")
+
+
+def test_directory(tmp_path):
+    folder = tmp_path / "folder.pdf"
+    folder.mkdir()
+    assert_one_line_error(folder, "directory")
+
+
+@pytest.mark.parametrize("name", ["report.docx", "report.html", "report.epub", "README"])
+def test_unsupported_extension(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("some text")
+    message = assert_one_line_error(path, "unsupported", ".pdf", ".txt", ".md", "planned")
+    assert ".docx" in message and ".html" in message and ".epub" in message
+
+
+# Hash and samples
+
+
+def test_document_hash_is_sha256_of_utf8():
+    # FIPS 180-2 test vector for "abc".
+    assert document_hash("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert document_hash("café") != document_hash("cafe")
+
+
+@pytest.mark.parametrize("name", ["report.txt", "report.pdf"])
+def test_samples_contain_demo_facts(name):
+    text = read_document(SAMPLES / name)
+    flat = " ".join(words(text))
+    for fact in DEMO_FACTS:
+        assert fact in flat, fact
+    same_sentence = r"(?:[^.]|\.\d)*"  # a decimal point does not end the sentence
+    assert re.search(rf"Orchard Crisps{same_sentence}35\.5 percent{same_sentence}fastest", flat)
+
+
+def test_sample_pdf_matches_sample_text():
+    pdf_lines = read_document(SAMPLES / "report.pdf").splitlines()
+    page_numbers = [line for line in pdf_lines if line.strip().isdigit()]
+    pdf_words = words("\n".join(line for line in pdf_lines if line not in page_numbers))
+    txt_words = words(read_document(SAMPLES / "report.txt"))
+    assert pdf_words == txt_words
+    assert page_numbers == [str(page) for page in range(1, len(page_numbers) + 1)]
+    assert len(page_numbers) >= 3
+    assert 1800 <= len(txt_words) <= 2700
