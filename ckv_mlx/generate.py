@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     document = read_document(args.doc) if args.doc else ""
     loaded = load_model(args.model)
     warn_if_slow_blas()
-    profile, notes = resolve_profile(args.profile, loaded.shape)
+    profile, profile_path, notes = resolve_profile(args.profile, loaded.shape)
     method, method_notes = make_method(args.method, profile)
     tokens, dropped = prompt_tokens(
         loaded.tokenizer,
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     logits = session.prefill(tokens, progress=_progress)
     session.compress(budget)
     text, interrupted = _stream(session, logits, loaded.tokenizer, args)
-    report = _report(session, loaded.name, args, budget, profile, text, interrupted)
+    report = _report(session, loaded.name, args, budget, profile_path, text, interrupted)
     out = sys.stderr if args.json else sys.stdout
     print(_summary(report), file=out)
     if args.json:
@@ -116,7 +116,7 @@ def _stream(session, logits, tokenizer, args) -> tuple[str, bool]:
     return detokenizer.text, interrupted
 
 
-def _report(session, model_name, args, budget, profile, text, interrupted) -> dict:
+def _report(session, model_name, args, budget, profile_path, text, interrupted) -> dict:
     s = session.stats
     return {
         "text": text,
@@ -134,7 +134,7 @@ def _report(session, model_name, args, budget, profile, text, interrupted) -> di
         "decode_tps": s.decode_tps,
         "compress_s": s.compress_s,
         "peak_memory_bytes": s.peak_memory_bytes,
-        "profile": str(profile.path) if profile is not None else None,
+        "profile": str(profile_path) if profile_path is not None else None,
         "interrupted": interrupted,
     }
 

@@ -392,3 +392,17 @@ def _dumps(data: Any, indent: str = "") -> str:
         rows = [f"{inner}{json.dumps(row)}" for row in data]
         return "[\n" + ",\n".join(rows) + f"\n{indent}]"
     return json.dumps(data)
+
+
+def resolve_profile(
+    path: str | os.PathLike | None, shape: ModelShape
+) -> tuple[Profile | None, Path | None, list[str]]:
+    """The profile for a model: ``path`` if given, else its file in profiles/ if any.
+
+    Returns the profile, where it came from, and warnings for the user.
+    """
+    path = Path(path) if path is not None else default_profile_path(shape.name)
+    if path is None:
+        return None, None, []
+    profile = load_profile(path)
+    return profile, path, check_profile_matches(profile, shape)

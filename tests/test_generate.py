@@ -1,0 +1,119 @@
+"""`python -m ckv_mlx.generate` on the real default model: output contract and bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ckv_mlx.generate import main
+from ckv_mlx.models import load_model
+from ckv_mlx.prompts import prompt_tokens
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "compresskv"
+DOC = "Mara keeps bees on the roof of the old mill. The mill stands by the river Lune. " * 12
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    try:
+        return load_model().tokenizer
+    except Exception as e:
+        pytest.skip(f"built-in model unavailable: {e}")
+
+
+@pytest.fixture
+def doc(tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text(DOC)
+    return path
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "compresskv", "streamingllm"])
+def test_json_report(capsys, tokenizer, doc, method):
+    code, out, _ = run(capsys, "--doc", doc, "--prompt", "Where does Mara keep bees?", "--method", method, "--budget", "64", "--max-tokens", "12", "--json")
+    assert code == 0
+    report = json.loads(out.strip().splitlines()[-1])
+    for key in ("text", "prompt_tokens", "generated_tokens", "method", "budget", "layer_budgets", "kv_bytes_full", "kv_bytes_kept", "prefill_tps", "decode_tps", "peak_memory_bytes", "profile"):
+        assert key in report
+    row = 30 * 3 * 64 * 2 * 4  # layers x KV heads x head_dim x (K, V) x float32
+    assert report["kv_bytes_full"] == report["prompt_tokens"] * row
+    if method == "full":
+        assert report["budget"] is None and report["kv_bytes_kept"] == report["kv_bytes_full"]
+    else:
+        assert report["layer_budgets"] == [64] * 30
+        assert report["kv_bytes_kept"] == 64 * 30 * 3 * 64 * 2 * 4
+    assert 0 < report["generated_tokens"] <= 12
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--doc", "missing.pdf"], "not found"),
+        (["--budget", "abc"], "budget"),
+        (["--budget", "4"], "too small"),
+        (["--max-tokens", "0"], "max-tokens"),
+        (["--model", "/nonexistent/model/folder"], "model"),
+    ],
+)
+def test_bad_input_gets_one_line(capsys, tokenizer, doc, args, words):
+    full = ["--doc", doc, "--method", "snapkv", *args] if "--doc" not in args else args
+    code, _, err = run(capsys, *full)
+    assert code == 2
+    assert words in error_line(err).lower()
+
+
+def test_malformed_profile(capsys, tokenizer, doc, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    code, _, err = run(capsys, "--doc", doc, "--profile", bad)
+    assert code == 2 and "bad.json" in error_line(err)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/reference/compresskv (CI has it)")
+def test_profile_of_another_shape_is_refused(capsys, tokenizer, doc, tmp_path):
+    from ckv_mlx.profiles import save_profile
+    from ckv_mlx.profiles.importer import import_head_idx
+
+    path = tmp_path / "llama.json"
+    save_profile(import_head_idx(SHARED / "scores" / "Llama-3.1-8B-Instruct_head_idx.json"), path)
+    code, _, err = run(capsys, "--doc", doc, "--profile", path)
+    line = error_line(err)
+    assert code == 2
+    assert "32 layers x 32 query heads" in line and "30 layers x 9 query heads" in line
+
+
+def test_document_longer_than_context(capsys, tokenizer, tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text(DOC * 40)  # ~ 9,700 tokens > 8,192
+    code, _, err = run(capsys, "--doc", long)
+    assert code == 2 and "--truncate" in error_line(err)
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_truncation_fits_the_context_and_cuts_where_asked(tokenizer, where):
+    document = " ".join(f"w{i}" for i in range(400))
+    tokens, dropped = prompt_tokens(tokenizer, document, "Q?", raw=True, context_length=300, reserve=20, truncate=where)
+    assert len(tokens) + 20 <= 300 and dropped > 0
+    text = tokenizer.decode(tokens)
+    assert ("w0 " in text) == (where != "start")
+    assert ("w399" in text) == (where != "end")
+    if where == "middle":
+        assert "w200 " not in text
+
+
+def test_no_silent_cut(tokenizer):
+    with pytest.raises(Exception, match="--truncate"):
+        prompt_tokens(tokenizer, "word " * 400, "Q?", raw=True, context_length=300, reserve=20)
