@@ -11,8 +11,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import CKVError
+from .models import SUPPORTED_ARCHITECTURES
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_WINDOW = 8
 
 

@@ -17,6 +17,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import _BaseCache
 
+from .errors import CKVError
+
 DEFAULT_REGION = 64
 
 
@@ -157,8 +159,12 @@ def save_caches(path: str | Path, caches: list[EvictingKVCache], metadata: dict)
     arrays = dict(tree_flatten([c.state for c in caches]))
     meta = {"ckv": json.dumps({**metadata, "layers": [c.meta_state for c in caches]})}
     tmp = path.with_name(f".{path.name}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata=meta)
-    os.replace(tmp, path)
+    try:
+        mx.save_safetensors(str(tmp), arrays, metadata=meta)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise CKVError(f"cannot write {path}: {e}; choose a writable path") from e
 
 
 def load_caches(path: str | Path) -> tuple[list[EvictingKVCache], dict]:

@@ -73,16 +73,12 @@ def run(args: argparse.Namespace) -> int:
     )
     if dropped:
         notes.append(f"dropped {dropped:,} document tokens ({args.truncate}) to fit the context")
+    session = Session(loaded.model, loaded.tokenizer, method, region=args.region)
     budget = parse_budget(args.budget, len(tokens)) if method.compresses else None
-    if budget is not None and budget <= method.window:
-        raise CKVError(
-            f"budget {budget} is too small: it must be more than the observation "
-            f"window ({method.window} tokens)"
-        )
+    session.layer_budgets(budget)
     for note in notes + method_notes:
         print(f"note: {note}", file=sys.stderr)
 
-    session = Session(loaded.model, loaded.tokenizer, method, region=args.region)
     logits = session.prefill(tokens, progress=_progress)
     session.compress(budget)
     text, interrupted = _stream(session, logits, loaded.tokenizer, args)

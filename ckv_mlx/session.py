@@ -7,7 +7,7 @@ work of a session must happen on one thread.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -34,7 +34,6 @@ class Stats:
     compress_s: float = 0.0
     decode_s: float = 0.0
     peak_memory_bytes: int = 0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def prefill_tps(self) -> float:
@@ -128,11 +127,10 @@ class Session:
     def compressed(self) -> bool:
         return self.caches[0].compressed
 
-    def compress(self, avg_budget: int | None) -> list[int] | None:
-        """Cut every layer to its share of ``avg_budget`` (tokens per layer, window
-        included). A prompt no longer than the budget is kept whole."""
+    def layer_budgets(self, avg_budget: int | None) -> list[int] | None:
+        """Each layer's share of ``avg_budget`` (tokens per layer, window included);
+        None for a method that keeps everything. Refuses a budget that is too small."""
         if not self.method.compresses:
-            self.stats.kv_bytes_kept = self.kv_bytes
             return None
         window = self.method.window
         if avg_budget is None or avg_budget <= window:
@@ -140,9 +138,17 @@ class Session:
                 f"budget {avg_budget} is too small: it must be more than the "
                 f"observation window ({window} tokens)"
             )
+        return self.method.layer_budgets(avg_budget, len(self.caches))
+
+    def compress(self, avg_budget: int | None) -> list[int] | None:
+        """Cut every layer to its share of ``avg_budget``. A prompt no longer than the
+        budget is kept whole."""
+        budgets = self.layer_budgets(avg_budget)
+        if budgets is None:
+            self.stats.kv_bytes_kept = self.kv_bytes
+            return None
         start = time.perf_counter()
         length = self.caches[0].length
-        budgets = self.method.layer_budgets(avg_budget, len(self.caches))
         if length <= avg_budget:
             budgets = [max(b, length) for b in budgets]
         for layer, budget in enumerate(budgets):

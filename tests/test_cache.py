@@ -125,3 +125,12 @@ def test_restored_snapshot_compresses_like_a_fresh_prefill():
     for a, b in zip(session.caches, fresh.caches):
         assert mx.array_equal(a.fetch()[0], b.fetch()[0])
     assert session.stats.generated_tokens == 0
+
+
+def test_unwritable_session_path_is_one_clear_error(tmp_path):
+    from ckv_mlx.errors import CKVError
+
+    session, _, _ = compressed_session("snapkv", budget=32)
+    target = tmp_path / "no-such-dir" / "session.safetensors"
+    with pytest.raises(CKVError, match="cannot write .*session.safetensors.*writable"):
+        save_caches(target, session.caches, {})

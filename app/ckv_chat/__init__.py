@@ -1,0 +1,1 @@
+"""ckv-chat: the Textual terminal app for chatting with long documents (in progress)."""

@@ -1,0 +1,81 @@
+"""Pass-key retrieval on the default model: one prefill per depth, every method compressed
+from a snapshot of it. Writes docs/passkey.json and prints a Markdown table.
+
+    .venv/bin/python scripts/passkey.py --budget 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ckv_mlx.blas import ensure_fast_blas
+from ckv_mlx.methods import make_method
+from ckv_mlx.models import load_model
+from ckv_mlx.prompts import render
+from ckv_mlx.session import Session
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+KEY = "71432"
+QUESTION = "What is the pass key? The pass key is"
+METHODS = ("full", "snapkv", "streamingllm")
+
+
+def haystack(depth: float, sentences: int = 100) -> str:
+    """~2,400 tokens of filler with the key sentence at ``depth`` (0 = start)."""
+    parts = [FILLER] * sentences
+    parts.insert(round(depth * sentences), f"The pass key is {KEY}. Remember it. {KEY} is the pass key. ")
+    return "".join(parts)
+
+
+def run(budget: int = 128, methods=METHODS, depths=DEPTHS, model: str | None = None) -> dict:
+    """Whether each method finds the key at each depth (completion-style prompt)."""
+    loaded = load_model(model)
+    session = Session(loaded.model, loaded.tokenizer, make_method("full")[0])
+    found = {name: [] for name in methods}
+    for depth in depths:
+        session.reset()
+        tokens = render(loaded.tokenizer, haystack(depth), QUESTION, raw=True)
+        logits = session.prefill(tokens)
+        prefilled = session.snapshot()
+        for name in methods:
+            session.restore(prefilled)
+            session.method, _ = make_method(name)
+            session.compress(budget)
+            text = loaded.tokenizer.decode(list(session.generate(logits, max_tokens=8)))
+            found[name].append(KEY in text)
+    return {"model": loaded.name, "prompt_tokens": len(tokens), "budget": budget, "depths": list(depths), "found": found}
+
+
+def table(result: dict) -> str:
+    head = "| method | " + " | ".join(f"{d:.0%}" for d in result["depths"]) + " | found |"
+    rule = "|---" * (len(result["depths"]) + 2) + "|"
+    rows = [
+        f"| {name} | " + " | ".join("yes" if f else "no" for f in hits) + f" | {sum(hits)}/{len(hits)} |"
+        for name, hits in result["found"].items()
+    ]
+    return "\n".join([head, rule, *rows])
+
+
+def main() -> int:
+    ensure_fast_blas()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", type=int, default=128)
+    p.add_argument("--model", default=None)
+    p.add_argument("--out", type=Path, default=Path("docs/passkey.json"))
+    args = p.parse_args()
+    start = time.perf_counter()
+    result = run(args.budget, model=args.model)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    print(f"\n{result['prompt_tokens']} prompt tokens, {result['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
