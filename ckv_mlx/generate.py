@@ -32,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--raw", action="store_true", help="no chat template: document, newline, prompt")
     p.add_argument("--truncate", choices=TRUNCATE_CHOICES, default="none", help="what to drop when the document exceeds the context (default: refuse)")
     p.add_argument("--region", type=int, default=DEFAULT_REGION, help="rows per layer for generated tokens before re-scoring")
+    p.add_argument("--save-cache", type=Path, help="save the compressed cache (safetensors + metadata) here")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
     return p.parse_args(argv)
 
@@ -48,7 +49,8 @@ def main(argv=None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from .budgets import parse_budget
-    from .documents import read_document
+    from .cache import save_caches
+    from .documents import document_hash, read_document
     from .methods import make_method
     from .models import load_model
     from .profiles import resolve_profile
@@ -57,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 1:
         raise CKVError("--max-tokens must be at least 1")
+    if args.save_cache and not args.save_cache.parent.is_dir():
+        raise CKVError(f"cannot write {args.save_cache}: no folder {args.save_cache.parent}; choose a writable path")
     document = read_document(args.doc) if args.doc else ""
     loaded = load_model(args.model)
     warn_if_slow_blas()
@@ -83,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     session.compress(budget)
     text, interrupted = _stream(session, logits, loaded.tokenizer, args)
     report = _report(session, loaded.name, args, budget, profile_path, text, interrupted)
+    if args.save_cache:
+        metadata = {k: report[k] for k in ("model", "method", "budget", "layer_budgets", "profile")}
+        save_caches(args.save_cache, session.caches, {**metadata, "document_hash": document_hash(document)})
     out = sys.stderr if args.json else sys.stdout
     print(_summary(report), file=out)
     if args.json:

@@ -137,3 +137,23 @@ def test_interrupted_generation_keeps_the_partial_answer(capsys, tokenizer, doc,
     assert code == 130
     assert report["interrupted"] and report["generated_tokens"] >= 3 and report["text"]
     assert f"interrupted: generation stopped after {report['generated_tokens']} tokens" in err
+
+
+def test_saved_cache_carries_model_budget_and_document_hash(capsys, tokenizer, doc, tmp_path):
+    import hashlib
+
+    from ckv_mlx.cache import load_caches
+
+    path = tmp_path / "answer.safetensors"
+    code, out, _ = run(capsys, "--doc", doc, "--prompt", "Where?", "--method", "snapkv", "--budget", "64", "--max-tokens", "3", "--save-cache", path, "--json")
+    report = json.loads(out.strip().splitlines()[-1])
+    caches, meta = load_caches(path)
+    assert code == 0 and len(caches) == 30
+    assert meta["model"] == "smollm2-135m-instruct" and meta["budget"] == 64 and meta["method"] == "snapkv"
+    assert meta["document_hash"] == hashlib.sha256(DOC.encode()).hexdigest()
+    assert caches[0].offset == report["prompt_tokens"] + report["generated_tokens"]
+
+
+def test_unwritable_save_path_is_refused_before_work(capsys, tokenizer, doc, tmp_path):
+    code, _, err = run(capsys, "--doc", doc, "--save-cache", tmp_path / "missing" / "c.safetensors")
+    assert code == 2 and "writable" in error_line(err)
