@@ -63,3 +63,17 @@ def _cut(tokens: list[int], n: int, where: str) -> list[int]:
         head = (len(tokens) - n) // 2
         return tokens[:head] + tokens[head + n :]
     raise CKVError(f"unknown --truncate {where!r}: use one of {', '.join(TRUNCATE_CHOICES)}")
+
+
+def split_prompt(tokenizer, document: str, question: str, raw: bool) -> tuple[list[int], list[int]]:
+    """:func:`render`'s tokens split into the document part and the question part.
+
+    The first part is the longest prefix shared with the same prompt without a question,
+    so one prefill of it serves every question; the two parts concatenate exactly to
+    :func:`render`. The question part holds at least one token.
+    """
+    full = render(tokenizer, document, question, raw)
+    bare = render(tokenizer, document, "", raw)
+    shared = next((i for i, (a, b) in enumerate(zip(full, bare)) if a != b), min(len(full), len(bare)))
+    shared = min(shared, len(full) - 1)
+    return full[:shared], full[shared:]

@@ -76,6 +76,17 @@ class Session:
             attention.set_window_queries(q)
         self.stats = replace(stats)
 
+    def answer(
+        self, snapshot: tuple, method: Method, budget: int | None, question: list[int], max_tokens: int
+    ) -> list[int]:
+        """Prefill once, compress many: from a prefilled document ``snapshot``, feed the
+        ``question`` tokens, compress with ``method`` and generate greedily."""
+        self.restore(snapshot)
+        self.method = method
+        logits = self.feed(question)
+        self.compress(budget)
+        return list(self.generate(logits, max_tokens))
+
     @property
     def kv_bytes(self) -> int:
         return sum(c.nbytes for c in self.caches)

@@ -13,10 +13,8 @@ import time
 from pathlib import Path
 
 from ckv_mlx.blas import ensure_fast_blas
-from ckv_mlx.methods import make_method
 from ckv_mlx.models import load_model
-from ckv_mlx.prompts import render
-from ckv_mlx.session import Session
+from ckv_mlx.sweep import Case, sweep
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -35,20 +33,10 @@ def haystack(depth: float, sentences: int = 100) -> str:
 def run(budget: int = 128, methods=METHODS, depths=DEPTHS, model: str | None = None) -> dict:
     """Whether each method finds the key at each depth (completion-style prompt)."""
     loaded = load_model(model)
-    session = Session(loaded.model, loaded.tokenizer, make_method("full")[0])
-    found = {name: [] for name in methods}
-    for depth in depths:
-        session.reset()
-        tokens = render(loaded.tokenizer, haystack(depth), QUESTION, raw=True)
-        logits = session.prefill(tokens)
-        prefilled = session.snapshot()
-        for name in methods:
-            session.restore(prefilled)
-            session.method, _ = make_method(name)
-            session.compress(budget)
-            text = loaded.tokenizer.decode(list(session.generate(logits, max_tokens=8)))
-            found[name].append(KEY in text)
-    return {"model": loaded.name, "prompt_tokens": len(tokens), "budget": budget, "depths": list(depths), "found": found}
+    cases = [Case(haystack(depth), QUESTION, KEY) for depth in depths]
+    records = list(sweep(loaded, cases, list(methods), [budget], max_tokens=8))
+    found = {name: [r["correct"] for r in records if r["method"] == name] for name in methods}
+    return {"model": loaded.name, "prompt_tokens": records[-1]["prompt_tokens"], "budget": budget, "depths": list(depths), "found": found}
 
 
 def table(result: dict) -> str:

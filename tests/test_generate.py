@@ -157,3 +157,13 @@ def test_saved_cache_carries_model_budget_and_document_hash(capsys, tokenizer, d
 def test_unwritable_save_path_is_refused_before_work(capsys, tokenizer, doc, tmp_path):
     code, _, err = run(capsys, "--doc", doc, "--save-cache", tmp_path / "missing" / "c.safetensors")
     assert code == 2 and "writable" in error_line(err)
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_split_prompt_shares_the_document_prefix(tokenizer, raw):
+    from ckv_mlx.prompts import render, split_prompt
+
+    prefix, question = split_prompt(tokenizer, DOC, "Where does Mara keep bees?", raw)
+    assert prefix + question == render(tokenizer, DOC, "Where does Mara keep bees?", raw)
+    other, _ = split_prompt(tokenizer, DOC, "What river?", raw)
+    assert prefix == other and len(prefix) > 100 and question
