@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml scripts/setup_system.sh
 	touch $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(PY) -m ckv_mlx.generate --doc samples/report.pdf \
-		--prompt "What was the total revenue in 2025, and which product line grew fastest?" \
-		--method compresskv --budget 128 --max-tokens 80
+	HF_HUB_OFFLINE=1 $(PY) -m ckv_mlx.generate --doc samples/report.pdf --raw \
+		--prompt "Question: Who is the chief executive officer? Answer: The chief executive officer is" \
+		--method compresskv --budget 512 --max-tokens 16
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest

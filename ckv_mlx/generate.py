@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     for note in notes + method_notes:
         print(f"note: {note}", file=sys.stderr)
 
-    logits = session.prefill(tokens, progress=_progress)
+    logits = session.prefill(tokens, progress=_progress if sys.stderr.isatty() else None)
     session.compress(budget)
     text, interrupted = _stream(session, logits, loaded.tokenizer, args)
     report = _report(session, loaded.name, args, budget, profile_path, text, interrupted)
@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _progress(done: int, total: int):
-    print(f"\rprefill {done:,}/{total:,} tokens", end="" if done < total else "\n", file=sys.stderr, flush=True)
+    end = "" if done < total else "\n"
+    print(f"\rprefill {done:,}/{total:,} tokens", end=end, file=sys.stderr, flush=True)
 
 
 def _stream(session, logits, tokenizer, args) -> tuple[str, bool]:

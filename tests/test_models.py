@@ -132,6 +132,29 @@ def test_folder_loads_dequantized_with_shape_and_context(tmp_path):
     assert mx.allclose(loaded.model(TOKENS), expected, atol=1e-4, rtol=1e-4).item()
 
 
+def test_hub_id_downloads_through_huggingface_hub(tmp_path, monkeypatch):
+    import mlx_lm.utils
+
+    model = tiny_model("llama", heads=4, kv_heads=2, head_dim=16)
+    config = {
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "rms_norm_eps": 1e-5, "vocab_size": 128, "rope_theta": 10000.0,
+        "max_position_embeddings": 2048, "tie_word_embeddings": True,
+    }
+    folder = tmp_path / "snapshot"
+    write_folder(folder, model, config)
+    asked = []
+    monkeypatch.setattr(models, "hf_hub_download", lambda repo_id, filename: asked.append(repo_id) or str(folder / filename))
+    monkeypatch.setattr(mlx_lm.utils, "snapshot_download", lambda repo_id, **kw: asked.append(repo_id) or str(folder))
+
+    loaded = load_model("mlx-community/Tiny-Llama-4bit")
+
+    assert asked == ["mlx-community/Tiny-Llama-4bit"] * 2
+    assert loaded.name == "mlx-community/Tiny-Llama-4bit" and loaded.context_length == 2048
+    assert mx.allclose(loaded.model(TOKENS), model(TOKENS), atol=1e-5).item()
+
+
 def test_model_shape_derives_head_dim_when_absent():
     from mlx_lm.models import llama
 
