@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml scripts/setup_system.sh
 	touch $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(PY) -m ckv_mlx.generate --doc samples/report.pdf --raw \
+	HF_HUB_OFFLINE=1 $(PY) -m ckv_mlx.generate --doc samples/report.txt --raw \
 		--prompt "Question: Who is the chief executive officer? Answer: The chief executive officer is" \
-		--method compresskv --budget 512 --max-tokens 16
+		--method compresskv --budget 512 --max-tokens 8
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest

@@ -12,14 +12,13 @@ import mlx.nn as nn
 
 from .errors import CKVError
 from .models import SUPPORTED_ARCHITECTURES
-
-DEFAULT_WINDOW = 8
+from .profiles import Defaults
 
 
 class WindowAttention(nn.Module):
     """Grouped-query attention that remembers its latest ``window`` queries."""
 
-    def __init__(self, base: nn.Module, window: int = DEFAULT_WINDOW):
+    def __init__(self, base: nn.Module, window: int = Defaults.window):
         super().__init__()
         self.n_heads = base.n_heads
         self.n_kv_heads = base.n_kv_heads
@@ -86,7 +85,7 @@ def architecture(model: nn.Module) -> str:
     return arch
 
 
-def install(model: nn.Module, window: int = DEFAULT_WINDOW) -> list[WindowAttention]:
+def install(model: nn.Module, window: int = Defaults.window) -> list[WindowAttention]:
     """Swap every layer's attention for :class:`WindowAttention` (idempotent).
 
     Returns the attention modules, one per layer.

@@ -11,11 +11,8 @@ import mlx.core as mx
 
 from . import budgets
 from .errors import CKVError
+from .profiles import Defaults
 from .scoring import group_mean, head_scores, keep_top
-
-DEFAULT_KERNEL = 5
-DEFAULT_POOLING = "avg"
-DEFAULT_FIRST_K = 4
 
 
 class Method:
@@ -24,7 +21,9 @@ class Method:
     name = ""
     compresses = True
 
-    def __init__(self, window: int = 8, kernel: int = DEFAULT_KERNEL, pooling: str = DEFAULT_POOLING):
+    def __init__(
+        self, window: int = Defaults.window, kernel: int = Defaults.kernel, pooling: str = Defaults.pooling
+    ):
         self.window, self.kernel, self.pooling = window, kernel, pooling
 
     def layer_budgets(self, avg_budget: int, n_layers: int) -> list[int]:

@@ -151,31 +151,18 @@ def test_utf8_bom_is_dropped(tmp_path):
     assert read_document(path) == "Pear orchard"
 
 
-def test_cp1252_text_with_accents(tmp_path):
-    text = "Le café du marché propose une crème brûlée à 4,50 €.\nNaïve façade, señor Müller's résumé, déjà vu.\n"
+@pytest.mark.parametrize(
+    "text, encoding",
+    [
+        ("Le café du marché propose une crème brûlée à 4,50 €.\nNaïve façade, señor Müller's résumé, déjà vu.\n", "cp1252"),
+        ("La cosecha de manzanas fue excelente este año. El señor Muñoz dirigió la expansión en España.\n", "latin-1"),
+        ("Orchard report: café, crème, 日本の林檎.\n", "utf-16"),
+        ("Orchard report for the year: apples, pears and cherries.\n", "utf-16-le"),  # no BOM: not UTF-8
+    ],
+)
+def test_legacy_and_wide_encodings_decode(tmp_path, text, encoding):
     path = tmp_path / "legacy.txt"
-    path.write_bytes(text.encode("cp1252"))
-    assert read_document(path) == text
-
-
-def test_latin1_text_with_accents(tmp_path):
-    text = "La cosecha de manzanas fue excelente este año. El señor Muñoz dirigió la expansión en España.\n"
-    path = tmp_path / "latin1.txt"
-    path.write_bytes(text.encode("latin-1"))
-    assert read_document(path) == text
-
-
-def test_utf16_text(tmp_path):
-    text = "Orchard report: café, crème, 日本の林檎.\n"
-    path = tmp_path / "wide.txt"
-    path.write_bytes(text.encode("utf-16"))
-    assert read_document(path) == text
-
-
-def test_utf16_without_bom_is_not_taken_for_utf8(tmp_path):
-    text = "Orchard report for the year: apples, pears and cherries.\n"
-    path = tmp_path / "wide-le.txt"
-    path.write_bytes(text.encode("utf-16-le"))
+    path.write_bytes(text.encode(encoding))
     assert read_document(path) == text
 
 
