@@ -17,12 +17,11 @@ def window_probs(
     Returns ``[len(heads), w, N]`` float32. Window row ``r`` sees every prefix key and
     the window keys up to its own position (causal inside the window).
     """
-    n_query_heads, w, _ = window_queries.shape
-    group = n_query_heads // keys.shape[0]
-    head_ids = mx.array(heads)
-    q = window_queries[head_ids].astype(mx.float32)
-    k = keys[head_ids // group].astype(mx.float32)
-    logits = (q * scale) @ k.swapaxes(-1, -2)
+    n_query_heads, w, dim = window_queries.shape
+    kv_heads = keys.shape[0]
+    grouped = window_queries.astype(mx.float32).reshape(kv_heads, -1, w, dim) * scale
+    k = keys.astype(mx.float32)[:, None]
+    logits = (grouped @ k.swapaxes(-1, -2)).reshape(n_query_heads, w, -1)[mx.array(heads)]
     n = keys.shape[1]
     rows = mx.arange(w)[:, None]
     cols = mx.arange(n)[None, :]
