@@ -8,15 +8,17 @@ import sys
 from pathlib import Path
 
 from .blas import ensure_fast_blas, warn_if_slow_blas
-from .cache import DEFAULT_REGION
 from .errors import CKVError
-from .methods import METHODS
-from .prompts import TRUNCATE_CHOICES
 
 DEFAULT_PROMPT = "Summarize the document in a few sentences."
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The CLI's arguments (imports MLX: call after :func:`ensure_fast_blas`)."""
+    from .cache import DEFAULT_REGION
+    from .methods import METHODS
+    from .prompts import TRUNCATE_CHOICES
+
     p = argparse.ArgumentParser(
         prog="python -m ckv_mlx.generate",
         description="Answer a question over a long document with a compressed KV cache.",
