@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 1:
         raise CKVError("--max-tokens must be at least 1")
+    if args.region < 1:
+        raise CKVError("--region must be at least 1 (rows per layer for generated tokens)")
     if args.save_cache and not args.save_cache.parent.is_dir():
         raise CKVError(f"cannot write {args.save_cache}: no folder {args.save_cache.parent}; choose a writable path")
     document = read_document(args.doc) if args.doc else ""
@@ -89,7 +91,9 @@ def run(args: argparse.Namespace) -> int:
     session.compress(budget)
     text, interrupted = _stream(session, logits, loaded.tokenizer, args)
     report = _report(session, loaded.name, args, budget, profile_path, text, interrupted)
-    if args.save_cache:
+    if args.save_cache and not session.consistent:
+        print(f"note: cache not saved to {args.save_cache}: the interrupt left its layers out of step", file=sys.stderr)
+    elif args.save_cache:
         metadata = {k: report[k] for k in ("model", "method", "budget", "layer_budgets", "profile")}
         save_caches(args.save_cache, session.caches, {**metadata, "document_hash": document_hash(document)})
     out = sys.stderr if args.json else sys.stdout

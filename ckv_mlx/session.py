@@ -92,6 +92,11 @@ class Session:
         return sum(c.nbytes for c in self.caches)
 
     @property
+    def consistent(self) -> bool:
+        """Whether every layer has seen the same tokens (an interrupt mid-step breaks it)."""
+        return len({c.offset for c in self.caches}) == 1
+
+    @property
     def position(self) -> int:
         """Logical position of the next token (tokens seen so far)."""
         return self.caches[0].offset

@@ -134,3 +134,11 @@ def test_unwritable_session_path_is_one_clear_error(tmp_path):
     target = tmp_path / "no-such-dir" / "session.safetensors"
     with pytest.raises(CKVError, match="cannot write .*session.safetensors.*writable"):
         save_caches(target, session.caches, {})
+
+
+def test_a_step_cut_short_leaves_the_session_inconsistent():
+    session, _, _ = compressed_session("snapkv", budget=32)
+    assert session.consistent
+    block = session.model.layers[0]
+    block(session.model.model.embed_tokens(mx.array([[5]])), None, session.caches[0])
+    assert not session.consistent

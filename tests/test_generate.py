@@ -66,6 +66,7 @@ def test_json_report(capsys, tokenizer, doc, method):
         (["--budget", "abc"], "budget"),
         (["--budget", "4"], "too small"),
         (["--max-tokens", "0"], "max-tokens"),
+        (["--region", "0"], "region"),
         (["--model", "/nonexistent/model/folder"], "model"),
     ],
 )
