@@ -1,15 +1,14 @@
 """Budget allocators against the method doc's published vectors and hand computations."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ckv_mlx.budgets import error_aware, parse_budget, pyramid, uniform
 from ckv_mlx.errors import CKVError
+from reference_data import reference_file
 
-SCORES = Path(__file__).resolve().parents[2] / "shared/reference/compresskv/scores"
 
 # docs/compresskv-method.md section 3: allocations from the reference avg_score files.
 VECTORS = {
@@ -21,9 +20,7 @@ VECTORS = {
 
 
 def _avg_score(model: str) -> list[float]:
-    path = SCORES / f"{model}_layer_score.jsonl"
-    if not path.exists():
-        pytest.skip(f"reference data not found: {path} (needs ../shared beside the repo)")
+    path = reference_file(f"scores/{model}_layer_score.jsonl")
     return json.loads(path.read_text())["avg_score"]
 
 

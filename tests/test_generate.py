@@ -1,7 +1,6 @@
 """`python -m ckv_mlx.generate` on the real default model: output contract and bad input."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -9,8 +8,8 @@ from ckv_mlx.errors import CKVError
 from ckv_mlx.generate import main
 from ckv_mlx.models import load_model
 from ckv_mlx.prompts import prompt_tokens
+from reference_data import reference_file
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "compresskv"
 DOC = "Mara keeps bees on the roof of the old mill. The mill stands by the river Lune. " * 12
 
 
@@ -84,13 +83,12 @@ def test_malformed_profile(capsys, tokenizer, doc, tmp_path):
     assert code == 2 and "bad.json" in error_line(err)
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/reference/compresskv (CI has it)")
 def test_profile_of_another_shape_is_refused(capsys, tokenizer, doc, tmp_path):
     from ckv_mlx.profiles import save_profile
     from ckv_mlx.profiles.importer import import_head_idx
 
     path = tmp_path / "llama.json"
-    save_profile(import_head_idx(SHARED / "scores" / "Llama-3.1-8B-Instruct_head_idx.json"), path)
+    save_profile(import_head_idx(reference_file("scores/Llama-3.1-8B-Instruct_head_idx.json")), path)
     code, _, err = run(capsys, "--doc", doc, "--profile", path)
     line = error_line(err)
     assert code == 2

@@ -23,19 +23,12 @@ from ckv_mlx.profiles import (
     save_profile,
 )
 from ckv_mlx.profiles.importer import import_head_idx, import_raw_scores
+from reference_data import reference_file
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/compresskv"
 MODELS = ["Llama-3.1-8B-Instruct", "Mistral-7B-Instruct-v0.3"]
 LLAMA_SHAPE = ModelShape("Llama-3.1-8B-Instruct", "llama", 32, 32, 8, 128)
 SMOLLM = ModelShape("smollm2-135m-instruct", "llama", 30, 9, 3, 64)
-
-
-def _reference(relative: str) -> Path:
-    path = REFERENCE / relative
-    if not path.exists():
-        pytest.skip(f"reference data not found: {path} (needs ../shared beside the repo)")
-    return path
 
 
 def _tiny() -> dict:
@@ -268,8 +261,8 @@ def test_default_profile_path_by_model_name_inside_the_file(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("model", MODELS)
 def test_import_head_idx_matches_reference_files(model):
-    head_idx = _reference(f"scores/{model}_head_idx.json")
-    layer_score = _reference(f"scores/{model}_layer_score.jsonl")
+    head_idx = reference_file(f"scores/{model}_head_idx.json")
+    layer_score = reference_file(f"scores/{model}_layer_score.jsonl")
     profile = import_head_idx(head_idx, layer_score)
     raw = json.loads(head_idx.read_text())
     assert profile.shape == ModelShape(model, model.split("-")[0].lower(), 32, 32, 8, 128)
@@ -282,15 +275,15 @@ def test_import_head_idx_matches_reference_files(model):
 
 
 def test_import_llama_head_idx_first_heads_and_budgets():
-    profile = import_head_idx(_reference("scores/Llama-3.1-8B-Instruct_head_idx.json"),
-                              _reference("scores/Llama-3.1-8B-Instruct_layer_score.jsonl"))
+    profile = import_head_idx(reference_file("scores/Llama-3.1-8B-Instruct_head_idx.json"),
+                              reference_file("scores/Llama-3.1-8B-Instruct_layer_score.jsonl"))
     assert profile.srh_heads(0) == [11, 25, 23, 27]
     assert error_aware(profile.layer_errors, 128)[:4] == [89, 90, 143, 118]
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_import_raw_scores_ranks_by_mean_over_trials(model):
-    path = _reference(f"head_score/{model}_retrieval.json")
+    path = reference_file(f"head_score/{model}_retrieval.json")
     raw = json.loads(path.read_text())
     means = np.zeros((32, 32))
     for key, values in raw.items():
@@ -379,8 +372,8 @@ def _cli(*args) -> subprocess.CompletedProcess:
 
 def test_cli_import_show_validate(tmp_path):
     out = tmp_path / "llama.json"
-    done = _cli("import", "--head-idx", _reference("scores/Llama-3.1-8B-Instruct_head_idx.json"),
-                "--layer-score", _reference("scores/Llama-3.1-8B-Instruct_layer_score.jsonl"),
+    done = _cli("import", "--head-idx", reference_file("scores/Llama-3.1-8B-Instruct_head_idx.json"),
+                "--layer-score", reference_file("scores/Llama-3.1-8B-Instruct_layer_score.jsonl"),
                 "--out", out)
     assert done.returncode == 0, done.stderr
     profile = load_profile(out)

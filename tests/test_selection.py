@@ -1,6 +1,5 @@
 """Kept indices against the plain-NumPy reference of the method doc (tests/reference.py)."""
 
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -10,12 +9,9 @@ import reference as ref
 from ckv_mlx.methods import CompressKV, CompressKVGQA, PyramidKV, SnapKV, StreamingLLM, make_method
 from ckv_mlx.session import Session
 from fakes import fake_profile
+from reference_data import reference_file
 from tiny import TinyTokenizer, tiny_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "compresskv"
-needs_shared = pytest.mark.skipif(
-    not SHARED.is_dir(), reason="needs ../shared/reference/compresskv (the paper's files; CI has it)"
-)
 
 
 def random_layer(seed, q_heads=8, kv_heads=2, n=200, w=8, d=16):
@@ -112,7 +108,6 @@ def test_session_selects_like_numpy_on_a_tiny_model(name):
         np.testing.assert_array_equal(np.array(kept[layer]), want, err_msg=f"layer {layer}")
 
 
-@needs_shared
 def test_llama_profile_runs_on_a_model_of_its_shape():
     from ckv_mlx.budgets import error_aware
     from ckv_mlx.profiles import check_profile_matches
@@ -121,7 +116,7 @@ def test_llama_profile_runs_on_a_model_of_its_shape():
 
     name = "Llama-3.1-8B-Instruct"
     profile = import_head_idx(
-        SHARED / "scores" / f"{name}_head_idx.json", SHARED / "scores" / f"{name}_layer_score.jsonl"
+        reference_file(f"scores/{name}_head_idx.json"), reference_file(f"scores/{name}_layer_score.jsonl")
     )
     model = tiny_model("llama", layers=32, heads=32, kv_heads=8, head_dim=4)
     assert check_profile_matches(profile, tiny_shape(model, name)) == [
@@ -130,7 +125,7 @@ def test_llama_profile_runs_on_a_model_of_its_shape():
     method, notes = make_method("compresskv", profile)
     assert notes == []
     inputs, kept, budgets = session_selection(model, method, 400, 64)
-    errors = read_layer_score(SHARED / "scores" / f"{name}_layer_score.jsonl", 32)
+    errors = read_layer_score(reference_file(f"scores/{name}_layer_score.jsonl"), 32)
     assert budgets == error_aware(errors, 64)
     for layer, ((q, k), budget) in enumerate(zip(inputs, budgets)):
         heads = profile.srh[layer][:4]
