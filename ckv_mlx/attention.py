@@ -16,7 +16,12 @@ from .profiles import Defaults
 
 
 class WindowAttention(nn.Module):
-    """Grouped-query attention that remembers its latest ``window`` queries."""
+    """Grouped-query attention that remembers its latest ``window`` queries.
+
+    ``tap``, when set, sees every call's post-RoPE queries, cached keys and values and
+    per-head output ``[b, n_heads, n, head_dim]`` (before ``o_proj``) and returns the
+    output to use: the profiler records attention with it, the ablation masks heads.
+    """
 
     def __init__(self, base: nn.Module, window: int = Defaults.window):
         super().__init__()
@@ -29,6 +34,7 @@ class WindowAttention(nn.Module):
         self.k_norm = getattr(base, "k_norm", None)
         self.rope = base.rope
         self.window = window
+        self.tap = None
         self._window_queries = None
 
     @property
@@ -64,6 +70,8 @@ class WindowAttention(nn.Module):
         out = mx.fast.scaled_dot_product_attention(
             queries, keys, values, scale=self.scale, mask=mask
         )
+        if self.tap is not None:
+            out = self.tap(self, queries, keys, values, out)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
 
     def _remember(self, queries: mx.array):

@@ -189,6 +189,19 @@ class Session:
             if cache.compressed and cache.free_slots() < n:
                 self._compress_layer(layer, cache.budget)
 
+    def teacher_force(self, logits: mx.array, tokens: list[int]) -> mx.array:
+        """Log-probabilities ``[len(tokens), vocab]`` of each of ``tokens`` being next,
+        feeding them in turn after ``logits`` (the fidelity measurement)."""
+        rows = [logits.reshape(1, -1)]
+        step = self.region if self.compressed else PREFILL_STEP
+        body = tokens[:-1]
+        for start in range(0, len(body), step):
+            chunk = body[start : start + step]
+            self.make_room(len(chunk))
+            rows.append(self.model(mx.array([chunk]), cache=self.caches)[0])
+        out = mx.concatenate(rows).astype(mx.float32)
+        return out - mx.logsumexp(out, axis=-1, keepdims=True)
+
     def generate(
         self,
         logits: mx.array,

@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 from ckv_mlx.blas import ensure_fast_blas
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,3 +11,15 @@ def pytest_configure(config):
     """Re-run the test process with OpenBLAS preloaded (Linux), output intact."""
     capture = config.pluginmanager.getplugin("capturemanager")
     ensure_fast_blas(before_exec=capture.stop_global_capturing if capture else None)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The built-in model (loaded once), or skip: its wheel comes with `make setup`."""
+    from ckv_mlx.errors import CKVError
+    from ckv_mlx.models import load_model
+
+    try:
+        return load_model()
+    except CKVError as e:
+        pytest.skip(f"built-in model unavailable: {e}")

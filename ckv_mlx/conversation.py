@@ -1,0 +1,87 @@
+"""Several questions about one document: the multi-turn policies.
+
+* ``first-question`` (the paper): compress with the first question in the window and
+  drop the full cache; follow-ups go through the bounded region with re-scoring.
+* ``agnostic``: compress right after the document, before any question.
+* ``per-question``: keep the full cache of document and conversation, compress a copy
+  afresh for each question (best answers, full memory).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import mlx.core as mx
+
+from .errors import CKVError
+from .session import Session
+
+POLICIES = ("first-question", "agnostic", "per-question")
+
+
+class Conversation:
+    """Turns over one prefilled document in ``session``, under ``policy`` and ``budget``."""
+
+    def __init__(self, session: Session, policy: str, budget: int | None):
+        if policy not in POLICIES:
+            raise CKVError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
+        self.session, self.policy, self.budget = session, policy, budget
+        self.turns = 0
+        self._full = None
+        self._answer_start = 0
+
+    def open(self, document: tuple):
+        """Start from a prefilled document (a :meth:`Session.snapshot`)."""
+        self.session.restore(document)
+        self.turns = 0
+        if self.policy == "agnostic":
+            self.session.compress(self.budget)
+
+    def start(self, question: list[int]) -> mx.array:
+        """Feed a question and compress as the policy says; the logits of its last token."""
+        session = self.session
+        logits = session.feed(question)
+        if self.policy == "per-question":
+            self._full = session.snapshot()
+            session.compress(self.budget)
+        elif self.policy == "first-question" and self.turns == 0:
+            session.compress(self.budget)
+        self.turns += 1
+        self._answer_start = session.position
+        return logits
+
+    def finish(self, answer: list[int]):
+        """Make sure the whole answer is in the cache that the next question builds on:
+        ``per-question`` goes back to its full cache and adds the answer there."""
+        fed = self.session.position - self._answer_start
+        if self.policy == "per-question" and self._full is not None:
+            self.session.restore(self._full)
+            self._full, fed = None, 0
+        if answer[fed:]:
+            self.session.feed(answer[fed:])
+
+    def ask(
+        self, question: list[int], max_tokens: int, should_stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[int]:
+        """Stream the answer's tokens; stopping early still leaves a consistent state."""
+        logits = self.start(question)
+        answer: list[int] = []
+        try:
+            for token in self.session.generate(logits, max_tokens, should_stop=should_stop):
+                answer.append(token)
+                yield token
+        finally:
+            self.finish(answer)
+
+
+def answer_line(tokens: Iterator[int], tokenizer, max_tokens: int) -> list[int]:
+    """Take tokens up to ``max_tokens`` or the end of the answer's first line."""
+    taken: list[int] = []
+    try:
+        for token in tokens:
+            taken.append(token)
+            if len(taken) >= max_tokens or "\n" in tokenizer.decode(taken).lstrip():
+                break
+    finally:
+        getattr(tokens, "close", lambda: None)()
+    return taken

@@ -1,0 +1,168 @@
+"""Needle-in-a-haystack prompts: the data behind SRH profiling and the NIAH evaluation.
+
+A needle sentence is inserted into haystack text at a depth (moved back to a sentence
+end, method doc section 1), and a question about it follows, completion-style or
+chat-style. The package ships its own needles and haystack (``ckv_mlx/data``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from rouge_score import rouge_scorer
+
+from .errors import CKVError
+from .prompts import split_prompt
+
+DATA = Path(__file__).parent / "data"
+DEFAULT_NEEDLES = DATA / "needles.jsonl"
+DEFAULT_HAYSTACK = DATA / "haystack"
+STYLES = ("completion", "chat")
+SPAN_COVERAGE = 0.9
+
+
+@dataclass(frozen=True)
+class Needle:
+    """A fact to hide, the question that asks for it and the answer span.
+
+    ``key`` is what an exact-match answer must contain (default: the whole span);
+    ``completion`` starts the answer in completion-style prompts.
+    """
+
+    needle: str
+    question: str
+    real_needle: str
+    key: str = ""
+    completion: str = ""
+
+    @property
+    def match(self) -> str:
+        return self.key or self.real_needle
+
+
+def load_needles(path: str | Path = DEFAULT_NEEDLES) -> list[Needle]:
+    """Needles from a JSONL file (the reference's ``needles.jsonl`` reads as it is)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CKVError(f"{path}: cannot read the needles ({exc.__class__.__name__})") from None
+    needles = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            fields = json.loads(line)
+            needles.append(Needle(**{k: str(v) for k, v in fields.items()}))
+        except (ValueError, TypeError) as exc:
+            raise CKVError(
+                f"{path}, line {number}: not a needle ({exc}); each line needs "
+                '"needle", "question" and "real_needle"'
+            ) from None
+    if not needles:
+        raise CKVError(f"{path}: no needles in the file")
+    return needles
+
+
+def load_haystack(path: str | Path = DEFAULT_HAYSTACK) -> str:
+    """Haystack text: one file, or every ``*.txt`` of a folder in name order."""
+    path = Path(path)
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise CKVError(f"{path}: no haystack text here; pass a .txt file or a folder of them")
+    text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace").strip() for f in files)
+    if not text.strip():
+        raise CKVError(f"{path}: the haystack is empty")
+    return text
+
+
+@lru_cache(maxsize=4)
+def _encoded(tokenizer, text: str) -> tuple[int, ...]:
+    """Tokens of ``text``, quiet about texts longer than the model's context."""
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return tuple(tokenizer.encode(text, add_special_tokens=False))
+    finally:
+        logger.setLevel(level)
+
+
+@dataclass(frozen=True)
+class NeedlePrompt:
+    """One needle test: the prompt split into document and question tokens."""
+
+    document: list[int]
+    question: list[int]
+    needle: Needle
+    depth: int
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.document + self.question
+
+
+def question_text(needle: Needle, style: str) -> str:
+    """What follows the haystack: the question, and for completion style the answer's start."""
+    if style == "completion":
+        answer = f"Answer: {needle.completion}".rstrip()
+        return f"\nBased on the content of the text, Question: {needle.question}\n{answer}"
+    if style == "chat":
+        return f"Based on the content of the text, answer the question: {needle.question}"
+    raise CKVError(f"unknown prompt style {style!r}: use one of {', '.join(STYLES)}")
+
+
+def needle_prompt(
+    tokenizer, haystack: str, needles: list[Needle], length: int, depths: list[int], style: str = "completion"
+) -> NeedlePrompt:
+    """A prompt of about ``length`` tokens with ``needles[i]`` at ``depths[i]`` percent;
+    the question asks for the first needle."""
+    question = question_text(needles[0], style)
+    inserts = [_encoded(tokenizer, " " + n.needle) for n in needles]
+    overhead = len(split_prompt(tokenizer, "", question, style == "completion")[1]) + 1
+    room = length - overhead - sum(map(len, inserts))
+    hay = _encoded(tokenizer, haystack)
+    if room < 16:
+        raise CKVError(f"length {length} leaves no room for the haystack: ask for more tokens")
+    hay = (hay * (room // len(hay) + 1))[:room]
+    context = list(hay)
+    for needle_ids, depth in sorted(zip(inserts, depths), key=lambda p: -p[1]):
+        at = _sentence_start(tokenizer, context, len(hay) * depth // 100)
+        context[at:at] = needle_ids
+    document, q = split_prompt(tokenizer, tokenizer.decode(context), question, style == "completion")
+    return NeedlePrompt(document, q, needles[0], depths[0])
+
+
+def _sentence_start(tokenizer, tokens: list[int], at: int) -> int:
+    """Move ``at`` back to just after a token that ends a sentence ('.'); 0 if none."""
+    if at >= len(tokens):
+        return len(tokens)
+    while at > 0 and not tokenizer.decode([tokens[at - 1]]).rstrip().endswith("."):
+        at -= 1
+    return at
+
+
+def answer_span(prompt: list[int], target: list[int]) -> range | None:
+    """The first window of ``len(target)`` prompt tokens whose token set covers more
+    than 90 % of ``target``'s token set (method doc section 1)."""
+    wanted, n = set(target), len(target)
+    for start in range(len(prompt) - n + 1):
+        if len(wanted & set(prompt[start : start + n])) > SPAN_COVERAGE * len(wanted):
+            return range(start, start + n)
+    return None
+
+
+_ROUGE = rouge_scorer.RougeScorer(["rouge1"])
+
+
+def rouge1_recall(answer: str, reference: str) -> float:
+    """ROUGE-1 recall of ``answer`` against ``reference`` (Google's rouge-score)."""
+    return _ROUGE.score(reference, answer)["rouge1"].recall
+
+
+def exact_match(answer: str, needle: Needle) -> bool:
+    return needle.match.lower() in answer.lower()

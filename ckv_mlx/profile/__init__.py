@@ -1,0 +1,1 @@
+"""The profiler: `python -m ckv_mlx.profile srh|layers|validate`."""
