@@ -1,0 +1,190 @@
+"""`python -m ckv_mlx.eval`: NIAH, RULER-style QA, fidelity and follow-ups for every method.
+
+Each sample is prefilled once; every (mode, method, budget) then starts from a copy of
+that cache. Records go to OUT/records.jsonl (a killed run started again continues), the
+tables to OUT/report.md, the plots beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from ..blas import ensure_fast_blas, warn_if_slow_blas
+from ..errors import CKVError
+
+DEFAULT_LENGTHS = [1000, 2000, 4000, 7000]
+DEFAULT_DEPTHS = [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
+DEFAULT_BUDGETS = ["32", "64", "128", "256"]
+SINGLE_TASKS = ("niah", "multikey", "multivalue", "variable-tracking", "frequent-words")
+TASKS = SINGLE_TASKS + ("followup",)
+
+
+def _list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in _list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from ..conversation import POLICIES
+    from ..methods import METHODS
+    from .harness import MODES
+
+    p = argparse.ArgumentParser(prog="python -m ckv_mlx.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="mlx-lm model folder or hub id (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--profile", type=Path, help="SRH profile (default: the model's file in profiles/)")
+    p.add_argument("--tasks", type=_list, default=["niah"], help=f"comma-separated: {', '.join(TASKS)} (default niah)")
+    p.add_argument("--lengths", type=_ints, default=DEFAULT_LENGTHS, help="prompt lengths in tokens (default 1000,2000,4000,7000)")
+    p.add_argument("--depths", type=_ints, default=DEFAULT_DEPTHS, help="needle depths in %% (default 10 from 0 to 100)")
+    p.add_argument("--needles", type=Path, help="needles JSONL (default: the shipped set)")
+    p.add_argument("--needle-count", type=int, default=3, help="needles used, from the top of the file (default 3)")
+    p.add_argument("--haystack", type=Path, help="haystack .txt or folder, e.g. Paul Graham essays (default: shipped)")
+    p.add_argument("--style", choices=("completion", "chat"), default="completion", help="NIAH prompt style")
+    p.add_argument("--samples", type=int, default=2, help="RULER-style samples per task and length (default 2)")
+    p.add_argument("--methods", type=_list, default=list(METHODS), help="comma-separated (default: all)")
+    p.add_argument("--budgets", type=_list, default=DEFAULT_BUDGETS, help="tokens per layer or %% of the prompt (default 32,64,128,256)")
+    p.add_argument("--modes", type=_list, default=list(MODES), help="query-aware, query-agnostic (default both)")
+    p.add_argument("--policies", type=_list, default=list(POLICIES), help="multi-turn policies for followup (default all)")
+    p.add_argument("--max-tokens", type=int, default=12, help="answer tokens (default 12; answers stop at a newline)")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the teacher-forced fidelity measurement")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
+    p.add_argument("--restart", action="store_true", help="discard earlier records in OUT and start over")
+    args = p.parse_args(argv)
+    _check(args, METHODS, MODES, POLICIES)
+    return args
+
+
+def _check(args, methods, modes, policies):
+    for name, given, valid in (("task", args.tasks, TASKS), ("method", args.methods, methods),
+                               ("mode", args.modes, modes), ("policy", args.policies, policies)):
+        unknown = [x for x in given if x not in valid]
+        if unknown or not given:
+            raise CKVError(f"unknown {name} {', '.join(unknown) or '(none)'}: choose from {', '.join(valid)}")
+    if args.max_tokens < 1 or args.samples < 1 or args.needle_count < 1:
+        raise CKVError("--max-tokens, --samples and --needle-count must be at least 1")
+    if not all(0 <= d <= 100 for d in args.depths):
+        raise CKVError("--depths are percentages: each must be between 0 and 100")
+
+
+def main(argv=None) -> int:
+    ensure_fast_blas()
+    try:
+        args = parse_args(argv)
+        return run(args, sys.argv[1:] if argv is None else argv)
+    except CKVError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _settings(args, methods) -> list:
+    from .harness import Setting
+
+    settings = []
+    for method in methods:
+        budgets = args.budgets if method.compresses else [None]
+        settings += [Setting(method, b) for b in budgets]
+    return settings
+
+
+def _methods(names, profile):
+    from ..methods import PROFILED, make_method
+
+    if profile is None and any(n in PROFILED for n in names):
+        raise CKVError("no SRH profile for this model: make one with `python -m ckv_mlx.profile srh`, "
+                       "pass --profile, or leave compresskv out of --methods")
+    methods = [make_method(n, profile)[0] for n in names]
+    if not any(not m.compresses for m in methods):
+        methods.insert(0, make_method("full")[0])
+    return methods
+
+
+def _samples(args, loaded):
+    from ..niah import DEFAULT_HAYSTACK, DEFAULT_NEEDLES, load_haystack, load_needles
+    from .tasks import followup_samples, niah_samples, ruler_samples
+
+    tokenizer = loaded.tokenizer
+    samples = []
+    if {"niah", "followup"} & set(args.tasks):
+        needles = load_needles(args.needles or DEFAULT_NEEDLES)
+        haystack = load_haystack(args.haystack or DEFAULT_HAYSTACK)
+        if "niah" in args.tasks:
+            samples += niah_samples(tokenizer, haystack, needles[: args.needle_count], args.lengths, args.depths, args.style)
+        if "followup" in args.tasks:
+            samples += followup_samples(tokenizer, haystack, needles, args.needle_count, args.lengths, args.depths)
+    ruler_tasks = [t for t in args.tasks if t in SINGLE_TASKS and t != "niah"]
+    samples += ruler_samples(tokenizer, ruler_tasks, args.lengths, args.samples)
+    return samples
+
+
+def _identity(args, loaded, profile) -> dict:
+    """What gives a record its meaning. The grid (lengths, depths, methods, budgets,
+    modes, tasks) is not part of it: records are keyed by their place in the grid, so a
+    run can be extended by running again with more."""
+    from ..niah import DEFAULT_HAYSTACK, DEFAULT_NEEDLES
+
+    srh = None if profile is None else [profile.srh_heads(l) for l in range(profile.shape.layers)]
+    return {"model": loaded.name, "srh": str(srh), "layer_errors": str(profile and profile.layer_errors),
+            "needles": str(args.needles or DEFAULT_NEEDLES), "haystack": str(args.haystack or DEFAULT_HAYSTACK),
+            "style": args.style, "max_tokens": args.max_tokens}
+
+
+def run(args, argv) -> int:
+    from tqdm import tqdm
+
+    from ..models import load_model
+    from ..profiles import resolve_profile
+    from ..runlog import RunLog
+    from ..session import Session
+    from . import report
+    from .harness import Harness
+
+    loaded = load_model(args.model)
+    warn_if_slow_blas()
+    longest = max(args.lengths) + args.max_tokens * 3
+    if longest > loaded.context_length:
+        raise CKVError(f"length {max(args.lengths):,} plus the answers exceeds the model's context of "
+                       f"{loaded.context_length:,}: pass shorter --lengths")
+    profile, profile_path, notes = resolve_profile(args.profile, loaded.shape)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    methods = _methods(args.methods, profile)
+    settings = _settings(args, methods)
+    samples = _samples(args, loaded)
+    log = RunLog(args.out / "records.jsonl", _identity(args, loaded, profile), args.restart)
+    session = Session(loaded.model, loaded.tokenizer, methods[0])
+    harness = Harness(session, loaded.tokenizer, args.max_tokens, fidelity=not args.no_fidelity)
+    print(f"eval of {loaded.name}: {len(samples)} samples x {len(settings)} settings; records in {log.path}",
+          file=sys.stderr)
+    interrupted = False
+    try:
+        with tqdm(samples, unit="sample", dynamic_ncols=True) as bar:
+            for sample in bar:
+                start, done = time.perf_counter(), log.done
+                records = (harness.followups(sample, settings, args.policies, done) if sample.task == "followup"
+                           else harness.run(sample, settings, args.modes, done))
+                for record in records:
+                    log.add({**record, "seconds": round(time.perf_counter() - start, 2)})
+                    start = time.perf_counter()
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: records so far are kept; run the same command to continue", file=sys.stderr)
+    text = report.write_report(log.records, args.out)
+    command = shlex.join(["python", "-m", "ckv_mlx.eval", *argv])
+    minutes = sum(r.get("seconds", 0) for r in log.records) / 60
+    header = f"# Evaluation of {loaded.name}\n\nCommand: `{command}`\n\n{len(log.records)} records, {minutes:.1f} min.\n\n"
+    (args.out / "report.md").write_text(header + text, encoding="utf-8")
+    print(f"wrote {args.out / 'report.md'} ({len(log.records)} records, {minutes:.1f} min)", file=sys.stderr)
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

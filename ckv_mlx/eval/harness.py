@@ -1,0 +1,132 @@
+"""Prefill once, compress many: every (mode, method, budget) of a sample from one prefill.
+
+Query-aware mode compresses with the question in the observation window (the paper's
+setting, policy ``first-question``); query-agnostic compresses right after the document
+(policy ``agnostic``). Fidelity teacher-forces the full cache's answer through each
+compressed cache: top-1 agreement and mean KL(full || method) per answer token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import mlx.core as mx
+
+from ..budgets import parse_budget
+from ..conversation import Conversation, answer_line
+from ..methods import Method
+from ..session import Session
+from .tasks import EvalSample
+
+MODES = {"query-aware": "first-question", "query-agnostic": "agnostic"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way to answer: a method at a budget ("64", "5%"; None for full)."""
+
+    method: Method
+    budget: str | None
+
+    def key(self, mode: str) -> str:
+        return f"{mode}/{self.method.name}/{self.budget or 'full'}"
+
+
+def _fidelity(lp: mx.array, full_lp: mx.array) -> tuple[float, float]:
+    top1 = mx.mean(mx.argmax(lp, axis=-1) == mx.argmax(full_lp, axis=-1)).item()
+    kl = mx.mean(mx.sum(mx.exp(full_lp) * (full_lp - lp), axis=-1)).item()
+    return top1, max(kl, 0.0)
+
+
+class Harness:
+    """Runs samples through one session; yields one record per answer."""
+
+    def __init__(self, session: Session, tokenizer, max_tokens: int, fidelity: bool = True):
+        self.session, self.tokenizer = session, tokenizer
+        self.max_tokens, self.fidelity = max_tokens, fidelity
+
+    def _answer(self, logits) -> list[int]:
+        return answer_line(self.session.generate(logits, self.max_tokens), self.tokenizer, self.max_tokens)
+
+    def _record(self, sample: EvalSample, setting: Setting, answer: list[int], scorer, **extra) -> dict:
+        text = self.tokenizer.decode(answer)
+        return {
+            "task": sample.task, "sample": sample.key, "length": sample.length,
+            "prompt_tokens": len(sample.document) + len(sample.questions[0]), "depth": sample.depth,
+            "method": setting.method.name, "budget": setting.budget, "answer": text,
+            "policy": None, "turn": 1, "top1": None, "kl": None, **scorer(text), **extra,
+        }
+
+    def _budget(self, sample: EvalSample, setting: Setting) -> int | None:
+        if not setting.method.compresses:
+            return None
+        return parse_budget(setting.budget, len(sample.document) + len(sample.questions[0]))
+
+    def run(self, sample: EvalSample, settings: list[Setting], modes: list[str], done: set[str]) -> Iterator[dict]:
+        """Single-question records for every mode and setting not in ``done``."""
+        session = self.session
+        session.reset()
+        session.feed(sample.document)
+        document = session.snapshot()
+        full = next(s for s in settings if not s.method.compresses)
+        reference = None
+        for mode in modes:
+            for setting in settings:
+                if f"{sample.key}/{setting.key(mode)}" in done:
+                    continue
+                if reference is None:
+                    reference = self._full_answer(document, full, sample.questions[0])
+                yield self._single(sample, document, setting, mode, reference)
+
+    def _full_answer(self, document, full: Setting, question) -> tuple:
+        session = self.session
+        session.method = full.method
+        conversation = Conversation(session, "first-question", None)
+        conversation.open(document)
+        logits = conversation.start(question)
+        state = session.snapshot()
+        answer = self._answer(logits)
+        session.restore(state)
+        teacher = session.teacher_force(logits, answer) if self.fidelity and answer else None
+        return answer, teacher, session.kv_bytes
+
+    def _single(self, sample, document, setting: Setting, mode: str, reference) -> dict:
+        session = self.session
+        full_answer, full_lp, full_bytes = reference
+        budget = self._budget(sample, setting)
+        session.method = setting.method
+        conversation = Conversation(session, MODES[mode], budget)
+        conversation.open(document)
+        logits = conversation.start(sample.questions[0])
+        kept = session.kv_bytes
+        state = session.snapshot() if self.fidelity else None
+        answer = self._answer(logits)
+        extra = {"mode": mode, "key": f"{sample.key}/{setting.key(mode)}", "budget_tokens": budget,
+                 "kv_fraction": kept / full_bytes}
+        if full_lp is not None and setting.method.compresses:
+            session.restore(state)
+            extra["top1"], extra["kl"] = _fidelity(session.teacher_force(logits, full_answer), full_lp)
+        return self._record(sample, setting, answer, sample.scorers[0], **extra)
+
+    def followups(self, sample: EvalSample, settings: list[Setting], policies: list[str], done: set[str]) -> Iterator[dict]:
+        """Both turns of a follow-up sample under every policy and setting not in ``done``."""
+        session = self.session
+        session.reset()
+        session.feed(sample.document)
+        document = session.snapshot()
+        per_token = session.kv_bytes / len(sample.document)
+        for policy in policies:
+            for setting in settings:
+                key = f"{sample.key}/{policy}/{setting.method.name}/{setting.budget or 'full'}"
+                if f"{key}/turn1" in done:
+                    continue
+                budget = self._budget(sample, setting)
+                session.method = setting.method
+                conversation = Conversation(session, policy, budget)
+                conversation.open(document)
+                for turn, (question, scorer) in enumerate(zip(sample.questions, sample.scorers), 1):
+                    answer = answer_line(conversation.ask(question, self.max_tokens), self.tokenizer, self.max_tokens)
+                    yield self._record(sample, setting, answer, scorer, mode="query-aware", policy=policy,
+                                       turn=turn, key=f"{key}/turn{turn}", budget_tokens=budget,
+                                       kv_fraction=session.kv_bytes / (per_token * session.position))

@@ -1,0 +1,234 @@
+"""Evaluation records -> Markdown tables and PNG plots (no MLX here)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+METHOD_ORDER = ("full", "compresskv", "compresskv-gqa", "snapkv", "pyramidkv", "streamingllm")
+RULER_TASKS = ("multikey", "multivalue", "variable-tracking", "frequent-words")
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Records of an evaluation run log (its first line holds the settings)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{path}, line {number}: not a JSON record") from None
+        if "settings" not in row:
+            records.append(row)
+    return records
+
+
+def method_order(records) -> list[str]:
+    seen = {r["method"] for r in records}
+    return [m for m in METHOD_ORDER if m in seen] + sorted(seen - set(METHOD_ORDER))
+
+
+def budget_order(records) -> list[str]:
+    """Token budgets ascending, then percentages ascending."""
+    budgets = {r["budget"] for r in records if r["budget"] is not None}
+    tokens = sorted((b for b in budgets if not b.endswith("%")), key=float)
+    shares = sorted((b for b in budgets if b.endswith("%")), key=lambda b: float(b[:-1]))
+    return tokens + shares
+
+
+def _cell(records, method, budget, metric) -> float | None:
+    values = [r[metric] for r in records if r["method"] == method
+              and (method == "full" or r["budget"] == budget) and r.get(metric) is not None]
+    return mean(values) if values else None
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def _select(records, task, mode="query-aware"):
+    return [r for r in records if r["task"] == task and r.get("mode") == mode and r.get("turn", 1) == 1]
+
+
+def accuracy_table(records, task, metric="score", mode="query-aware") -> str:
+    """Mean ``metric`` (%) per method (rows) and budget (columns), with the KV share kept."""
+    chosen = _select(records, task, mode)
+    budgets = budget_order(chosen)
+    rows = []
+    for method in method_order(chosen):
+        cells = [_pct(_cell(chosen, method, b, metric)) for b in budgets]
+        rows.append([method] + cells)
+    kept = [_pct(_share(chosen, b)) for b in budgets]
+    rows.append(["*KV cache kept, %*"] + kept)
+    return _table(["method"] + budgets, rows)
+
+
+def _share(records, budget) -> float | None:
+    values = [r["kv_fraction"] for r in records if r["budget"] == budget and r["method"] != "full"]
+    return mean(values) if values else None
+
+
+def relative_table(records, task, metric="score", mode="query-aware") -> str:
+    """Each method's mean as % of the full cache's mean on the same samples."""
+    chosen = _select(records, task, mode)
+    full = {r["sample"]: r[metric] for r in chosen if r["method"] == "full"}
+    budgets = budget_order(chosen)
+    rows = []
+    for method in method_order(chosen):
+        if method == "full":
+            continue
+        cells = []
+        for b in budgets:
+            pairs = [(r[metric], full[r["sample"]]) for r in chosen
+                     if r["method"] == method and r["budget"] == b and r["sample"] in full]
+            base = sum(f for _, f in pairs)
+            cells.append("-" if not pairs or base == 0 else f"{100 * sum(m for m, _ in pairs) / base:.1f}")
+        rows.append([method] + cells)
+    return _table(["method"] + budgets, rows)
+
+
+def modes_table(records, task, metric="score") -> str:
+    """Query-aware and query-agnostic side by side, per budget."""
+    aware, agnostic = _select(records, task, "query-aware"), _select(records, task, "query-agnostic")
+    budgets = budget_order(aware + agnostic)
+    rows = []
+    for method in method_order(aware + agnostic):
+        cells = []
+        for b in budgets:
+            cells += [_pct(_cell(aware, method, b, metric)), _pct(_cell(agnostic, method, b, metric))]
+        rows.append([method] + cells)
+    header = ["method"] + [f"{b} {m}" for b in budgets for m in ("aware", "agnostic")]
+    return _table(header, rows)
+
+
+def fidelity_table(records, mode="query-aware") -> str:
+    """Top-1 agreement (%) and mean KL against the full cache's answer, per method and budget."""
+    chosen = [r for r in records if r.get("mode") == mode and r.get("top1") is not None]
+    budgets = budget_order(chosen)
+    rows = []
+    for method in method_order(chosen):
+        cells = []
+        for b in budgets:
+            top1, kl = _cell(chosen, method, b, "top1"), _cell(chosen, method, b, "kl")
+            cells.append("-" if top1 is None else f"{100 * top1:.1f} / {kl:.3f}")
+        rows.append([method] + cells)
+    return _table(["method"] + budgets, rows)
+
+
+def followup_table(records) -> str:
+    """Turn 1 / turn 2 accuracy (%) per policy and method, per budget."""
+    chosen = [r for r in records if r["task"] == "followup"]
+    budgets = budget_order(chosen)
+    rows = []
+    for policy in sorted({r["policy"] for r in chosen}):
+        mine = [r for r in chosen if r["policy"] == policy]
+        for method in method_order(mine):
+            cells = []
+            for b in budgets:
+                turns = [_cell([r for r in mine if r["turn"] == t], method, b, "score") for t in (1, 2)]
+                cells.append(f"{_pct(turns[0])} / {_pct(turns[1])}")
+            memory = _pct(_cell([r for r in mine if r["turn"] == 2], method, budgets[-1] if budgets else None, "kv_fraction"))
+            rows.append([policy, method] + cells + [memory])
+    return _table(["policy", "method"] + budgets + [f"KV kept after turn 2, % ({budgets[-1] if budgets else '-'})"], rows)
+
+
+def heatmap(records, method, budget, path, metric="score", mode="query-aware"):
+    """The paper's NIAH figure: depth (rows) x length (columns), mean ``metric``."""
+    chosen = [r for r in _select(records, "niah", mode)
+              if r["method"] == method and (method == "full" or r["budget"] == budget)]
+    lengths = sorted({r["length"] for r in chosen})
+    depths = sorted({r["depth"] for r in chosen})
+    cells = defaultdict(list)
+    for r in chosen:
+        cells[(r["depth"], r["length"])].append(r[metric])
+    grid = [[mean(cells[(d, n)]) if cells[(d, n)] else float("nan") for n in lengths] for d in depths]
+    fig = Figure(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.4 * len(depths)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [str(d) for d in depths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("needle depth (%)")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    overall = mean(r[metric] for r in chosen) if chosen else 0.0
+    ax.set_title(f"{method} @ {budget or 'full'} ({mode}) mean {100 * overall:.1f}%", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def summary_plot(records, task, path, metric="score", mode="query-aware"):
+    """Accuracy (%) against budget, one line per method, the full cache dashed."""
+    chosen = _select(records, task, mode)
+    budgets = budget_order(chosen)
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for method in method_order(chosen):
+        if method == "full":
+            ax.axhline(100 * _cell(chosen, "full", None, metric), color="black", linestyle="--", label="full")
+            continue
+        ys = [_cell(chosen, method, b, metric) for b in budgets]
+        ax.plot(range(len(budgets)), [None if y is None else 100 * y for y in ys], marker="o", label=method)
+    ax.set_xticks(range(len(budgets)), budgets)
+    ax.set_xlabel("budget (tokens per layer, or % of the prompt)")
+    ax.set_ylabel(f"{task} accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{task} ({mode})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _file(*parts) -> str:
+    return "-".join(str(p) for p in parts if p).replace("%", "pct") + ".png"
+
+
+def write_report(records, out_dir) -> str:
+    """Write every plot into ``out_dir``; return the Markdown with every table that applies."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sections = []
+    modes = sorted({r.get("mode") for r in records if r["task"] != "followup"})
+    for task in ("niah",) + RULER_TASKS:
+        for mode in modes:
+            chosen = _select(records, task, mode)
+            if not chosen:
+                continue
+            text = f"## {task}, {mode}: accuracy (%)\n\n{accuracy_table(records, task, mode=mode)}\n"
+            text += f"As % of the full cache on the same samples:\n\n{relative_table(records, task, mode=mode)}\n"
+            if task == "niah":
+                text += f"ROUGE-1 recall (%):\n\n{accuracy_table(records, task, 'rouge1', mode)}\n"
+                summary = _file(task, mode, "summary")
+                summary_plot(records, task, out_dir / summary, mode=mode)
+                text += f"![accuracy vs budget]({summary})\n\n"
+                for method in method_order(chosen):
+                    for budget in [None] if method == "full" else budget_order([r for r in chosen if r["method"] == method]):
+                        name = _file(task, mode, method, budget)
+                        heatmap(records, method, budget, out_dir / name, mode=mode)
+                        text += f"![{method} {budget or 'full'}]({name}) "
+                text += "\n"
+            sections.append(text)
+        if len(modes) > 1 and any(_select(records, task, m) for m in modes):
+            sections.append(f"## {task}: query-aware vs query-agnostic (%)\n\n{modes_table(records, task)}")
+    if any(r.get("top1") is not None for r in records):
+        for mode in modes:
+            sections.append(f"## Fidelity to the full cache, {mode}: top-1 agreement % / mean KL\n\n"
+                            f"{fidelity_table(records, mode)}")
+    if any(r["task"] == "followup" for r in records):
+        sections.append(f"## Follow-up questions: turn 1 / turn 2 accuracy (%)\n\n{followup_table(records)}")
+    return "\n".join(sections)

@@ -1,0 +1,79 @@
+"""Evaluation samples: a document, its questions, and how to score each answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import CKVError
+from ..niah import Needle, exact_match, needle_prompt, question_text, rouge1_recall
+from ..prompts import split_prompt
+from . import ruler
+
+WORDS_PER_TOKEN = 0.7
+Scorer = Callable[[str], dict]
+
+
+@dataclass(frozen=True)
+class EvalSample:
+    """One document (prefilled once) and one or more questions asked in turn."""
+
+    key: str
+    task: str
+    length: int
+    document: list[int]
+    questions: list[list[int]]
+    scorers: list[Scorer] = field(repr=False)
+    depth: int | None = None
+
+
+def _needle_scorer(needle: Needle) -> Scorer:
+    return lambda answer: {"score": float(exact_match(answer, needle)),
+                           "rouge1": rouge1_recall(answer, needle.real_needle)}
+
+
+def niah_samples(tokenizer, haystack: str, needles: list[Needle], lengths, depths, style) -> list[EvalSample]:
+    """Every needle at every depth of every length; the question asks for that needle."""
+    samples = []
+    for length in lengths:
+        for depth in depths:
+            for i, needle in enumerate(needles):
+                p = needle_prompt(tokenizer, haystack, [needle], length, [depth], style)
+                samples.append(EvalSample(f"niah/L{length}/D{depth}/N{i}", "niah", length, p.document,
+                                          [p.question], [_needle_scorer(needle)], depth))
+    return samples
+
+
+def ruler_samples(tokenizer, tasks, lengths, per_length: int) -> list[EvalSample]:
+    """RULER-style synthetic QA at each length, ``per_length`` seeds per task."""
+    samples = []
+    for task in tasks:
+        for length in lengths:
+            for seed in range(per_length):
+                try:
+                    s = ruler.make_sample(task, seed, int(length * WORDS_PER_TOKEN))
+                except ValueError as exc:
+                    raise CKVError(f"--lengths {length}: {exc}") from None
+                question = f"\nQuestion: {s.question}\nAnswer: {s.completion}"
+                document, q = split_prompt(tokenizer, s.context, question, True)
+                scorer = lambda answer, s=s: {"score": ruler.score(answer, s), "rouge1": None}
+                samples.append(EvalSample(f"{task}/L{length}/S{seed}", task, length, document, [q], [scorer]))
+    return samples
+
+
+def followup_samples(tokenizer, haystack: str, needles: list[Needle], count: int, lengths, depths) -> list[EvalSample]:
+    """Two needles per document (at ``depth`` and 100 - ``depth``): the first question asks
+    for needle ``i`` (``i < count``), the follow-up for the next one (completion style)."""
+    if len(needles) < 2:
+        raise CKVError("follow-up questions need at least two needles in the needles file")
+    samples = []
+    for length in lengths:
+        for depth in depths:
+            for i, first in enumerate(needles[:count]):
+                second = needles[(i + 1) % len(needles)]
+                p = needle_prompt(tokenizer, haystack, [first, second], length, [depth, 100 - depth])
+                follow = tokenizer.encode(question_text(second, "completion"), add_special_tokens=False)
+                samples.append(EvalSample(
+                    f"followup/L{length}/D{depth}/N{i}", "followup", length, p.document,
+                    [p.question, follow], [_needle_scorer(first), _needle_scorer(second)], depth))
+    return samples

@@ -1,0 +1,102 @@
+"""`python -m ckv_mlx.eval` on the real default model: a small sweep, checked against plain mlx-lm."""
+
+import json
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from ckv_mlx.eval.__main__ import main
+from ckv_mlx.niah import load_haystack, load_needles, needle_prompt
+
+pytestmark = pytest.mark.slow
+
+METHODS = "full,compresskv,streamingllm"
+ARGS = ["--tasks", "niah,multikey,followup", "--lengths", "300", "--depths", "50", "--needle-count", "1",
+        "--samples", "1", "--budgets", "32,20%", "--methods", METHODS, "--max-tokens", "6"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, default_model):
+    out = tmp_path_factory.mktemp("eval")
+    code = main([*ARGS, "--out", str(out)])
+    records = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()[1:]]
+    return code, out, records
+
+
+def plain_greedy(model, tokens, n):
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([tokens]), cache=cache)[:, -1]
+    out = []
+    for _ in range(n):
+        out.append(mx.argmax(logits, axis=-1).item())
+        logits = model(mx.array([[out[-1]]]), cache=cache)[:, -1]
+    return out
+
+
+def test_every_setting_has_a_record(evaluated):
+    code, _, records = evaluated
+    assert code == 0
+    single = [r for r in records if r["task"] != "followup"]
+    # 2 samples x 2 modes x (full + 2 methods x 2 budgets)
+    assert len(single) == 2 * 2 * 5
+    follow = [r for r in records if r["task"] == "followup"]
+    assert len(follow) == 3 * 5 * 2  # policies x settings x turns
+    assert {r["policy"] for r in follow} == {"first-question", "agnostic", "per-question"}
+
+
+def test_full_answer_is_plain_mlx_lm_greedy(evaluated, default_model):
+    _, _, records = evaluated
+    loaded = default_model
+    needle = load_needles()[0]
+    prompt = needle_prompt(loaded.tokenizer, load_haystack(), [needle], 300, [50])
+    expected = loaded.tokenizer.decode(plain_greedy(loaded.model, prompt.tokens, 6))
+    full = next(r for r in records if r["task"] == "niah" and r["method"] == "full")
+    assert expected.startswith(full["answer"]) and full["answer"]
+    assert full["prompt_tokens"] == len(prompt.tokens)
+
+
+def test_fractions_and_fidelity(evaluated):
+    _, _, records = evaluated
+    for r in records:
+        if r["task"] == "followup":
+            continue
+        if r["method"] == "full":
+            assert r["kv_fraction"] == 1.0 and r["top1"] is None
+        else:
+            assert 0 < r["kv_fraction"] < 1
+            assert 0 <= r["top1"] <= 1 and r["kl"] >= 0
+            if r["budget"] == "20%":
+                assert r["budget_tokens"] == round(0.2 * r["prompt_tokens"])
+    per_question = [r for r in records if r.get("policy") == "per-question" and r["method"] != "full"]
+    assert all(r["kv_fraction"] == 1.0 for r in per_question)  # it keeps the full cache
+
+
+def test_report_and_plots(evaluated):
+    _, out, _ = evaluated
+    report = (out / "report.md").read_text()
+    assert "ckv_mlx.eval" in report and "| compresskv |" in report
+    assert (out / "niah-query-aware-streamingllm-32.png").stat().st_size > 0
+    assert (out / "niah-query-agnostic-compresskv-20pct.png").exists()
+    assert (out / "niah-query-aware-summary.png").exists()
+
+
+def test_rerun_adds_nothing_and_a_bigger_grid_adds_only_the_new(evaluated, capsys):
+    _, out, records = evaluated
+    assert main([*ARGS, "--out", str(out)]) == 0
+    again = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()[1:]]
+    assert again == records
+    bigger = [*ARGS, "--out", str(out)]
+    bigger[bigger.index("--budgets") + 1] = "32,20%,64"
+    bigger[bigger.index("--tasks") + 1] = "niah"
+    assert main(bigger) == 0
+    grown = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()[1:]]
+    assert grown[: len(records)] == records
+    assert len(grown) - len(records) == 2 * 2  # 2 modes x 2 methods at the new budget
+
+
+def test_bad_input_is_one_line(tmp_path, capsys, default_model):
+    assert main(["--tasks", "niah,poetry", "--out", str(tmp_path)]) == 2
+    assert "unknown task poetry" in capsys.readouterr().err
+    assert main(["--lengths", "9000", "--out", str(tmp_path)]) == 2
+    assert "exceeds the model's context" in capsys.readouterr().err

@@ -1,0 +1,77 @@
+"""Report tables and plots from hand-made records, checked against hand-computed numbers."""
+
+import matplotlib.image
+import pytest
+
+from ckv_mlx.eval.report import (accuracy_table, budget_order, fidelity_table, followup_table, heatmap,
+                                 load_records, relative_table, write_report)
+
+
+def rec(method, budget, score, sample, depth=0, length=1000, mode="query-aware", task="niah", **extra):
+    return {"task": task, "sample": sample, "length": length, "depth": depth, "mode": mode, "method": method,
+            "budget": budget, "score": score, "rouge1": score, "kv_fraction": 1.0 if budget is None else 0.1,
+            "top1": extra.pop("top1", None), "kl": extra.pop("kl", None), "turn": 1, "policy": None, **extra}
+
+
+RECORDS = [
+    rec("full", None, 1.0, "a"), rec("full", None, 1.0, "b"), rec("full", None, 0.0, "c"),
+    rec("snapkv", "64", 1.0, "a"), rec("snapkv", "64", 0.0, "b"), rec("snapkv", "64", 0.0, "c"),
+    rec("compresskv", "64", 1.0, "a"), rec("compresskv", "64", 1.0, "b"), rec("compresskv", "64", 0.0, "c"),
+    rec("compresskv", "5%", 0.0, "a"), rec("compresskv", "32", 1.0, "a"),
+]
+
+
+def row(table, name):
+    return next(line for line in table.splitlines() if line.startswith(f"| {name} |")).split(" | ")[1:]
+
+
+def test_accuracy_table_means_order_and_gaps():
+    table = accuracy_table(RECORDS, "niah")
+    assert table.splitlines()[0] == "| method | 32 | 64 | 5% |"
+    assert [line.split(" |")[0][2:] for line in table.splitlines()[2:5]] == ["full", "compresskv", "snapkv"]
+    assert row(table, "full")[0].strip() == "66.7"
+    assert [c.strip(" |") for c in row(table, "snapkv")] == ["-", "33.3", "-"]
+    assert [c.strip(" |") for c in row(table, "compresskv")] == ["100.0", "66.7", "0.0"]
+
+
+def test_relative_table_divides_by_full_on_the_same_samples():
+    table = relative_table(RECORDS, "niah")
+    # snapkv@64: 1 of full's 2 -> 50 %; compresskv@64: 2 of 2 -> 100 %; compresskv@32 on sample a: 1/1
+    assert [c.strip(" |") for c in row(table, "snapkv")][1] == "50.0"
+    assert [c.strip(" |") for c in row(table, "compresskv")][:2] == ["100.0", "100.0"]
+
+
+def test_budget_order_puts_tokens_first():
+    assert budget_order([{"budget": b} for b in ["10%", "256", "5%", "32", None]]) == ["32", "256", "5%", "10%"]
+
+
+def test_fidelity_and_followup_cells():
+    records = [rec("snapkv", "64", 1.0, "a", top1=1.0, kl=0.1), rec("snapkv", "64", 1.0, "b", top1=0.5, kl=0.3)]
+    assert "75.0 / 0.200" in fidelity_table(records)
+    follow = [rec("snapkv", "64", s, "a", task="followup", policy="agnostic") | {"turn": t}
+              for s, t in ((1.0, 1), (0.0, 2))]
+    assert "100.0 / 0.0" in followup_table(follow)
+
+
+def test_heatmap_colours_follow_the_score(tmp_path):
+    records = [rec("full", None, 1.0, "a", depth=0), rec("full", None, 0.0, "b", depth=100)]
+    heatmap(records, "full", None, tmp_path / "h.png")
+    image = matplotlib.image.imread(tmp_path / "h.png")
+    column = image[:, int(image.shape[1] * 0.4)]
+    green = [y for y, px in enumerate(column) if px[1] - px[0] > 0.3]
+    red = [y for y, px in enumerate(column) if px[0] - px[1] > 0.3]
+    assert green and red and max(green) < min(red)  # depth 0 (score 1) on top, in green
+
+
+def test_load_records_names_a_bad_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"settings": {}}\n{"task": "niah"}\n{oops\n')
+    with pytest.raises(ValueError, match="line 3"):
+        load_records(path)
+
+
+def test_write_report_writes_plots_and_sections(tmp_path):
+    text = write_report(RECORDS, tmp_path)
+    assert "## niah, query-aware: accuracy (%)" in text
+    assert (tmp_path / "niah-query-aware-compresskv-5pct.png").exists()
+    assert (tmp_path / "niah-query-aware-full.png").exists()
