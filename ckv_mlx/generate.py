@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .blas import ensure_fast_blas, warn_if_slow_blas
-from .errors import CKVError
+from .errors import CKVError, exit_code
 
 DEFAULT_PROMPT = "Summarize the document in a few sentences."
 
@@ -42,11 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     ensure_fast_blas()
     args = parse_args(argv)
-    try:
-        return run(args)
-    except CKVError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:

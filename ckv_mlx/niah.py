@@ -7,7 +7,6 @@ chat-style. The package ships its own needles and haystack (``ckv_mlx/data``).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from rouge_score import rouge_scorer
 
-from .errors import CKVError
+from .errors import CKVError, read_jsonl
 from .prompts import split_prompt
 
 DATA = Path(__file__).parent / "data"
@@ -46,25 +45,15 @@ class Needle:
 
 def load_needles(path: str | Path = DEFAULT_NEEDLES) -> list[Needle]:
     """Needles from a JSONL file (the reference's ``needles.jsonl`` reads as it is)."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CKVError(f"{path}: cannot read the needles ({exc.__class__.__name__})") from None
     needles = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, fields in read_jsonl(path, "needles"):
         try:
-            fields = json.loads(line)
             needles.append(Needle(**{k: str(v) for k, v in fields.items()}))
-        except (ValueError, TypeError) as exc:
+        except (TypeError, AttributeError) as exc:
             raise CKVError(
                 f"{path}, line {number}: not a needle ({exc}); each line needs "
                 '"needle", "question" and "real_needle"'
             ) from None
-    if not needles:
-        raise CKVError(f"{path}: no needles in the file")
     return needles
 
 

@@ -2,28 +2,17 @@
 
 import mlx.core as mx
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 
 from ckv_mlx.conversation import Conversation
 from ckv_mlx.errors import CKVError
 from ckv_mlx.methods import make_method
 from ckv_mlx.session import Session
 from fakes import fake_profile
-from tiny import TinyTokenizer, tiny_model
+from tiny import TinyTokenizer, plain_greedy, tiny_model
 
 mx.random.seed(7)
 DOC = mx.random.randint(1, 128, (150,)).tolist()
 Q1, Q2 = [5, 6, 7, 8], [9, 10, 11]
-
-
-def plain_greedy(model, tokens, n):
-    cache = make_prompt_cache(model)
-    logits = model(mx.array([tokens]), cache=cache)[:, -1]
-    out = []
-    for _ in range(n):
-        out.append(mx.argmax(logits, axis=-1).item())
-        logits = model(mx.array([[out[-1]]]), cache=cache)[:, -1]
-    return out
 
 
 def two_turns(policy, method_name, budget, n=5):

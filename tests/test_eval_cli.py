@@ -2,12 +2,11 @@
 
 import json
 
-import mlx.core as mx
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 
 from ckv_mlx.eval.__main__ import main
 from ckv_mlx.niah import load_haystack, load_needles, needle_prompt
+from tiny import plain_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -22,16 +21,6 @@ def evaluated(tmp_path_factory, default_model):
     code = main([*ARGS, "--out", str(out)])
     records = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()[1:]]
     return code, out, records
-
-
-def plain_greedy(model, tokens, n):
-    cache = make_prompt_cache(model)
-    logits = model(mx.array([tokens]), cache=cache)[:, -1]
-    out = []
-    for _ in range(n):
-        out.append(mx.argmax(logits, axis=-1).item())
-        logits = model(mx.array([[out[-1]]]), cache=cache)[:, -1]
-    return out
 
 
 def test_every_setting_has_a_record(evaluated):

@@ -3,6 +3,8 @@
 import matplotlib.image
 import pytest
 
+from ckv_mlx.errors import CKVError
+
 from ckv_mlx.eval.report import (accuracy_table, budget_order, fidelity_table, followup_table, heatmap,
                                  load_records, relative_table, write_report)
 
@@ -66,7 +68,7 @@ def test_heatmap_colours_follow_the_score(tmp_path):
 def test_load_records_names_a_bad_line(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"settings": {}}\n{"task": "niah"}\n{oops\n')
-    with pytest.raises(ValueError, match="line 3"):
+    with pytest.raises(CKVError, match="line 3"):
         load_records(path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
 
 MODULES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
@@ -44,3 +45,14 @@ class TinyTokenizer:
     """Just what :class:`ckv_mlx.session.Session` asks of a tokenizer."""
 
     eos_token_ids: set[int] = set()
+
+
+def plain_greedy(model, tokens, n):
+    """Greedy tokens of plain mlx-lm (its own KV cache): the independent reference."""
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([tokens]), cache=cache)[:, -1]
+    out = []
+    for _ in range(n):
+        out.append(mx.argmax(logits, axis=-1).item())
+        logits = model(mx.array([[out[-1]]]), cache=cache)[:, -1]
+    return out

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..blas import ensure_fast_blas, warn_if_slow_blas
-from ..errors import CKVError
+from ..errors import CKVError, exit_code
 
 DEFAULT_LENGTHS = [1000, 2000, 4000, 7000]
 DEFAULT_DEPTHS = [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
@@ -77,12 +77,7 @@ def _check(args, methods, modes, policies):
 
 def main(argv=None) -> int:
     ensure_fast_blas()
-    try:
-        args = parse_args(argv)
-        return run(args, sys.argv[1:] if argv is None else argv)
-    except CKVError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: run(parse_args(argv), sys.argv[1:] if argv is None else argv))
 
 
 def _settings(args, methods) -> list:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -10,24 +9,15 @@ from statistics import mean
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..errors import read_jsonl
+
 METHOD_ORDER = ("full", "compresskv", "compresskv-gqa", "snapkv", "pyramidkv", "streamingllm")
 RULER_TASKS = ("multikey", "multivalue", "variable-tracking", "frequent-words")
 
 
 def load_records(path: str | Path) -> list[dict]:
     """Records of an evaluation run log (its first line holds the settings)."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise ValueError(f"{path}, line {number}: not a JSON record") from None
-        if "settings" not in row:
-            records.append(row)
-    return records
+    return [row for _, row in read_jsonl(path, "records") if "settings" not in row]
 
 
 def method_order(records) -> list[str]:

@@ -20,7 +20,7 @@ from datetime import date
 from pathlib import Path
 
 from ..blas import ensure_fast_blas, warn_if_slow_blas
-from ..errors import CKVError
+from ..errors import CKVError, exit_code
 
 DEFAULT_DEPTHS = [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
 DEFAULT_LAYER_BUDGET = 32
@@ -31,15 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     try:
-        args.run(args, argv)
-    except CKVError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exit_code(lambda: args.run(args, argv))
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are kept; run the same command to continue",
               file=sys.stderr)
         return 130
-    return 0
 
 
 def _ints(text: str) -> list[int]:

@@ -8,7 +8,6 @@ The full output is passed on, so each layer's error is measured in isolation.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..conversation import answer_line
-from ..errors import CKVError
+from ..errors import CKVError, read_jsonl
 from ..eval.ruler import TASKS, make_sample
 from ..methods import Method
 from ..session import Session
@@ -52,22 +51,13 @@ def default_prompts(words: int, per_task: int = 2) -> list[LongPrompt]:
 def load_prompts(path: str | Path) -> list[LongPrompt]:
     """Prompts from a JSONL of ``{"context", "question"}`` (optional ``"dataset"``)."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CKVError(f"{path}: cannot read the prompts ({exc.__class__.__name__})") from None
     prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, row in read_jsonl(path, "prompts"):
         try:
-            row = json.loads(line)
             prompts.append(LongPrompt(f"{path.name}/{number}", str(row.get("dataset", path.stem)),
                                       str(row["context"]), str(row["question"])))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError):
             raise CKVError(f'{path}, line {number}: needs a JSON object with "context" and "question"') from None
-    if not prompts:
-        raise CKVError(f"{path}: no prompts in the file")
     return prompts
 
 

@@ -7,7 +7,7 @@ import shlex
 import sys
 
 from ..budgets import error_aware
-from ..errors import CKVError
+from ..errors import exit_code
 from . import Profile, load_profile, save_profile
 from .importer import PRESETS, import_head_idx, import_raw_scores
 
@@ -17,12 +17,7 @@ _SHOW_BUDGET = 128
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
-    try:
-        args.run(args, argv)
-    except CKVError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: args.run(args, argv))
 
 
 def _parser() -> argparse.ArgumentParser:
