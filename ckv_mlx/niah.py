@@ -15,7 +15,7 @@ from pathlib import Path
 from rouge_score import rouge_scorer
 
 from .errors import CKVError, read_jsonl
-from .prompts import split_prompt
+from .prompts import render, split_prompt
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_NEEDLES = DATA / "needles.jsonl"
@@ -112,7 +112,7 @@ def needle_prompt(
     the question asks for the first needle."""
     question = question_text(needles[0], style)
     inserts = [_encoded(tokenizer, " " + n.needle) for n in needles]
-    overhead = len(split_prompt(tokenizer, "", question, style == "completion")[1]) + 1
+    overhead = len(render(tokenizer, "", question, style == "completion")) + 1
     room = length - overhead - sum(map(len, inserts))
     hay = _encoded(tokenizer, haystack)
     if room < 16:

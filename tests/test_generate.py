@@ -53,7 +53,12 @@ def test_json_report(capsys, tokenizer, doc, method):
     if method == "full":
         assert report["budget"] is None and report["kv_bytes_kept"] == report["kv_bytes_full"]
     else:
-        assert report["layer_budgets"] == [64] * 30
+        budgets = report["layer_budgets"]
+        assert sum(budgets) == 64 * 30 and min(budgets) >= 32  # error-aware for compresskv
+        if method == "streamingllm":
+            assert budgets == [64] * 30
+        else:  # the shipped profile of the built-in model
+            assert report["profile"].endswith("profiles/smollm2-135m-instruct.json")
         assert report["kv_bytes_kept"] == 64 * 30 * 3 * 64 * 2 * 4
     assert 0 < report["generated_tokens"] <= 12
 
