@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes profiles/smollm2-135m-instruct.json from a clean start, as shipped:
 # the SRH needle sweep, then the layer eviction errors. Run logs go to docs/profiling/.
-# A killed run continues where it stopped when started again.
+# A killed run continues where it stopped when started again; extra arguments (e.g.
+# --restart) go to both sweeps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

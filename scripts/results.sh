@@ -2,7 +2,7 @@
 # The evaluation runs behind docs/results.md, on the built-in model and its shipped profile.
 # Each step is resumable: killed and started again, it continues; with larger grids
 # (e.g. --lengths 1000,2000,4000,7000) it adds only the missing records.
-# Usage: bash scripts/results.sh [niah|ablation|mixed]...   (default: all three)
+# Usage: bash scripts/results.sh [niah|ablation|mixed|followup]...   (default: all four)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -16,16 +16,20 @@ niah() {  # NIAH, completion style, Paul Graham haystack, 10 depths x 3 needles,
 }
 
 ablation() {  # SRH masking vs random and classic retrieval heads
-    $PY scripts/srh_ablation.py --lengths 500,1500 --depths 0,50,100 --heads 10,20 --seeds 3
+    $PY scripts/srh_ablation.py --trials docs/profiling/smollm2-135m-instruct.srh.jsonl \
+        --lengths 500,1500 --depths 0,50,100 --heads 10,20 --seeds 3
 }
 
-mixed() {  # both modes, fidelity, RULER-style QA and follow-ups, on a smaller grid
+mixed() {  # both modes, fidelity and RULER-style QA on a smaller grid
     $PY -m ckv_mlx.eval --tasks niah,multikey,multivalue,variable-tracking,frequent-words --haystack "$PG" \
-        --lengths 1000 --depths 0,50,100 --samples 2 --budgets 32,64,128,256 --max-tokens 12 --out docs/eval/mixed
-    $PY -m ckv_mlx.eval --tasks followup --haystack "$PG" --lengths 1000 --depths 25,75 \
+        --lengths 1000 --depths 50 --samples 2 --budgets 64,256 --max-tokens 12 --out docs/eval/mixed
+}
+
+followup() {  # a second question about another needle, under each multi-turn policy
+    $PY -m ckv_mlx.eval --tasks followup --haystack "$PG" --lengths 1000 --depths 25 \
         --methods full,compresskv,snapkv,streamingllm --budgets 64,256 --max-tokens 8 --out docs/eval/followup
 }
 
-for step in "${@:-niah ablation mixed}"; do
+for step in "${@:-niah ablation mixed followup}"; do
     for s in $step; do $s; done
 done

@@ -110,6 +110,14 @@ def _source() -> str:
             f"{platform.system()} {platform.machine()}")
 
 
+def _shown(path: Path) -> str:
+    """A data path as a reader of the profile can find it: package data relative to the package."""
+    from ..niah import DATA
+
+    path, data = Path(path).resolve(), DATA.resolve()
+    return f"ckv_mlx/data/{path.relative_to(data)}" if path.is_relative_to(data) else str(path)
+
+
 def _out_paths(args, model_name: str, suffix: str) -> tuple[Path, Path]:
     from ..profiles import profiles_dir, slug
 
@@ -182,7 +190,7 @@ def _srh(args, argv):
     minutes = sum(r["seconds"] for r in log.records) / 60
     provenance = Provenance(
         how="profiled", source=_source(), command=_command(argv), created=date.today().isoformat(),
-        data=(f"SRH needle sweep: {len(needles)} needles from {needles_path} and haystack {haystack_path}, "
+        data=(f"SRH needle sweep: {len(needles)} needles from {_shown(needles_path)} and haystack {_shown(haystack_path)}, "
               f"lengths {lengths} tokens, depths {args.depths} %, {args.style} prompts, greedy, at most "
               f"{args.max_tokens} answer tokens; {counted} of {len(log.records)} trials counted "
               "(ROUGE-1 recall > 0.5)"),

@@ -120,6 +120,7 @@ def save_profile(profile: Profile, path: str | os.PathLike) -> None:
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.chmod(tmp, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(_dumps(data) + "\n")
         os.replace(tmp, path)
