@@ -85,11 +85,11 @@ class Harness:
         conversation = Conversation(session, "first-question", None)
         conversation.open(document)
         logits = conversation.start(question)
-        state = session.snapshot()
+        full_bytes, state = session.kv_bytes, session.snapshot()
         answer = self._answer(logits)
         session.restore(state)
         teacher = session.teacher_force(logits, answer) if self.fidelity and answer else None
-        return answer, teacher, session.kv_bytes
+        return answer, teacher, full_bytes
 
     def _single(self, sample, document, setting: Setting, mode: str, reference) -> dict:
         session = self.session
