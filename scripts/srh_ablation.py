@@ -33,14 +33,14 @@ def srh_scores(profile) -> dict[tuple[int, int], float]:
             for head, score in zip(heads, scores)}
 
 
-def retrieval_scores(trials: Path) -> dict[tuple[int, int], float]:
+def retrieval_scores(trials: Path, shape) -> dict[tuple[int, int], float]:
     """Mean classic retrieval score per head over the counted trials of the SRH run log."""
-    import numpy as np
+    from ckv_mlx.errors import read_jsonl
+    from ckv_mlx.profile.srh import mean_scores
 
-    rows = [json.loads(line) for line in trials.read_text().splitlines()[1:] if line.strip()]
-    counted = [np.array(r["retrieval"]) for r in rows if r.get("counted")]
-    mean = np.mean(counted, axis=0)
-    return {(l, h): float(mean[l, h]) for l in range(mean.shape[0]) for h in range(mean.shape[1])}
+    records = [row for _, row in read_jsonl(trials, "trials") if "settings" not in row]
+    mean, _ = mean_scores(records, "retrieval", (shape.layers, shape.query_heads))
+    return {(l, h): float(mean[l, h]) for l in range(shape.layers) for h in range(shape.query_heads)}
 
 
 def by_layer(heads: list[tuple[int, int]], layers: int) -> list[list[int]]:
@@ -76,7 +76,7 @@ def main() -> int:
     loaded = load_model(None)
     profile, profile_path, _ = resolve_profile(args.profile, loaded.shape)
     trials = args.trials or profile_path.with_suffix(".srh.jsonl")
-    srh, retrieval = srh_scores(profile), retrieval_scores(trials)
+    srh, retrieval = srh_scores(profile), retrieval_scores(trials, loaded.shape)
     layers, n_heads = loaded.shape.layers, loaded.shape.query_heads
     everything = [(l, h) for l in range(layers) for h in range(n_heads)]
     conditions = {"none": []}

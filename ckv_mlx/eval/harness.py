@@ -30,6 +30,7 @@ class Setting:
     budget: str | None
 
     def key(self, mode: str) -> str:
+        """Where a record sits in the grid: mode (or policy), method, budget."""
         return f"{mode}/{self.method.name}/{self.budget or 'full'}"
 
 
@@ -58,6 +59,12 @@ class Harness:
             "policy": None, "turn": 1, "top1": None, "kl": None, **scorer(text), **extra,
         }
 
+    def _prefill(self, sample: EvalSample) -> tuple:
+        """Read the sample's document once; the snapshot every setting starts from."""
+        self.session.reset()
+        self.session.feed(sample.document)
+        return self.session.snapshot()
+
     def _budget(self, sample: EvalSample, setting: Setting) -> int | None:
         if not setting.method.compresses:
             return None
@@ -65,10 +72,7 @@ class Harness:
 
     def run(self, sample: EvalSample, settings: list[Setting], modes: list[str], done: set[str]) -> Iterator[dict]:
         """Single-question records for every mode and setting not in ``done``."""
-        session = self.session
-        session.reset()
-        session.feed(sample.document)
-        document = session.snapshot()
+        document = self._prefill(sample)
         full = next(s for s in settings if not s.method.compresses)
         reference = None
         for mode in modes:
@@ -112,13 +116,11 @@ class Harness:
     def followups(self, sample: EvalSample, settings: list[Setting], policies: list[str], done: set[str]) -> Iterator[dict]:
         """Both turns of a follow-up sample under every policy and setting not in ``done``."""
         session = self.session
-        session.reset()
-        session.feed(sample.document)
-        document = session.snapshot()
+        document = self._prefill(sample)
         per_token = session.kv_bytes / len(sample.document)
         for policy in policies:
             for setting in settings:
-                key = f"{sample.key}/{policy}/{setting.method.name}/{setting.budget or 'full'}"
+                key = f"{sample.key}/{setting.key(policy)}"
                 if f"{key}/turn1" in done:
                     continue
                 budget = self._budget(sample, setting)
