@@ -87,5 +87,7 @@ def test_rerun_adds_nothing_and_a_bigger_grid_adds_only_the_new(evaluated, capsy
 def test_bad_input_is_one_line(tmp_path, capsys, default_model):
     assert main(["--tasks", "niah,poetry", "--out", str(tmp_path)]) == 2
     assert "unknown task poetry" in capsys.readouterr().err
+    assert main(["--budgets", "64,lots", "--out", str(tmp_path)]) == 2
+    assert "budget 'lots' is not understood" in capsys.readouterr().err
     assert main(["--lengths", "9000", "--out", str(tmp_path)]) == 2
     assert "exceeds the model's context" in capsys.readouterr().err

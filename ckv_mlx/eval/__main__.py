@@ -71,6 +71,10 @@ def _check(args, methods, modes, policies):
             raise CKVError(f"unknown {name} {', '.join(unknown) or '(none)'}: choose from {', '.join(valid)}")
     if args.max_tokens < 1 or args.samples < 1 or args.needle_count < 1:
         raise CKVError("--max-tokens, --samples and --needle-count must be at least 1")
+    from ..budgets import parse_budget
+
+    for budget in args.budgets:
+        parse_budget(budget, 1)  # a malformed budget fails here, before any prefill
     if not all(0 <= d <= 100 for d in args.depths):
         raise CKVError("--depths are percentages: each must be between 0 and 100")
 
