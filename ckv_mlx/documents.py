@@ -1,20 +1,25 @@
-"""Read a document (PDF, plain text, Markdown) into one string of text."""
+"""Read a document (PDF, plain text, Markdown, HTML, Word, EPUB) into one string of text."""
 
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 import threading
+import zipfile
 from pathlib import Path
 from typing import Callable
+from xml.etree import ElementTree
 
 import charset_normalizer
+import docx
+from docx.table import Table
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
+from bs4 import BeautifulSoup
 
 from .errors import CKVError
 
-PLANNED_SUFFIXES = (".html", ".docx", ".epub")
 WESTERN_DEFAULT = "cp1252"
 NEAR_TIE_CHAOS = 10.0  # percentage points of charset-normalizer's "chaos" score
 
@@ -35,7 +40,7 @@ def read_document(path: str | Path) -> str:
     extract = EXTRACTORS.get(path.suffix.lower())
     if extract is None:
         raise CKVError(f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; "
-                       f"{_supported()}. Convert it to PDF or plain text.")
+                       f"supported: {', '.join(sorted(EXTRACTORS))}. Convert it to PDF or plain text.")
     text = _normalise_newlines(extract(path))
     if not text.strip():
         raise CKVError(f"{path}: the file has no text; give a document that contains text.")
@@ -45,11 +50,6 @@ def read_document(path: str | Path) -> str:
 def document_hash(text: str) -> str:
     """SHA-256 hex digest of the text, to tell whether a session's document changed."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _supported() -> str:
-    planned = ", ".join(PLANNED_SUFFIXES)
-    return f"supported: {', '.join(sorted(EXTRACTORS))} ({planned} are planned)"
 
 
 def _normalise_newlines(text: str) -> str:
@@ -137,8 +137,65 @@ def _page_text(document: pdfium.PdfDocument, index: int) -> tuple[str, bool]:
     return text, drawn
 
 
+def _read_html(path: Path) -> str:
+    return _html_text(_read_text_file(path))
+
+
+def _html_text(markup: str | bytes) -> str:
+    """Visible text of an HTML page, one block per line (no scripts, styles, head)."""
+    soup = BeautifulSoup(markup, "html.parser")
+    for hidden in soup(["script", "style", "head", "noscript", "template"]):
+        hidden.decompose()
+    lines = (line.strip() for line in soup.get_text("\n").splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def _read_docx(path: Path) -> str:
+    """Paragraphs and table rows of a Word document, in document order."""
+    try:
+        document = docx.Document(str(path))
+    except Exception:  # python-docx raises zipfile, KeyError and its own errors alike
+        raise CKVError(f"{path}: not a valid .docx file (corrupt, or an old .doc?); "
+                       "re-save it as .docx or PDF.") from None
+    blocks = []
+    for block in document.iter_inner_content():
+        if isinstance(block, Table):
+            blocks += [" | ".join(cell.text for cell in row.cells) for row in block.rows]
+        else:
+            blocks.append(block.text)
+    return "\n".join(blocks)
+
+
+_OPF = "{http://www.idpf.org/2007/opf}"
+_CONTAINER = "{urn:oasis:names:tc:opendocument:xmlns:container}"
+
+
+def _read_epub(path: Path) -> str:
+    """The text of an EPUB's chapters in reading (spine) order."""
+    try:
+        with zipfile.ZipFile(path) as book:
+            return "\n\n".join(_html_text(book.read(name)) for name in _spine(book))
+    except (zipfile.BadZipFile, KeyError, ElementTree.ParseError):
+        raise CKVError(f"{path}: not a valid EPUB (corrupt, or DRM-protected?); "
+                       "re-download it or convert it to PDF.") from None
+
+
+def _spine(book: zipfile.ZipFile) -> list[str]:
+    """Archive names of the chapters, from META-INF/container.xml and the OPF spine."""
+    container = ElementTree.fromstring(book.read("META-INF/container.xml"))
+    opf_name = container.find(f".//{_CONTAINER}rootfile").get("full-path")
+    opf = ElementTree.fromstring(book.read(opf_name))
+    items = {item.get("id"): item.get("href") for item in opf.iter(f"{_OPF}item")}
+    folder = posixpath.dirname(opf_name)
+    return [posixpath.join(folder, items[ref.get("idref")]) for ref in opf.iter(f"{_OPF}itemref")]
+
+
 EXTRACTORS: dict[str, Callable[[Path], str]] = {
     ".pdf": _read_pdf,
     ".txt": _read_text_file,
     ".md": _read_text_file,
+    ".html": _read_html,
+    ".htm": _read_html,
+    ".docx": _read_docx,
+    ".epub": _read_epub,
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -191,12 +192,93 @@ def test_directory(tmp_path):
     assert_one_line_error(folder, "directory")
 
 
-@pytest.mark.parametrize("name", ["report.docx", "report.html", "report.epub", "README"])
+@pytest.mark.parametrize("name", ["report.odt", "README"])
 def test_unsupported_extension(tmp_path, name):
     path = tmp_path / name
     path.write_text("some text")
-    message = assert_one_line_error(path, "unsupported", ".pdf", ".txt", ".md", "planned")
+    message = assert_one_line_error(path, "unsupported", ".pdf", ".txt", ".md")
     assert ".docx" in message and ".html" in message and ".epub" in message
+
+
+# HTML, Word, EPUB
+
+PAGE = """<!doctype html><html><head><title>Tab title</title><style>p {color: red}</style></head>
+<body><h1>Annual report</h1><script>var hidden = 1;</script>
+<p>Revenue grew by <b>nine</b> percent.</p><ul><li>Yakima plant</li><li>Orchard Crisps</li></ul>
+</body></html>"""
+
+
+def test_html_keeps_visible_text_only(tmp_path):
+    path = tmp_path / "page.html"
+    path.write_text(PAGE, encoding="utf-8")
+    text = read_document(path)
+    assert text.splitlines()[0] == "Annual report"
+    assert "Revenue grew by" in text and "nine" in text and "Orchard Crisps" in text
+    for hidden in ("Tab title", "color: red", "var hidden"):
+        assert hidden not in text
+
+
+def test_html_in_a_legacy_charset(tmp_path):
+    path = tmp_path / "page.htm"
+    path.write_bytes("<p>Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, na\u00efve fa\u00e7ade, r\u00e9sum\u00e9 d\u00e9j\u00e0 vu.</p>".encode("cp1252"))
+    assert read_document(path) == "Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, na\u00efve fa\u00e7ade, r\u00e9sum\u00e9 d\u00e9j\u00e0 vu."
+
+
+def test_docx_paragraphs_and_tables_in_order(tmp_path):
+    import docx
+
+    document = docx.Document()
+    document.add_heading("Annual report", level=1)
+    document.add_paragraph("Revenue grew by nine percent.")
+    table = document.add_table(rows=2, cols=2)
+    for row, cells in zip(table.rows, [("Product", "Share"), ("Orchard Crisps", "35.5 percent")]):
+        for cell, value in zip(row.cells, cells):
+            cell.text = value
+    document.add_paragraph("The outlook is steady.")
+    path = tmp_path / "report.docx"
+    document.save(path)
+    assert read_document(path).splitlines() == [
+        "Annual report", "Revenue grew by nine percent.", "Product | Share",
+        "Orchard Crisps | 35.5 percent", "The outlook is steady."]
+
+
+def write_epub(path: Path, chapters: dict[str, str], spine: list[str]) -> Path:
+    """A minimal EPUB 3: container, OPF in a subfolder, chapters in ``spine`` order."""
+    manifest = "".join(f'<item id="{n}" href="text/{n}.xhtml" media-type="application/xhtml+xml"/>' for n in chapters)
+    itemrefs = "".join(f'<itemref idref="{n}"/>' for n in spine)
+    with zipfile.ZipFile(path, "w") as book:
+        book.writestr("mimetype", "application/epub+zip")
+        book.writestr("META-INF/container.xml",
+                      '<?xml version="1.0"?><container version="1.0" xmlns="urn:oasis:names:tc:opendocument:xmlns:container">'
+                      '<rootfiles><rootfile full-path="OEBPS/content.opf" media-type="application/oebps-package+xml"/>'
+                      "</rootfiles></container>")
+        book.writestr("OEBPS/content.opf",
+                      '<?xml version="1.0"?><package xmlns="http://www.idpf.org/2007/opf" version="3.0">'
+                      f"<manifest>{manifest}</manifest><spine>{itemrefs}</spine></package>")
+        for name, body in chapters.items():
+            book.writestr(f"OEBPS/text/{name}.xhtml",
+                          f'<html xmlns="http://www.w3.org/1999/xhtml"><head><title>{name}</title></head>'
+                          f"<body><p>{body}</p></body></html>")
+    return path
+
+
+def test_epub_chapters_in_spine_order(tmp_path):
+    path = write_epub(tmp_path / "book.epub", {"b": "Second chapter.", "a": "First chapter."}, ["a", "b"])
+    assert read_document(path) == "First chapter.\n\nSecond chapter."
+
+
+@pytest.mark.parametrize("name", ["broken.docx", "broken.epub"])
+def test_corrupt_office_and_epub_files(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"PK\x03\x04 not really a zip archive")
+    assert_one_line_error(path, "not a valid")
+
+
+def test_epub_without_container(tmp_path):
+    path = tmp_path / "bare.epub"
+    with zipfile.ZipFile(path, "w") as book:
+        book.writestr("chapter.xhtml", "<p>text</p>")
+    assert_one_line_error(path, "not a valid EPUB")
 
 
 # Hash and samples

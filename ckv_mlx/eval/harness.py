@@ -72,16 +72,14 @@ class Harness:
 
     def run(self, sample: EvalSample, settings: list[Setting], modes: list[str], done: set[str]) -> Iterator[dict]:
         """Single-question records for every mode and setting not in ``done``."""
+        todo = [(mode, s) for mode in modes for s in settings if f"{sample.key}/{s.key(mode)}" not in done]
+        if not todo:
+            return
         document = self._prefill(sample)
         full = next(s for s in settings if not s.method.compresses)
-        reference = None
-        for mode in modes:
-            for setting in settings:
-                if f"{sample.key}/{setting.key(mode)}" in done:
-                    continue
-                if reference is None:
-                    reference = self._full_answer(document, full, sample.questions[0])
-                yield self._single(sample, document, setting, mode, reference)
+        reference = self._full_answer(document, full, sample.questions[0])
+        for mode, setting in todo:
+            yield self._single(sample, document, setting, mode, reference)
 
     def _full_answer(self, document, full: Setting, question) -> tuple:
         session = self.session
@@ -116,19 +114,19 @@ class Harness:
     def followups(self, sample: EvalSample, settings: list[Setting], policies: list[str], done: set[str]) -> Iterator[dict]:
         """Both turns of a follow-up sample under every policy and setting not in ``done``."""
         session = self.session
+        todo = [(p, s) for p in policies for s in settings if f"{sample.key}/{s.key(p)}/turn1" not in done]
+        if not todo:
+            return
         document = self._prefill(sample)
         per_token = session.kv_bytes / len(sample.document)
-        for policy in policies:
-            for setting in settings:
-                key = f"{sample.key}/{setting.key(policy)}"
-                if f"{key}/turn1" in done:
-                    continue
-                budget = self._budget(sample, setting)
-                session.method = setting.method
-                conversation = Conversation(session, policy, budget)
-                conversation.open(document)
-                for turn, (question, scorer) in enumerate(zip(sample.questions, sample.scorers), 1):
-                    answer = answer_line(conversation.ask(question, self.max_tokens), self.tokenizer, self.max_tokens)
-                    yield self._record(sample, setting, answer, scorer, mode="query-aware", policy=policy,
-                                       turn=turn, key=f"{key}/turn{turn}", budget_tokens=budget,
-                                       kv_fraction=session.kv_bytes / (per_token * session.position))
+        for policy, setting in todo:
+            key = f"{sample.key}/{setting.key(policy)}"
+            budget = self._budget(sample, setting)
+            session.method = setting.method
+            conversation = Conversation(session, policy, budget)
+            conversation.open(document)
+            for turn, (question, scorer) in enumerate(zip(sample.questions, sample.scorers), 1):
+                answer = answer_line(conversation.ask(question, self.max_tokens), self.tokenizer, self.max_tokens)
+                yield self._record(sample, setting, answer, scorer, mode="query-aware", policy=policy,
+                                   turn=turn, key=f"{key}/turn{turn}", budget_tokens=budget,
+                                   kv_fraction=session.kv_bytes / (per_token * session.position))
