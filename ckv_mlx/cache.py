@@ -153,25 +153,28 @@ def _resized(old: mx.array | None, like: mx.array, used: int, size: int) -> mx.a
     return new
 
 
-def save_caches(path: str | Path, caches: list[EvictingKVCache], metadata: dict) -> None:
-    """Write caches and JSON-able ``metadata`` to one safetensors file, atomically."""
+def save_caches(path: str | Path, caches: list[EvictingKVCache], metadata: dict,
+                extra: dict[str, mx.array] | None = None) -> None:
+    """Write caches, ``extra`` named arrays and JSON-able ``metadata`` to one safetensors
+    file, atomically (a temporary file, then a rename)."""
     path = Path(path)
-    arrays = dict(tree_flatten([c.state for c in caches]))
+    arrays = {f"cache.{k}": v for k, v in tree_flatten([c.state for c in caches])}
     meta = {"ckv": json.dumps({**metadata, "layers": [c.meta_state for c in caches]})}
     tmp = path.with_name(f".{path.name}.tmp.safetensors")
     try:
-        mx.save_safetensors(str(tmp), arrays, metadata=meta)
+        mx.save_safetensors(str(tmp), {**arrays, **(extra or {})}, metadata=meta)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
         raise CKVError(f"cannot write {path}: {e}; choose a writable path") from e
 
 
-def load_caches(path: str | Path) -> tuple[list[EvictingKVCache], dict]:
-    """Read what :func:`save_caches` wrote: ``(caches, metadata)``."""
-    arrays, meta = mx.load(str(path), return_metadata=True)
+def load_caches(path: str | Path) -> tuple[list[EvictingKVCache], dict, dict[str, mx.array]]:
+    """Read what :func:`save_caches` wrote: ``(caches, metadata, extra)``."""
+    arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
     info = json.loads(meta["ckv"])
-    states = tree_unflatten(list(arrays.items()))
+    states = tree_unflatten([(k[len("cache."):], v) for k, v in arrays.items() if k.startswith("cache.")])
+    extra = {k: v for k, v in arrays.items() if not k.startswith("cache.")}
     layers = info.pop("layers")
     caches = [EvictingKVCache.from_state(s, m) for s, m in zip(states, layers)]
-    return caches, info
+    return caches, info, extra

@@ -30,6 +30,11 @@ class Conversation:
         self._full = None
         self._answer_start = 0
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the full cache set aside while a ``per-question`` answer runs."""
+        return sum(c.nbytes for c in self._full[0]) if self._full else 0
+
     def open(self, document: tuple):
         """Start from a prefilled document (a :meth:`Session.snapshot`)."""
         self.session.restore(document)

@@ -11,9 +11,52 @@ def render(tokenizer, document: str, question: str, raw: bool) -> list[int]:
     """Prompt tokens: chat-templated, or (``raw``) the document, a newline, the question."""
     if raw:
         return tokenizer.encode(f"{document}\n{question}" if document else question)
-    content = f"{document}\n\n{question}" if document else question
-    messages = [{"role": "user", "content": content}]
+    messages = chat_messages(document, [], question)
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def chat_messages(document: str, turns: list[tuple[str, str]], question: str) -> list[dict]:
+    """A chat about ``document``, which opens the first user message; ``turns`` are the
+    earlier (question, answer) pairs."""
+    messages = []
+    for i, (q, answer) in enumerate([*turns, (question, None)]):
+        content = f"{document}\n\n{q}" if i == 0 and document else q
+        messages.append({"role": "user", "content": content})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def document_prefix(tokenizer, document: str) -> list[int]:
+    """The chat-prompt tokens that every first question about ``document`` starts with:
+    what to prefill before any question is known."""
+    a, b = (render(tokenizer, document, q, raw=False) for q in ("A?", "B?"))
+    return a[: _shared(a, b)]
+
+
+def question_tokens(
+    tokenizer, document: str, prefix: list[int], turns: list[tuple[str, str]], question: str
+) -> list[int]:
+    """What to feed for ``question``: after the :func:`document_prefix` ``prefix`` on the
+    first turn, else after the last answer of ``turns`` (the template closes that turn)."""
+    if not turns:
+        full = render(tokenizer, document, question, raw=False)
+        if full[: len(prefix)] != prefix:
+            raise CKVError("the question merges with the end of the document when tokenised; "
+                           "start it with a word")
+        return full[len(prefix) :]
+    before = _chat_text(tokenizer, chat_messages(document, turns[:-1], turns[-1][0])) + turns[-1][1]
+    after = _chat_text(tokenizer, chat_messages(document, turns, question))
+    return tokenizer.encode(after[_shared(before, after) :], add_special_tokens=False)
+
+
+def _chat_text(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _shared(a, b) -> int:
+    """Length of the common prefix of two sequences."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def prompt_tokens(
@@ -74,6 +117,5 @@ def split_prompt(tokenizer, document: str, question: str, raw: bool) -> tuple[li
     """
     full = render(tokenizer, document, question, raw)
     bare = render(tokenizer, document, "", raw)
-    shared = next((i for i, (a, b) in enumerate(zip(full, bare)) if a != b), min(len(full), len(bare)))
-    shared = min(shared, len(full) - 1)
+    shared = min(_shared(full, bare), len(full) - 1)
     return full[:shared], full[shared:]

@@ -100,7 +100,7 @@ def test_saved_cache_loads_and_continues_identically(tmp_path):
     session, _, _ = compressed_session("snapkv", budget=32)
     path = tmp_path / "session.safetensors"
     save_caches(path, session.caches, {"model": "tiny", "budget": 32})
-    caches, meta = load_caches(path)
+    caches, meta, _ = load_caches(path)
     assert meta == {"model": "tiny", "budget": 32}
     for a, b in zip(session.caches, caches):
         assert (a.offset, a.length, a.budget, a.region) == (b.offset, b.length, b.budget, b.region)

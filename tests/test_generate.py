@@ -151,7 +151,7 @@ def test_saved_cache_carries_model_budget_and_document_hash(capsys, tokenizer, d
     path = tmp_path / "answer.safetensors"
     code, out, _ = run(capsys, "--doc", doc, "--prompt", "Where?", "--method", "snapkv", "--budget", "64", "--max-tokens", "3", "--save-cache", path, "--json")
     report = json.loads(out.strip().splitlines()[-1])
-    caches, meta = load_caches(path)
+    caches, meta, _ = load_caches(path)
     assert code == 0 and len(caches) == 30
     assert meta["model"] == "smollm2-135m-instruct" and meta["budget"] == 64 and meta["method"] == "snapkv"
     assert meta["document_hash"] == hashlib.sha256(DOC.encode()).hexdigest()

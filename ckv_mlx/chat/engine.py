@@ -1,0 +1,355 @@
+"""The chat engine: one model, one document, one conversation, all MLX work on one thread.
+
+Every public method only queues a job (jobs run in order on the engine's thread) and
+returns at once; results come back as :mod:`.events` through ``emit``, which is called
+on the engine's thread. :meth:`ChatEngine.stop` is the exception: it takes effect at
+the next generated token.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+from ..budgets import parse_budget
+from ..cache import DEFAULT_REGION, load_caches, save_caches
+from ..conversation import Conversation
+from ..documents import document_hash, read_document
+from ..errors import CKVError
+from ..methods import make_method
+from ..models import LoadedModel, load_model
+from ..profiles import resolve_profile
+from ..prompts import document_prefix, question_tokens
+from ..session import Session
+from .events import (
+    CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed,
+    Saved, Status,
+)
+
+SESSION_FORMAT = "ckv-chat-session/1"
+VIEW_INTERVAL_S = 0.2
+
+
+class _Closing(Exception):
+    """The engine is shutting down: abandon the current job."""
+
+
+@dataclass
+class _Turn:
+    question: str
+    answer: str
+    question_tokens: list[int]
+    answer_tokens: list[int]
+
+
+@dataclass
+class _Document:
+    path: Path
+    text: str
+    prefix: list[int]
+    turns: list[_Turn] = field(default_factory=list)
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(t.question, t.answer) for t in self.turns]
+
+
+class ChatEngine:
+    """Chat about documents with a compressed KV cache; see the module doc."""
+
+    def __init__(self, settings: ChatSettings, emit: Callable[[object], None],
+                 loader: Callable[[str | None], LoadedModel] = load_model):
+        self.settings = settings
+        self._emit, self._loader = emit, loader
+        self._jobs: queue.Queue = queue.Queue()
+        self._stop, self._closing = threading.Event(), threading.Event()
+        self._loaded: LoadedModel | None = None
+        self._session: Session | None = None
+        self._profile = None
+        self._profile_name: str | None = None
+        self._document: _Document | None = None
+        self._conversation: Conversation | None = None
+        self._pending: ChatSettings | None = None
+        self._phase = "idle"
+        self._last_view = 0.0
+        self._thread = threading.Thread(target=self._work, name="ckv-engine", daemon=True)
+        self._thread.start()
+
+    # The interface the app drives (any thread).
+
+    def open(self, path: str | Path):
+        """Read a document and prefill it; the conversation starts anew."""
+        self._submit(self._open, Path(path))
+
+    def ask(self, question: str):
+        self._submit(self._ask, question)
+
+    def stop(self):
+        """Stop the answer being generated; what was said stays in the cache."""
+        self._stop.set()
+
+    def set_budget(self, budget: str):
+        self._submit(self._change, replace(self.settings, budget=budget))
+
+    def set_method(self, method: str):
+        self._submit(self._change, replace(self.settings, method=method))
+
+    def reread(self):
+        """Prefill the document and conversation again, with the current settings."""
+        self._submit(self._reread)
+
+    def save(self, path: str | Path):
+        self._submit(self._save, Path(path))
+
+    def resume(self, path: str | Path):
+        self._submit(self._resume, Path(path))
+
+    def close(self, timeout: float = 10.0):
+        self._closing.set()
+        self._stop.set()
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    # The engine's thread.
+
+    def _submit(self, job, *args):
+        self._jobs.put((job, args))
+
+    def _work(self):
+        try:
+            while (item := self._jobs.get()) is not None and self._run(*item):
+                pass
+        finally:
+            mx.clear_streams()  # MLX must free this thread's streams itself, or exit aborts
+
+    def _run(self, job, args) -> bool:
+        """Run one job, reporting its failure; False when the engine is closing."""
+        try:
+            job(*args)
+        except _Closing:
+            return False
+        except CKVError as error:
+            self._emit(Failure(str(error)))
+        except Exception as error:  # a bug must not take the app down with it
+            traceback.print_exc()
+            self._emit(Failure(f"internal error ({error.__class__.__name__}: {error}); please report it"))
+        self._phase = "idle"
+        if self._session is not None and not self._closing.is_set():
+            self._emit(self._view())
+        return True
+
+    def _ensure_model(self, name: str | None):
+        """Load ``name`` (None: the built-in model) unless it is the loaded one."""
+        if self._loaded is not None and name in (None, self._loaded.name):
+            return
+        self._emit(Status(f"loading {name or 'the built-in model'}"))
+        self._loaded = self._loader(name)
+        profile, path, notes = resolve_profile(self.settings.profile, self._loaded.shape)
+        self._profile, self._profile_name = profile, (path.name if path else None)
+        method, method_notes = make_method(self.settings.method, profile)
+        region = self.settings.region or DEFAULT_REGION
+        self._session = Session(self._loaded.model, self._loaded.tokenizer, method, region=region)
+        for note in notes + method_notes:
+            self._emit(Notice(note))
+
+    def _open(self, path: Path):
+        self._emit(Status(f"reading {path.name}"))
+        text = read_document(path)
+        self._ensure_model(self.settings.model)
+        prefix = document_prefix(self._loaded.tokenizer, text)
+        self._check_fits(len(prefix), f"{path.name} is {len(prefix):,} tokens")
+        self._budget_tokens(self.settings, len(prefix))
+        self._prefill(_Document(path, text, prefix))
+        self._emit(DocumentReady(path.name, len(prefix), self._session.stats.prefill_s))
+
+    def _prefill(self, document: _Document):
+        """Read ``document`` (and replay its turns) into a fresh cache."""
+        session, self._phase = self._session, "prefilling"
+        self._emit(Status(f"reading {document.path.name} into the cache"))
+        session.reset()
+        self._document = self._conversation = None
+        start = time.perf_counter()
+
+        def progress(done: int, total: int):
+            if self._closing.is_set():
+                raise _Closing
+            self._emit(Progress(done, total, done / max(time.perf_counter() - start, 1e-9)))
+            self._maybe_view()
+
+        session.prefill(document.prefix, progress)
+        self._conversation = Conversation(session, self.settings.policy, self._budget_tokens(self.settings, len(document.prefix)))
+        self._conversation.open(session.snapshot())
+        for turn in document.turns:
+            self._conversation.start(turn.question_tokens)
+            self._conversation.finish(turn.answer_tokens)
+        self._document = document
+
+    def _ask(self, question: str):
+        document, session = self._document, self._session
+        if document is None:
+            raise CKVError("no document is open: open one with /doc FILE")
+        tokens = question_tokens(self._loaded.tokenizer, document.text, document.prefix, document.pairs, question)
+        self._check_fits(session.position + len(tokens), "this question takes the conversation to "
+                         f"{session.position + len(tokens):,} tokens", hint="open the document again with /doc to start over")
+        self._stop.clear()
+        self._phase = "answering"
+        detokenizer = self._loaded.tokenizer.detokenizer
+        detokenizer.reset()
+        answer: list[int] = []
+        try:
+            for token in self._conversation.ask(tokens, self.settings.max_tokens, self._stop.is_set):
+                answer.append(token)
+                detokenizer.add_token(token)
+                if detokenizer.last_segment:
+                    self._emit(Chunk(detokenizer.last_segment))
+                self._maybe_view(force=len(answer) == 1)  # the first shows the compressed cache
+        finally:
+            detokenizer.finalize()
+            if detokenizer.last_segment:
+                self._emit(Chunk(detokenizer.last_segment))
+            document.turns.append(_Turn(question, detokenizer.text, tokens, answer))
+        self._emit(Reply(detokenizer.text, self._stop.is_set()))
+
+    def _change(self, settings: ChatSettings):
+        """Apply a new method or budget: now if the full cache is kept, else after /reread."""
+        method, notes = make_method(settings.method, self._profile)
+        if self._document is None:
+            self.settings = settings
+            return self._emit(Notice(f"method {settings.method}, budget {settings.budget}: used for the next document"))
+        budget = self._budget_tokens(settings, len(self._document.prefix), method)
+        if self._session.compressed:
+            self._pending = settings
+            return self._emit(Notice(
+                f"the full cache was dropped (policy {settings.policy}): method {settings.method} at budget "
+                f"{settings.budget} needs the document read again; type /reread to do it now "
+                f"({self._session.position:,} tokens)"))
+        self.settings = settings
+        self._session.method, self._conversation.budget = method, budget
+        for note in notes:
+            self._emit(Notice(note))
+        self._emit(Notice(f"method {method.name} at budget {budget} from the next question"))
+
+    def _reread(self):
+        if self._document is None:
+            raise CKVError("no document is open: open one with /doc FILE")
+        if self._pending is not None:
+            self.settings, self._pending = self._pending, None
+            self._session.method = make_method(self.settings.method, self._profile)[0]
+        self._prefill(self._document)
+        self._emit(Notice(f"read {self._document.path.name} and {len(self._document.turns)} turns again"))
+
+    def _budget_tokens(self, settings: ChatSettings, prompt_tokens: int, method=None) -> int | None:
+        """Tokens per layer for ``settings``; refuses a budget too small before any prefill."""
+        method = method or make_method(settings.method, self._profile)[0]
+        if not method.compresses:
+            return None
+        budget = parse_budget(settings.budget, prompt_tokens)
+        saved, self._session.method = self._session.method, method
+        try:
+            self._session.layer_budgets(budget)
+        finally:
+            self._session.method = saved
+        return budget
+
+    def _check_fits(self, tokens: int, what: str, hint: str = "use a shorter document or a model with a longer context"):
+        """Refuse, never cut: ``tokens`` plus an answer must fit the model's context."""
+        context = self._loaded.context_length
+        if context and tokens + self.settings.max_tokens > context:
+            raise CKVError(f"{what} + {self.settings.max_tokens:,} for the answer, over the model's "
+                           f"context of {context:,}: {hint}")
+
+    def _save(self, path: Path):
+        session, document = self._session, self._document
+        if document is None:
+            raise CKVError("nothing to save: open a document first")
+        if not session.consistent:
+            raise CKVError("the cache is out of step after an interrupted step; /reread, then save")
+        queries = {f"window.{i}": a.window_queries for i, a in enumerate(session.attentions)}
+        metadata = {
+            "format": SESSION_FORMAT, "model": self._loaded.name, "profile": self._profile_name,
+            "settings": asdict(self.settings), "document": str(document.path.resolve()),
+            "document_hash": document_hash(document.text), "turns": [asdict(t) for t in document.turns],
+            "conversation_turns": self._conversation.turns, "prefill_s": session.stats.prefill_s,
+            "kv_bytes_full": session.stats.kv_bytes_full, "prompt_tokens": session.stats.prompt_tokens,
+        }
+        save_caches(path, session.caches, metadata, queries)
+        self._emit(Saved(str(path)))
+
+    def _resume(self, path: Path):
+        self._emit(Status(f"restoring {path.name}"))
+        caches, metadata, queries = _read_session(path)
+        if self.settings.model not in (None, metadata["model"]):
+            raise CKVError(f"{path}: saved with model {metadata['model']}, not {self.settings.model}; "
+                           f"resume without --model or with --model {metadata['model']}")
+        document = Path(metadata["document"])
+        try:
+            text = read_document(document)
+        except CKVError as error:
+            raise CKVError(f"{path}: its document cannot be read ({error})") from None
+        if document_hash(text) != metadata["document_hash"]:
+            raise CKVError(f"{path}: {document} has changed since the session was saved; "
+                           f"open it anew with --doc {document}")
+        self.settings = ChatSettings(**metadata["settings"])
+        self._ensure_model(metadata["model"])
+        session = self._session
+        if len(caches) != len(session.caches):
+            raise CKVError(f"{path}: the cache has {len(caches)} layers, the model {len(session.caches)}")
+        session.reset()
+        session.caches = caches
+        for i, attention in enumerate(session.attentions):
+            attention.set_window_queries(queries[f"window.{i}"])
+        stats = session.stats
+        stats.prefill_s, stats.prompt_tokens = metadata["prefill_s"], metadata["prompt_tokens"]
+        stats.kv_bytes_full = metadata["kv_bytes_full"]
+        turns = [_Turn(**t) for t in metadata["turns"]]
+        self._document = _Document(document, text, document_prefix(self._loaded.tokenizer, text), turns)
+        budget = self._budget_tokens(self.settings, len(self._document.prefix))
+        self._conversation = Conversation(session, self.settings.policy, budget)
+        self._conversation.turns = metadata["conversation_turns"]
+        self._emit(Resumed(self.settings, str(document), self._document.pairs))
+
+    def _maybe_view(self, force: bool = False):
+        now = time.perf_counter()
+        if force or now - self._last_view >= VIEW_INTERVAL_S:
+            self._last_view = now
+            self._emit(self._view())
+
+    def _view(self) -> CacheView:
+        session, stats = self._session, self._session.stats
+        per_token = stats.kv_bytes_full / stats.prompt_tokens if stats.prompt_tokens else 0
+        conversation = self._conversation
+        kept = session.kv_bytes
+        return CacheView(
+            phase=self._phase, model=self._loaded.name, method=session.method.name,
+            profile=self._profile_name, budget=conversation.budget if conversation else None,
+            policy=self.settings.policy,
+            document=self._document.path.name if self._document else None,
+            document_tokens=len(self._document.prefix) if self._document else 0,
+            position=session.position, context_length=self._loaded.context_length,
+            kept_bytes=kept, held_bytes=kept + (conversation.held_bytes if conversation else 0),
+            full_bytes=round(per_token * session.position),
+            layer_tokens=[c.length for c in session.caches], compressed=session.compressed,
+            peak_memory_bytes=mx.get_peak_memory(), prefill_tps=stats.prefill_tps,
+            decode_tps=stats.decode_tps,
+        )
+
+
+def _read_session(path: Path) -> tuple[list, dict, dict]:
+    """Caches, metadata and window queries of a saved session; one-line errors."""
+    if not path.is_file():
+        raise CKVError(f"{path}: no such session file; check the path")
+    try:
+        caches, metadata, queries = load_caches(path)
+    except (RuntimeError, ValueError, KeyError, OSError):
+        raise CKVError(f"{path}: not a ckv-chat session (unreadable or damaged)") from None
+    if metadata.get("format") != SESSION_FORMAT:
+        raise CKVError(f"{path}: not a ckv-chat session (format {metadata.get('format')!r}, "
+                       f"expected {SESSION_FORMAT})")
+    return caches, metadata, queries

@@ -1,0 +1,124 @@
+"""What the chat engine tells its UI: plain, immutable data, never an MLX array."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_POLICY = "per-question"
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """How a chat compresses and answers; None means the default (built-in model, its
+    shipped profile, the engine's region)."""
+
+    model: str | None = None
+    profile: str | None = None
+    method: str = "compresskv"
+    budget: str = "128"
+    policy: str = DEFAULT_POLICY
+    max_tokens: int = 512
+    region: int | None = None
+
+
+@dataclass(frozen=True)
+class Status:
+    """What the engine is doing now ("loading the model", "reading report.pdf")."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Prefill progress: ``done`` of ``total`` tokens."""
+
+    done: int
+    total: int
+    tokens_per_s: float
+
+    @property
+    def eta_s(self) -> float | None:
+        return (self.total - self.done) / self.tokens_per_s if self.tokens_per_s else None
+
+
+@dataclass(frozen=True)
+class DocumentReady:
+    name: str
+    tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The next piece of the answer being generated."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An answer is complete (or was stopped: ``interrupted``); the cache is consistent."""
+
+    text: str
+    interrupted: bool
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know; nothing failed."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A request failed with a one-line reason; the session is as it was."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Saved:
+    path: str
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A saved session is back: its settings, document and transcript."""
+
+    settings: ChatSettings
+    document: str
+    turns: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class CacheView:
+    """The KV cache now, in plain numbers."""
+
+    phase: str = "idle"
+    model: str = ""
+    method: str = ""
+    profile: str | None = None
+    budget: int | None = None
+    policy: str = DEFAULT_POLICY
+    document: str | None = None
+    document_tokens: int = 0
+    position: int = 0
+    context_length: int = 0
+    kept_bytes: int = 0
+    held_bytes: int = 0
+    full_bytes: int = 0
+    layer_tokens: list[int] = field(default_factory=list)
+    compressed: bool = False
+    peak_memory_bytes: int = 0
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+
+    @property
+    def ratio(self) -> float | None:
+        """Kept bytes as a fraction of the full cache."""
+        return self.kept_bytes / self.full_bytes if self.full_bytes else None
+
+    @property
+    def context_used(self) -> float:
+        return self.position / self.context_length if self.context_length else 0.0

@@ -1,0 +1,301 @@
+"""The chat engine: answers against plain mlx-lm, stop, settings changes, save/resume,
+and a one-line Failure (never an exception) for each bad request."""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+
+import pytest
+from mlx_lm.utils import load_tokenizer
+
+from ckv_mlx.cache import load_caches
+from ckv_mlx.chat.engine import ChatEngine
+from ckv_mlx.chat.events import (
+    CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed, Saved,
+)
+from ckv_mlx.errors import CKVError
+from ckv_mlx.gguf import builtin_model_folder
+from ckv_mlx.models import LoadedModel
+from ckv_mlx.prompts import chat_messages, render
+from fakes import tiny_shape
+from tiny import plain_greedy, tiny_model
+
+DOC = ("Northwind Orchards grew apples and pears in the Yakima valley. " * 20).strip()
+
+
+@lru_cache(maxsize=None)
+def smollm_tokenizer():
+    try:
+        return load_tokenizer(builtin_model_folder())
+    except CKVError as e:
+        pytest.skip(f"built-in model unavailable: {e}")
+
+
+def tiny_loader(context: int = 4096):
+    """A random 2-layer model with the built-in model's tokenizer: fast, exact."""
+    def load(name):
+        if name not in (None, "tiny"):
+            raise CKVError(f"no model {name}")
+        model = tiny_model("llama", layers=2, vocab=49152)
+        return LoadedModel(model, smollm_tokenizer(), "tiny", tiny_shape(model), context)
+    return load
+
+
+class Recorder:
+    """Collects the engine's events; ``wait`` blocks until enough of one kind came."""
+
+    def __init__(self):
+        self.events: list = []
+        self.changed = threading.Condition()
+        self.on_event = None
+
+    def __call__(self, event):
+        with self.changed:
+            self.events.append(event)
+            self.changed.notify_all()
+        if self.on_event:
+            self.on_event(event)
+
+    def of(self, kind) -> list:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def wait(self, kind, count: int = 1, timeout: float = 120):
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.of(kind)) >= count, timeout), self.of(Failure)
+        return self.of(kind)
+
+
+@pytest.fixture
+def doc(tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text(DOC)
+    return path
+
+
+def start(settings: ChatSettings | None = None, context: int = 4096):
+    recorder = Recorder()
+    settings = settings or ChatSettings(method="full", max_tokens=6)
+    engine = ChatEngine(settings, recorder, loader=tiny_loader(context))
+    return engine, recorder
+
+
+def saved(engine, recorder, path) -> tuple[list, dict]:
+    """Save the session; its caches and metadata as written."""
+    engine.save(path)
+    recorder.wait(Saved, len(recorder.of(Saved)) + 1)
+    caches, meta, _ = load_caches(path)
+    return caches, meta
+
+
+def test_answers_match_plain_mlx_lm_over_the_fed_tokens(doc, tmp_path):
+    engine, recorder = start(ChatSettings(method="full", max_tokens=6))
+    try:
+        engine.open(doc)
+        engine.ask("Where are the orchards?")
+        engine.ask("What fruit grows there?")
+        recorder.wait(Reply, 2)
+        _, meta = saved(engine, recorder, tmp_path / "s.ckv")
+    finally:
+        engine.close()
+    model = tiny_model("llama", layers=2, vocab=49152)
+    tokenizer = smollm_tokenizer()
+    first = render(tokenizer, DOC, "Where are the orchards?", raw=False)
+    t1, t2 = meta["turns"]
+    assert t1["question_tokens"] == first[len(first) - len(t1["question_tokens"]):]
+    fed = first + t1["answer_tokens"] + t2["question_tokens"]
+    eos = set(tokenizer.eos_token_ids)
+    for turn, prompt in ((t1, first), (t2, fed)):
+        reference = plain_greedy(model, prompt, 6)
+        reference = reference[: next((i for i, t in enumerate(reference) if t in eos), 6)]
+        assert turn["answer_tokens"] == reference
+    assert [e.done for e in recorder.of(Progress)][-1] == recorder.of(DocumentReady)[0].tokens
+
+
+def test_stop_keeps_the_partial_answer_and_a_consistent_cache(doc, tmp_path):
+    engine, recorder = start(ChatSettings(method="snapkv", budget="64", policy="first-question", max_tokens=200))
+    recorder.on_event = lambda e: isinstance(e, Chunk) and engine.stop()
+    try:
+        engine.open(doc)
+        engine.ask("Where are the orchards?")
+        reply = recorder.wait(Reply)[0]
+        recorder.on_event = None
+        caches, meta = saved(engine, recorder, tmp_path / "s.ckv")
+        engine.ask("And the pears?")
+        recorder.wait(Reply, 2)
+    finally:
+        engine.close()
+    assert reply.interrupted
+    turn = meta["turns"][0]
+    assert 1 <= len(turn["answer_tokens"]) <= 2
+    fed = meta["prompt_tokens"] + len(turn["question_tokens"]) + len(turn["answer_tokens"])
+    assert {c.offset for c in caches} == {fed}
+    assert all(c.length <= 64 + 64 for c in caches)
+    assert not recorder.of(Failure)
+
+
+def test_bad_requests_fail_with_one_line_and_leave_the_session_usable(doc, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    engine, recorder = start(ChatSettings(method="full", max_tokens=4), context=400)
+    long_doc = tmp_path / "long.txt"
+    long_doc.write_text(DOC * 3)
+    try:
+        engine.ask("Anything?")  # no document yet
+        engine.open(tmp_path / "missing.pdf")
+        engine.open(empty)
+        engine.open(long_doc)
+        recorder.wait(Failure, 4)
+        engine.open(doc)
+        recorder.wait(DocumentReady)
+        engine.ask("Tell me more " * 40)  # over the context once the document is in
+        engine.save(tmp_path / "no-such-folder" / "s.ckv")
+        engine.set_method("no-such-method")
+        recorder.wait(Failure, 7)
+        engine.ask("Where?")
+        recorder.wait(Reply)
+    finally:
+        engine.close()
+    messages = [f.text for f in recorder.of(Failure)]
+    for message, words in zip(messages, [
+        ("no document", "/doc"), ("not found",), ("no text",), ("long.txt", "context of 400"),
+        ("context of 400", "/doc"), ("cannot write",), ("unknown method",),
+    ]):
+        assert "\n" not in message
+        assert all(w in message for w in words), (message, words)
+    assert len(recorder.of(DocumentReady)) == 1
+    assert all(p.total == recorder.of(DocumentReady)[0].tokens for p in recorder.of(Progress))
+
+
+def test_budget_too_small_is_refused_before_prefill(doc):
+    engine, recorder = start(ChatSettings(method="snapkv", budget="4"))
+    try:
+        engine.open(doc)
+        failure = recorder.wait(Failure)[0]
+    finally:
+        engine.close()
+    assert "too small" in failure.text and not recorder.of(Progress)
+
+
+def test_budget_change_applies_now_when_the_full_cache_is_kept(doc):
+    engine, recorder = start(ChatSettings(method="snapkv", budget="64", policy="per-question", max_tokens=3))
+    try:
+        engine.open(doc)
+        engine.set_budget("32")
+        engine.ask("Where?")
+        recorder.wait(Reply)
+    finally:
+        engine.close()
+    assert "from the next question" in recorder.of(Notice)[-1].text
+    answering = [v for v in recorder.of(CacheView) if v.phase == "answering"]
+    assert answering and all(v.budget == 32 for v in answering)
+    assert max(answering[0].layer_tokens) <= 32 + 64  # budget + one region
+
+
+def test_budget_change_after_the_cache_was_dropped_needs_a_reread(doc):
+    engine, recorder = start(ChatSettings(method="snapkv", budget="64", policy="first-question", max_tokens=3))
+    try:
+        engine.open(doc)
+        engine.ask("Where?")
+        engine.set_budget("32")
+        recorder.wait(Notice)
+        assert "/reread" in recorder.of(Notice)[-1].text
+        engine.reread()
+        recorder.wait(DocumentReady)
+        recorder.wait(Notice, 2)
+    finally:
+        engine.close()
+    assert "again" in recorder.of(Notice)[-1].text
+    view = recorder.of(CacheView)[-1]
+    assert view.budget == 32 and view.compressed and max(view.layer_tokens) <= 32 + 64
+    before = next(v for v in reversed(recorder.of(CacheView)) if v.budget == 64)
+    assert view.position == before.position  # the same document and turn, read again
+
+
+def test_saved_session_resumes_and_continues_identically(doc, tmp_path):
+    settings = ChatSettings(method="snapkv", budget="48", policy="first-question", max_tokens=5)
+    engine, recorder = start(settings)
+    try:
+        engine.open(doc)
+        engine.ask("Where are the orchards?")
+        recorder.wait(Reply)
+        saved(engine, recorder, tmp_path / "s.ckv")
+        engine.ask("What fruit?")
+        original = recorder.wait(Reply, 2)[1]
+    finally:
+        engine.close()
+    engine, recorder = start(ChatSettings())
+    try:
+        engine.resume(tmp_path / "s.ckv")
+        resumed = recorder.wait(Resumed)[0]
+        engine.ask("What fruit?")
+        again = recorder.wait(Reply)[0]
+    finally:
+        engine.close()
+    assert resumed.settings == settings and resumed.turns[0][0] == "Where are the orchards?"
+    assert again == original
+    assert not recorder.of(Progress)  # no prefill
+
+
+@pytest.mark.parametrize("case, words", [
+    ("other model", ("saved with model tiny", "--model")),
+    ("changed document", ("has changed", "--doc")),
+    ("not a session", ("not a ckv-chat session",)),
+    ("missing", ("no such session file",)),
+])
+def test_resume_refusals(doc, tmp_path, case, words):
+    engine, recorder = start()
+    try:
+        engine.open(doc)
+        recorder.wait(DocumentReady)
+        saved(engine, recorder, tmp_path / "s.ckv")
+    finally:
+        engine.close()
+    target = tmp_path / "s.ckv"
+    settings = ChatSettings(model="other") if case == "other model" else ChatSettings()
+    if case == "changed document":
+        doc.write_text(DOC + " One more sentence.")
+    elif case == "not a session":
+        target.write_bytes(b"\x00" * 64)
+    elif case == "missing":
+        target = tmp_path / "nowhere.ckv"
+    engine, recorder = start(settings)
+    try:
+        engine.resume(target)
+        failure = recorder.wait(Failure)[0]
+    finally:
+        engine.close()
+    assert all(w in failure.text for w in words), failure.text
+    assert not recorder.of(Resumed)
+
+
+@pytest.mark.slow
+def test_real_model_sees_exactly_the_chat_template(default_model, tmp_path):
+    """Two turns on the built-in model: the fed tokens decode to the chat template's text
+    of the whole conversation, and the answers are plain mlx-lm's over those tokens."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The orchard manager is Helena Marsh. The harvest began on 3 September.")
+    recorder = Recorder()
+    engine = ChatEngine(ChatSettings(method="full", max_tokens=12), recorder, loader=lambda name: default_model)
+    questions = ["Who is the orchard manager?", "When did the harvest begin?"]
+    try:
+        engine.open(doc)
+        for q in questions:
+            engine.ask(q)
+        replies = recorder.wait(Reply, 2)
+        _, meta = saved(engine, recorder, tmp_path / "s.ckv")
+    finally:
+        engine.close()
+    tokenizer = default_model.tokenizer
+    t1, t2 = meta["turns"]
+    first = render(tokenizer, doc.read_text(), questions[0], raw=False)
+    fed = first + t1["answer_tokens"] + t2["question_tokens"]
+    text = tokenizer.apply_chat_template(
+        chat_messages(doc.read_text(), [(questions[0], replies[0].text)], questions[1]),
+        add_generation_prompt=True, tokenize=False)
+    assert tokenizer.decode(fed) == text
+    eos = set(tokenizer.eos_token_ids)
+    for turn, prompt in ((t1, first), (t2, fed)):
+        reference = plain_greedy(default_model.model, prompt, 12)
+        assert turn["answer_tokens"] == reference[: next((i for i, t in enumerate(reference) if t in eos), 12)]
+    assert "Helena Marsh" in replies[0].text
