@@ -29,7 +29,7 @@ from ..profiles import resolve_profile
 from ..prompts import document_prefix, question_tokens
 from ..session import Session
 from .events import (
-    CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed,
+    Answering, CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed,
     Saved, Status,
 )
 
@@ -200,6 +200,7 @@ class ChatEngine:
                          f"{session.position + len(tokens):,} tokens", hint="open the document again with /doc to start over")
         self._stop.clear()
         self._phase = "answering"
+        self._emit(Answering(question))
         detokenizer = self._loaded.tokenizer.detokenizer
         detokenizer.reset()
         answer: list[int] = []

@@ -49,6 +49,13 @@ class DocumentReady:
 
 
 @dataclass(frozen=True)
+class Answering:
+    """The engine starts answering ``question`` (the cache is being compressed)."""
+
+    question: str
+
+
+@dataclass(frozen=True)
 class Chunk:
     """The next piece of the answer being generated."""
 

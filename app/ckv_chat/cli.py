@@ -1,0 +1,51 @@
+"""`ckv-chat --doc FILE`: chat with a long document in the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ckv_mlx.blas import ensure_fast_blas
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from ckv_mlx.chat.events import DEFAULT_POLICY
+    from ckv_mlx.conversation import POLICIES
+    from ckv_mlx.methods import METHODS
+
+    p = argparse.ArgumentParser(prog="ckv-chat", description="Chat with a long document; the KV cache is compressed with CompressKV.")
+    p.add_argument("--doc", type=Path, help="document to open: .pdf .txt .md .html .docx .epub")
+    p.add_argument("--model", help="mlx-lm model folder or hub id (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--profile", help="SRH profile (default: the model's file in profiles/, if any)")
+    p.add_argument("--method", default="compresskv", choices=list(METHODS))
+    p.add_argument("--budget", default="128", help="tokens per layer (average), or a share of the document: 5%%")
+    p.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICIES,
+                   help=f"what follow-up questions use (default {DEFAULT_POLICY}; see the README)")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest answer, in tokens")
+    p.add_argument("--resume", type=Path, help="a session saved with Ctrl+S: restore it without a new prefill")
+    p.add_argument("--session", type=Path, help="where Ctrl+S saves the session (default: DOC.ckv here)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    ensure_fast_blas()
+    args = parse_args(argv)
+    if args.max_tokens < 1:
+        print("error: --max-tokens must be at least 1", file=sys.stderr)
+        return 2
+    from ckv_mlx.chat.engine import ChatEngine
+    from ckv_mlx.chat.events import ChatSettings
+
+    from .app import ChatApp
+
+    settings = ChatSettings(model=args.model, profile=args.profile, method=args.method, budget=args.budget,
+                            policy=args.policy, max_tokens=args.max_tokens)
+    app = ChatApp(lambda emit: ChatEngine(settings, emit), settings, doc=args.doc, resume=args.resume,
+                  session=args.session)
+    app.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
