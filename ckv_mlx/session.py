@@ -216,18 +216,27 @@ class Session:
         """
         sampler = make_sampler(temp)
         eos = set(self.tokenizer.eos_token_ids)
-        start = time.perf_counter()
+        last = time.perf_counter()
+
+        def clock():  # decode time so far, excluding the caller's time between tokens
+            nonlocal last
+            now = time.perf_counter()
+            self.stats.decode_s += now - last
+            last = now
+
         try:
             for _ in range(max_tokens):
                 token = sampler(logits - mx.logsumexp(logits, keepdims=True)).item()
                 if token in eos or should_stop():
                     break
                 self.stats.generated_tokens += 1
+                clock()
                 yield token
+                last = time.perf_counter()
                 self.make_room(1)
                 logits = self.model(mx.array([[token]]), cache=self.caches)[:, -1, :]
         finally:
-            self.stats.decode_s += time.perf_counter() - start
+            clock()
             self.stats.peak_memory_bytes = max(
                 self.stats.peak_memory_bytes, mx.get_peak_memory()
             )

@@ -110,6 +110,8 @@ def test_answers_match_plain_mlx_lm_over_the_fed_tokens(doc, tmp_path):
         reference = reference[: next((i for i, t in enumerate(reference) if t in eos), 6)]
         assert turn["answer_tokens"] == reference
     assert [e.done for e in recorder.of(Progress)][-1] == recorder.of(DocumentReady)[0].tokens
+    streamed = "".join(c.text for c in recorder.of(Chunk))
+    assert streamed == "".join(r.text for r in recorder.of(Reply)) and streamed
 
 
 def test_stop_keeps_the_partial_answer_and_a_consistent_cache(doc, tmp_path):
@@ -299,3 +301,4 @@ def test_real_model_sees_exactly_the_chat_template(default_model, tmp_path):
         reference = plain_greedy(default_model.model, prompt, 12)
         assert turn["answer_tokens"] == reference[: next((i for i, t in enumerate(reference) if t in eos), 12)]
     assert "Helena Marsh" in replies[0].text
+    assert "".join(c.text for c in recorder.of(Chunk)) == replies[0].text + replies[1].text

@@ -293,9 +293,9 @@ class ChatApp(App):
         bar, label = self.query_one("#prefill", ProgressBar), self.query_one("#prefill-label", Label)
         bar.display = label.display = True
         bar.update(total=progress.total, progress=progress.done)
-        eta = f" · about {progress.eta_s:,.0f} s left" if progress.eta_s is not None else ""
-        label.update(f"reading the document: {progress.done:,} / {progress.total:,} tokens · "
-                     f"{progress.tokens_per_s:,.0f} tok/s{eta} (you can type your question meanwhile)")
+        eta = f" · ~{progress.eta_s:,.0f} s left" if progress.eta_s is not None else ""
+        label.update(f"reading {progress.done:,} / {progress.total:,} tokens · {progress.tokens_per_s:,.0f} tok/s"
+                     f"{eta} · you can type your question meanwhile")
 
     def hide_progress(self):
         self.query_one("#prefill").display = False

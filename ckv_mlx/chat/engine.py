@@ -208,15 +208,18 @@ class ChatEngine:
             for token in self._conversation.ask(tokens, self.settings.max_tokens, self._stop.is_set):
                 answer.append(token)
                 detokenizer.add_token(token)
-                if detokenizer.last_segment:
-                    self._emit(Chunk(detokenizer.last_segment))
+                self._send_segment(detokenizer)
                 self._maybe_view(force=len(answer) == 1)  # the first shows the compressed cache
         finally:
             detokenizer.finalize()
-            if detokenizer.last_segment:
-                self._emit(Chunk(detokenizer.last_segment))
+            self._send_segment(detokenizer)
             document.turns.append(_Turn(question, detokenizer.text, tokens, answer))
         self._emit(Reply(detokenizer.text, self._stop.is_set()))
+
+    def _send_segment(self, detokenizer):
+        segment = detokenizer.last_segment  # reading it consumes it
+        if segment:
+            self._emit(Chunk(segment))
 
     def _change(self, settings: ChatSettings):
         """Apply a new method or budget: now if the full cache is kept, else after /reread."""
