@@ -63,11 +63,12 @@ class EngineEvent(Message):
 class QuitScreen(ModalScreen[str]):
     """Asked on quit when the conversation changed since the last save."""
 
-    BINDINGS = [("escape", "dismiss('cancel')", "Cancel")]
+    BINDINGS = [("s", "dismiss('save')", "Save and quit"), ("q", "dismiss('quit')", "Quit"),
+                ("escape", "dismiss('cancel')", "Cancel")]
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label("Save this session before quitting?")
+            yield Label("Save this session before quitting?  (s: save and quit, q: quit, Esc: cancel)")
             with Horizontal():
                 yield Button("Save and quit", id="save", variant="primary")
                 yield Button("Quit", id="quit", variant="error")
