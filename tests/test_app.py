@@ -56,6 +56,13 @@ async def ask(pilot, text: str):
     await pilot.press("enter")
 
 
+async def answered(pilot, question: str = "Who is the CFO?"):
+    """Wait for the document, ask ``question`` and wait for its answer."""
+    await until(pilot, lambda: ready(pilot.app))
+    await ask(pilot, question)
+    await until(pilot, lambda: pilot.app.transcript[-1][0] == "answer")
+
+
 def test_bar_chart_scales_to_the_largest_value():
     assert bar_chart([8, 4, 0], rows=1) == "█▄ "
     assert bar_chart([16, 8], rows=2).splitlines() == ["█ ", "██"]
@@ -179,9 +186,7 @@ async def test_save_then_resume_restores_the_conversation(tmp_path):
     session = tmp_path / "report.ckv"
     app, _ = make_app(session=session)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: ready(app))
-        await ask(pilot, "Who is the CFO?")
-        await until(pilot, lambda: app.transcript[-1][0] == "answer")
+        await answered(pilot)
         await pilot.press("ctrl+s")
         await until(pilot, lambda: not app.unsaved)
     assert json.loads(session.read_text())["turns"][0][0] == "Who is the CFO?"
@@ -208,9 +213,7 @@ async def test_quit_with_unsaved_changes_asks_and_can_save(tmp_path):
     session = tmp_path / "report.ckv"
     app, _ = make_app(session=session)
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: ready(app))
-        await ask(pilot, "Who is the CFO?")
-        await until(pilot, lambda: app.transcript[-1][0] == "answer")
+        await answered(pilot)
         await pilot.press("ctrl+q")
         await until(pilot, lambda: isinstance(app.screen, QuitScreen))
         await pilot.click("#save")
@@ -222,9 +225,7 @@ async def test_export_copy_and_history(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     app, _ = make_app()
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: ready(app))
-        await ask(pilot, "Who is the CFO?")
-        await until(pilot, lambda: app.transcript[-1][0] == "answer")
+        await answered(pilot)
         await pilot.press("ctrl+y")
         assert app.clipboard == "The CFO is **Daniel Okafor**."
         await pilot.press("ctrl+o")

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ckv_mlx.chat.events import ChatSettings
-from test_app import SIZE, ask, make_app, ready, until
+from test_app import SIZE, answered, make_app, ready, until
 
 
 def test_document_open(snap_compare):
@@ -16,20 +16,13 @@ def test_document_open(snap_compare):
 
 
 def test_answer_with_compressed_cache(snap_compare):
-    async def answered(pilot):
-        await until(pilot, lambda: ready(pilot.app))
-        await ask(pilot, "Who is the CFO?")
-        await until(pilot, lambda: pilot.app.transcript[-1][0] == "answer")
-
     app, _ = make_app(ChatSettings(policy="first-question", budget="64"))
     assert snap_compare(app, terminal_size=SIZE, run_before=answered)
 
 
 def test_quit_dialog(snap_compare):
     async def quitting(pilot):
-        await until(pilot, lambda: ready(pilot.app))
-        await ask(pilot, "Who is the CFO?")
-        await until(pilot, lambda: pilot.app.transcript[-1][0] == "answer")
+        await answered(pilot)
         await pilot.press("ctrl+q")
         await pilot.pause(0.2)
 
