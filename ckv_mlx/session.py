@@ -143,18 +143,20 @@ class Session:
     def compressed(self) -> bool:
         return self.caches[0].compressed
 
-    def layer_budgets(self, avg_budget: int | None) -> list[int] | None:
-        """Each layer's share of ``avg_budget`` (tokens per layer, window included);
-        None for a method that keeps everything. Refuses a budget that is too small."""
-        if not self.method.compresses:
+    def layer_budgets(self, avg_budget: int | None, method: Method | None = None) -> list[int] | None:
+        """Each layer's share of ``avg_budget`` (tokens per layer, window included) under
+        ``method`` (default: the session's); None for a method that keeps everything.
+        Refuses a budget that is too small."""
+        method = method or self.method
+        if not method.compresses:
             return None
-        window = self.method.window
+        window = method.window
         if avg_budget is None or avg_budget <= window:
             raise CKVError(
                 f"budget {avg_budget} is too small: it must be more than the "
                 f"observation window ({window} tokens)"
             )
-        return self.method.layer_budgets(avg_budget, len(self.caches))
+        return method.layer_budgets(avg_budget, len(self.caches))
 
     def compress(self, avg_budget: int | None) -> list[int] | None:
         """Cut every layer to its share of ``avg_budget``. A prompt no longer than the

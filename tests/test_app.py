@@ -84,7 +84,7 @@ async def test_question_streams_an_answer_and_the_panel_follows():
         assert "fake-model" in str(panel.query_one("#numbers").render())
 
 
-async def test_first_question_can_be_typed_while_the_document_is_read():
+async def test_first_question_can_be_typed_while_the_document_is_read(monkeypatch):
     gate = threading.Event()
     app, engines = make_app()
     original = FakeEngine._open
@@ -93,17 +93,14 @@ async def test_first_question_can_be_typed_while_the_document_is_read():
         gate.wait(10)
         original(self, path)
 
-    FakeEngine._open = slow_open
-    try:
-        async with app.run_test(size=SIZE) as pilot:
-            await ask(pilot, "Who is the CFO?")
-            assert [str(m.render()) for m in app.query(UserMessage)] == ["Who is the CFO?"]
-            assert not app.query(Answer)
-            gate.set()
-            await until(pilot, lambda: app.transcript[-1][0] == "answer")
-            assert ready(app)
-    finally:
-        FakeEngine._open = original
+    monkeypatch.setattr(FakeEngine, "_open", slow_open)
+    async with app.run_test(size=SIZE) as pilot:
+        await ask(pilot, "Who is the CFO?")
+        assert [str(m.render()) for m in app.query(UserMessage)] == ["Who is the CFO?"]
+        assert not app.query(Answer)
+        gate.set()
+        await until(pilot, lambda: app.transcript[-1][0] == "answer")
+        assert ready(app)
 
 
 async def test_escape_stops_the_answer_and_keeps_what_was_said():

@@ -255,11 +255,7 @@ class ChatEngine:
         if not method.compresses:
             return None
         budget = parse_budget(settings.budget, prompt_tokens)
-        saved, self._session.method = self._session.method, method
-        try:
-            self._session.layer_budgets(budget)
-        finally:
-            self._session.method = saved
+        self._session.layer_budgets(budget, method)
         return budget
 
     def _check_fits(self, tokens: int, what: str, hint: str = "use a shorter document or a model with a longer context"):
