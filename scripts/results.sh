@@ -2,7 +2,7 @@
 # The evaluation runs behind docs/results.md, on the built-in model and its shipped profile.
 # Each step is resumable: killed and started again, it continues; with larger grids
 # (e.g. --lengths 1000,2000,4000,7000) it adds only the missing records.
-# Usage: bash scripts/results.sh [niah|ablation|mixed|followup]...   (default: all four)
+# Usage: bash scripts/results.sh [niah|uniform|ablation|mixed|followup]...   (default: all five)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -13,6 +13,15 @@ LENGTHS=${LENGTHS:-1000}
 niah() {  # NIAH, completion style, Paul Graham haystack, 10 depths x 3 needles, query-aware
     $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths "$LENGTHS" \
         --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity --out docs/eval/niah
+}
+
+uniform() {  # compresskv with uniform budgets: the shipped profile without its layer errors, NIAH at 2K
+    mkdir -p runs
+    $PY -c 'import json, sys; p = json.load(open(sys.argv[1])); p.pop("layer_errors"); json.dump(p, open(sys.argv[2], "w"))' \
+        profiles/smollm2-135m-instruct.json runs/smollm2-uniform-budgets.json
+    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths 2000 --profile runs/smollm2-uniform-budgets.json \
+        --methods compresskv,compresskv-gqa --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity \
+        --out docs/eval/niah-uniform
 }
 
 ablation() {  # SRH masking vs random and classic retrieval heads
@@ -30,6 +39,6 @@ followup() {  # a second question about another needle, under each multi-turn po
         --methods full,compresskv,snapkv,streamingllm --budgets 64,256 --max-tokens 8 --out docs/eval/followup
 }
 
-for step in "${@:-niah ablation mixed followup}"; do
+for step in "${@:-niah uniform ablation mixed followup}"; do
     for s in $step; do $s; done
 done
