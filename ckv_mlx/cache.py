@@ -99,12 +99,16 @@ class EvictingKVCache(_BaseCache):
         return self.keys is None
 
     @property
-    def nbytes(self) -> int:
-        """Bytes of the rows held (keys and values)."""
+    def row_bytes(self) -> int:
+        """Bytes of one token's keys and values over all KV heads (0 while empty)."""
         if self.keys is None:
             return 0
-        row = self.keys.shape[1] * (self.keys.shape[3] + self.values.shape[3])
-        return self.length * row * self.keys.dtype.size
+        return self.keys.shape[1] * (self.keys.shape[3] + self.values.shape[3]) * self.keys.dtype.size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows held (keys and values)."""
+        return self.length * self.row_bytes
 
     def make_mask(self, n: int, return_array: bool = False, window_size=None):
         if window_size is not None or return_array:

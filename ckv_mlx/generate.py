@@ -18,6 +18,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from .cache import DEFAULT_REGION
     from .methods import METHODS
     from .prompts import TRUNCATE_CHOICES
+    from .session import PREFILL_STEP
 
     p = argparse.ArgumentParser(
         prog="python -m ckv_mlx.generate",
@@ -34,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--raw", action="store_true", help="no chat template: document, newline, prompt")
     p.add_argument("--truncate", choices=TRUNCATE_CHOICES, default="none", help="what to drop when the document exceeds the context (default: refuse)")
     p.add_argument("--region", type=int, default=DEFAULT_REGION, help="rows per layer for generated tokens before re-scoring")
+    p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 512MiB (default: what MLX's memory limit leaves "
+                   "after the weights); a prompt whose full cache exceeds it is read in chunks that compress as they go")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_STEP, help=f"tokens per prefill chunk (default {PREFILL_STEP})")
     p.add_argument("--save-cache", type=Path, help="save the compressed cache (safetensors + metadata) here")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
     return p.parse_args(argv)
@@ -49,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from .budgets import parse_budget
     from .cache import save_caches
     from .documents import document_hash, read_document
+    from .memory import plan_prefill
     from .methods import make_method
     from .models import load_model
     from .profiles import resolve_profile
@@ -57,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 1:
         raise CKVError("--max-tokens must be at least 1")
+    if args.prefill_chunk < 1:
+        raise CKVError("--prefill-chunk must be at least 1 token")
     if args.region < 1:
         raise CKVError("--region must be at least 1 (rows per layer for generated tokens)")
     if args.save_cache and not args.save_cache.parent.is_dir():
@@ -80,10 +87,12 @@ def run(args: argparse.Namespace) -> int:
     session = Session(loaded.model, loaded.tokenizer, method, region=args.region)
     budget = parse_budget(args.budget, len(tokens)) if method.compresses else None
     session.layer_budgets(budget)
-    for note in notes + method_notes:
+    working, memory_note = plan_prefill(loaded.model, len(tokens), budget, args.kv_limit, args.prefill_chunk)
+    for note in notes + method_notes + [memory_note] * bool(memory_note):
         print(f"note: {note}", file=sys.stderr)
 
-    logits = session.prefill(tokens, progress=_progress if sys.stderr.isatty() else None)
+    progress = _progress if sys.stderr.isatty() else None
+    logits = session.prefill(tokens, progress, working_budget=working, chunk=args.prefill_chunk)
     session.compress(budget)
     text, interrupted = _stream(session, logits, loaded.tokenizer, args)
     report = _report(session, loaded.name, args, budget, profile_path, text, interrupted)
@@ -136,6 +145,8 @@ def _report(session, model_name, args, budget, profile_path, text, interrupted) 
         "kv_bytes_full": s.kv_bytes_full,
         "kv_bytes_kept": s.kv_bytes_kept,
         "kv_ratio": s.kv_bytes_kept / s.kv_bytes_full if s.kv_bytes_full else None,
+        "peak_kv_bytes": s.peak_kv_bytes,
+        "working_budget": s.working_budget,
         "prefill_tps": s.prefill_tps,
         "decode_tps": s.decode_tps,
         "compress_s": s.compress_s,
@@ -154,6 +165,8 @@ def _summary(r: dict) -> str:
         f"KV cache         full {r['kv_bytes_full'] / mib:.2f} MiB -> kept {r['kv_bytes_kept'] / mib:.2f} MiB"
         + (f" ({100 * r['kv_ratio']:.1f} %)" if r["kv_ratio"] is not None else ""),
     ]
+    if r["working_budget"]:
+        lines.append(f"prefill cache    at most {r['peak_kv_bytes'] / mib:.2f} MiB (chunked, {r['working_budget']} tokens per layer between chunks)")
     if r["layer_budgets"]:
         lines.append(f"layer budgets    {_budgets(r['layer_budgets'])} (average {r['budget']})")
     lines += [

@@ -34,6 +34,8 @@ class Stats:
     compress_s: float = 0.0
     decode_s: float = 0.0
     peak_memory_bytes: int = 0
+    peak_kv_bytes: int = 0
+    working_budget: int | None = None
 
     @property
     def prefill_tps(self) -> float:
@@ -92,6 +94,11 @@ class Session:
         return sum(c.nbytes for c in self.caches)
 
     @property
+    def bytes_per_token(self) -> int:
+        """What one more token costs a full cache, over all layers."""
+        return sum(c.row_bytes for c in self.caches)
+
+    @property
     def consistent(self) -> bool:
         """Whether every layer has seen the same tokens (an interrupt mid-step breaks it)."""
         return len({c.offset for c in self.caches}) == 1
@@ -102,17 +109,61 @@ class Session:
         return self.caches[0].offset
 
     def prefill(
-        self, tokens: list[int], progress: Callable[[int, int], None] | None = None
+        self,
+        tokens: list[int],
+        progress: Callable[[int, int], None] | None = None,
+        working_budget: int | None = None,
+        chunk: int = PREFILL_STEP,
     ) -> mx.array:
-        """Run the whole prompt through a full cache; return the last token's logits."""
+        """Run the whole prompt; return the last token's logits.
+
+        By default the full cache is kept. With ``working_budget`` (tokens per layer on
+        average) the prompt is read in ``chunk``-token pieces that compress as they go:
+        after each one, every layer evicts back to its share of the working budget,
+        scored by that chunk's window, so no layer ever holds more than its share plus
+        one chunk.
+        """
         mx.reset_peak_memory()
         start = time.perf_counter()
-        logits = self.feed(tokens, progress)
+        if working_budget is None:
+            logits = self.feed(tokens, progress)
+        else:
+            logits = self._feed_bounded(tokens, working_budget, chunk, progress)
         mx.eval(logits)
         self.stats.prefill_s = time.perf_counter() - start
         self.stats.prompt_tokens = len(tokens)
-        self.stats.kv_bytes_full = self.kv_bytes
+        self.stats.kv_bytes_full = self.bytes_per_token * self.position
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.kv_bytes)
+        self.stats.working_budget = working_budget
         return logits
+
+    def _feed_bounded(self, tokens, working_budget, chunk, progress) -> mx.array:
+        budgets = self.layer_budgets(working_budget)
+        for cache in self.caches:
+            cache.step = cache.region = chunk  # room for exactly one chunk, never more
+        body, last = tokens[:-1], tokens[-1:]
+        for start in range(0, len(body), chunk):
+            piece = body[start : start + chunk]
+            self.model(mx.array([piece]), cache=self.caches)
+            mx.eval([c.keys for c in self.caches])
+            self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.kv_bytes)
+            self._evict_to(budgets)
+            if progress:
+                progress(start + len(piece), len(tokens))
+        for cache in self.caches:
+            cache.region = self.region
+        logits = self.model(mx.array([last]), cache=self.caches)[:, -1, :]
+        if progress:
+            progress(len(tokens), len(tokens))
+        return logits
+
+    def _evict_to(self, budgets: list[int]):
+        """Cut every layer longer than its budget, one at a time (bounded transients)."""
+        for layer, budget in enumerate(budgets):
+            cache = self.caches[layer]
+            if cache.length > budget:
+                self._compress_layer(layer, budget)
+                mx.eval(cache.keys, cache.values)
 
     def feed(
         self, tokens: list[int], progress: Callable[[int, int], None] | None = None

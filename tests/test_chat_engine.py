@@ -302,3 +302,20 @@ def test_real_model_sees_exactly_the_chat_template(default_model, tmp_path):
         assert turn["answer_tokens"] == reference[: next((i for i, t in enumerate(reference) if t in eos), 12)]
     assert "Helena Marsh" in replies[0].text
     assert "".join(c.text for c in recorder.of(Chunk)) == replies[0].text + replies[1].text
+
+
+def test_a_document_over_the_memory_limit_is_read_in_chunks(tmp_path):
+    path = tmp_path / "long.txt"
+    path.write_text(" ".join([DOC] * 8))
+    limit = 400 * 1024  # the 2-layer model's full cache of this document is about 1 MiB
+    engine, recorder = start(ChatSettings(method="snapkv", budget="64", max_tokens=3, kv_limit="400KiB"))
+    try:
+        engine.open(path)
+        engine.ask("Where are the orchards?")
+        recorder.wait(Reply)
+        stats = engine._session.stats
+    finally:
+        engine.close()
+    assert any("would not fit the KV memory limit" in n.text for n in recorder.of(Notice))
+    assert stats.kv_bytes_full > 2.5 * limit
+    assert 0 < stats.peak_kv_bytes <= limit

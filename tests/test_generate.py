@@ -63,6 +63,19 @@ def test_json_report(capsys, tokenizer, doc, method):
     assert 0 < report["generated_tokens"] <= 12
 
 
+@pytest.mark.slow
+def test_a_prompt_over_the_kv_limit_is_read_in_chunks(capsys, tokenizer, doc):
+    code, out, err = run(capsys, "--doc", doc, "--prompt", "Where does Mara keep bees?", "--method", "compresskv",
+                         "--budget", "64", "--kv-limit", "6MiB", "--prefill-chunk", "64", "--max-tokens", "4", "--json")
+    assert code == 0 and "would not fit the KV memory limit" in err
+    report = json.loads(out.strip().splitlines()[-1])
+    row = 30 * 3 * 64 * 2 * 4
+    assert report["working_budget"] == 6 * 2**20 // row - 64
+    assert report["kv_bytes_full"] == report["prompt_tokens"] * row > 2 * 6 * 2**20
+    assert report["peak_kv_bytes"] <= 6 * 2**20
+    assert report["kv_bytes_kept"] == 64 * 30 * row // 30
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -71,6 +84,10 @@ def test_json_report(capsys, tokenizer, doc, method):
         (["--budget", "4"], "too small"),
         (["--max-tokens", "0"], "max-tokens"),
         (["--region", "0"], "region"),
+        (["--prefill-chunk", "0"], "prefill-chunk"),
+        (["--kv-limit", "lots"], "not a memory size"),
+        (["--kv-limit", "4MiB", "--budget", "64"], "too small for budget 64"),
+        (["--kv-limit", "4MiB", "--method", "full"], "method full keeps everything"),
         (["--model", "/nonexistent/model/folder"], "model"),
     ],
 )

@@ -23,6 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICIES,
                    help=f"what follow-up questions use (default {DEFAULT_POLICY}; see the README)")
     p.add_argument("--max-tokens", type=int, default=512, help="longest answer, in tokens")
+    p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 512MiB (default: what MLX's memory limit leaves "
+                   "after the weights); a longer document is read in chunks that compress as they go")
     p.add_argument("--resume", type=Path, help="a session saved with Ctrl+S: restore it without a new prefill")
     p.add_argument("--session", type=Path, help="where Ctrl+S saves the session (default: DOC.ckv here)")
     return p.parse_args(argv)
@@ -34,13 +36,21 @@ def main(argv=None) -> int:
     if args.max_tokens < 1:
         print("error: --max-tokens must be at least 1", file=sys.stderr)
         return 2
+    from ckv_mlx.errors import CKVError
+    from ckv_mlx.memory import parse_size
+
+    try:
+        args.kv_limit and parse_size(args.kv_limit)
+    except CKVError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     from ckv_mlx.chat.engine import ChatEngine
     from ckv_mlx.chat.events import ChatSettings
 
     from .app import ChatApp
 
     settings = ChatSettings(model=args.model, profile=args.profile, method=args.method, budget=args.budget,
-                            policy=args.policy, max_tokens=args.max_tokens)
+                            policy=args.policy, max_tokens=args.max_tokens, kv_limit=args.kv_limit)
     app = ChatApp(lambda emit: ChatEngine(settings, emit), settings, doc=args.doc, resume=args.resume,
                   session=args.session)
     app.run()

@@ -23,11 +23,12 @@ from ..cache import DEFAULT_REGION, load_caches, save_caches
 from ..conversation import Conversation
 from ..documents import document_hash, read_document
 from ..errors import CKVError
+from ..memory import plan_prefill
 from ..methods import make_method
 from ..models import LoadedModel, load_model
 from ..profiles import resolve_profile
 from ..prompts import document_prefix, question_tokens
-from ..session import Session
+from ..session import PREFILL_STEP, Session
 from .events import (
     Answering, CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed,
     Saved, Status,
@@ -183,8 +184,12 @@ class ChatEngine:
             self._emit(Progress(done, total, done / max(time.perf_counter() - start, 1e-9)))
             self._maybe_view()
 
-        session.prefill(document.prefix, progress)
-        self._conversation = Conversation(session, self.settings.policy, self._budget_tokens(self.settings, len(document.prefix)))
+        budget = self._budget_tokens(self.settings, len(document.prefix))
+        working, note = plan_prefill(self._loaded.model, len(document.prefix), budget, self.settings.kv_limit, PREFILL_STEP)
+        if note:
+            self._emit(Notice(note))
+        session.prefill(document.prefix, progress, working_budget=working)
+        self._conversation = Conversation(session, self.settings.policy, budget)
         self._conversation.open(session.snapshot())
         for turn in document.turns:
             self._conversation.start(turn.question_tokens)

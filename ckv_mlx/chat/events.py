@@ -19,6 +19,7 @@ class ChatSettings:
     policy: str = DEFAULT_POLICY
     max_tokens: int = 512
     region: int | None = None
+    kv_limit: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,92 @@
+"""How much KV cache fits: sizes, the memory limit, and the plan for a bounded prefill.
+
+A prompt whose full cache fits the KV limit is prefilled whole and compressed once. One
+that does not is read in chunks that compress as they go, with a working budget chosen
+so that working budget + one chunk of rows per layer stays under the limit.
+"""
+
+from __future__ import annotations
+
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .errors import CKVError
+
+UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
+         "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30}
+ACTIVATION_MARGIN = 0.25  # share of MLX's memory limit left for activations by default
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``text``: ``512MiB``, ``2GB``, ``64m``, ``1048576`` (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in UNITS:
+        raise CKVError(f"{text!r} is not a memory size: write e.g. 512MiB, 2GiB or a number of bytes")
+    size = int(float(match.group(1)) * UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise CKVError(f"memory size {text!r} must be more than 0")
+    return size
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def kv_bytes_per_token(model: nn.Module) -> int:
+    """Bytes one token adds to the full cache over all layers (keys and values), in the
+    dtype the model computes its keys in."""
+    probe = model.model.embed_tokens(mx.array([[0]]))
+    total = 0
+    for layer in model.layers:
+        attention = layer.self_attn
+        keys = attention.k_proj(probe)
+        total += 2 * keys.shape[-1] * keys.dtype.size
+    return total
+
+
+def default_kv_limit(model: nn.Module) -> int:
+    """What MLX's memory limit leaves for the cache after the weights and a margin."""
+    return int((1 - ACTIVATION_MARGIN) * mx.get_memory_limit()) - weight_bytes(model)
+
+
+def working_budget(prompt_tokens: int, per_token: int, kv_limit: int, chunk: int, budget: int | None) -> int | None:
+    """Tokens per layer to keep between chunks when the full cache of ``prompt_tokens``
+    exceeds ``kv_limit``; None when it fits. Refuses a limit too small for ``budget``."""
+    if prompt_tokens * per_token <= kv_limit:
+        return None
+    if budget is None:
+        raise CKVError(
+            f"the full cache of {prompt_tokens:,} tokens ({mib(prompt_tokens * per_token)}) exceeds the KV "
+            f"memory limit ({mib(kv_limit)}) and method full keeps everything: choose a compressing method "
+            "or raise the limit"
+        )
+    working = kv_limit // per_token - chunk
+    if working < budget:
+        raise CKVError(
+            f"KV memory limit {mib(kv_limit)} is too small for budget {budget} with chunks of {chunk} tokens: "
+            f"it needs at least {mib((budget + chunk) * per_token)}; raise the limit or lower the budget"
+        )
+    return working
+
+
+def plan_prefill(model: nn.Module, prompt_tokens: int, budget: int | None, kv_limit: str | None,
+                 chunk: int) -> tuple[int | None, str | None]:
+    """The working budget for reading ``prompt_tokens`` under ``kv_limit`` (a size; None:
+    :func:`default_kv_limit`) and a note saying why, or ``(None, None)`` when it fits."""
+    limit = parse_size(kv_limit) if kv_limit else default_kv_limit(model)
+    per_token = kv_bytes_per_token(model)
+    working = working_budget(prompt_tokens, per_token, limit, chunk, budget)
+    if working is None:
+        return None, None
+    return working, (
+        f"the full cache of {prompt_tokens:,} tokens ({mib(prompt_tokens * per_token)}) would not fit the KV "
+        f"memory limit ({mib(limit)}): reading it in chunks of {chunk} tokens that compress as they go, "
+        f"keeping {working} tokens per layer between chunks"
+    )
