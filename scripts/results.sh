@@ -2,7 +2,7 @@
 # The evaluation runs behind docs/results.md, on the built-in model and its shipped profile.
 # Each step is resumable: killed and started again, it continues; with larger grids
 # (e.g. --lengths 1000,2000,4000,7000) it adds only the missing records.
-# Usage: bash scripts/results.sh [niah|uniform|ablation|mixed|followup]...   (default: all five)
+# Usage: bash scripts/results.sh [niah|uniform|chunked|ablation|mixed|followup]...   (default: all six)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -24,6 +24,11 @@ uniform() {  # compresskv with uniform budgets: the shipped profile without its 
         --out docs/eval/niah-uniform
 }
 
+chunked() {  # bounded-memory prefill: NIAH at 2K, the document read in chunks of 512 kept to 256 tokens per layer
+    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths 2000 --methods compresskv --budgets 32,64,128,256 \
+        --modes query-aware --max-tokens 8 --no-fidelity --working-budget 256 --prefill-chunk 512 --out docs/eval/niah-chunked
+}
+
 ablation() {  # SRH masking vs random and classic retrieval heads
     $PY scripts/srh_ablation.py --trials docs/profiling/smollm2-135m-instruct.srh.jsonl \
         --lengths 500,1500 --depths 0,50,100 --heads 10,20 --seeds 3
@@ -39,6 +44,6 @@ followup() {  # a second question about another needle, under each multi-turn po
         --methods full,compresskv,snapkv,streamingllm --budgets 64,256 --max-tokens 8 --out docs/eval/followup
 }
 
-for step in "${@:-niah uniform ablation mixed followup}"; do
+for step in "${@:-niah uniform chunked ablation mixed followup}"; do
     for s in $step; do $s; done
 done

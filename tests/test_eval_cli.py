@@ -91,3 +91,22 @@ def test_bad_input_is_one_line(tmp_path, capsys, default_model):
     assert "budget 'lots' is not understood" in capsys.readouterr().err
     assert main(["--lengths", "9000", "--out", str(tmp_path)]) == 2
     assert "exceeds the model's context" in capsys.readouterr().err
+
+
+def test_bounded_prefill_grid(tmp_path, default_model):
+    args = ["--tasks", "niah", "--lengths", "300", "--depths", "50", "--needle-count", "1", "--methods", "snapkv",
+            "--budgets", "32,64", "--modes", "query-aware", "--max-tokens", "4", "--no-fidelity",
+            "--working-budget", "96", "--prefill-chunk", "64", "--out", str(tmp_path)]
+    assert main(args) == 0
+    records = [json.loads(l) for l in (tmp_path / "records.jsonl").read_text().splitlines()]
+    identity, records = records[0], records[1:]
+    assert "working budget 96" in json.dumps(identity)
+    assert [(r["method"], r.get("working_budget")) for r in records] == [("full", None), ("snapkv", 96), ("snapkv", 96)]
+    full, at32, at64 = (r["kv_fraction"] for r in records)
+    assert full == 1 and at32 == pytest.approx(32 / records[0]["prompt_tokens"], abs=1e-9)
+    assert at64 == pytest.approx(2 * at32)
+
+
+def test_working_budget_below_a_budget_is_refused(tmp_path, capsys, default_model):
+    assert main(["--working-budget", "32", "--budgets", "64", "--out", str(tmp_path)]) == 2
+    assert "--working-budget 32 must be at least every budget" in capsys.readouterr().err

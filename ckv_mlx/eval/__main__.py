@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", type=_list, default=list(MODES), help="query-aware, query-agnostic (default both)")
     p.add_argument("--policies", type=_list, default=list(POLICIES), help="multi-turn policies for followup (default all)")
     p.add_argument("--max-tokens", type=int, default=12, help="answer tokens (default 12; answers stop at a newline)")
+    p.add_argument("--working-budget", type=int, help="read each document in chunks that compress as they go, keeping "
+                   "this many tokens per layer between chunks (the bounded-memory prefill); default: full prefill")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per chunk with --working-budget (default 512)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the teacher-forced fidelity measurement")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
     p.add_argument("--restart", action="store_true", help="discard earlier records in OUT and start over")
@@ -75,6 +78,13 @@ def _check(args, methods, modes, policies):
 
     for budget in args.budgets:
         parse_budget(budget, 1)  # a malformed budget fails here, before any prefill
+    if args.working_budget is not None:
+        if args.prefill_chunk < 1:
+            raise CKVError("--prefill-chunk must be at least 1 token")
+        small = [b for b in args.budgets if not b.isdigit() or int(b) > args.working_budget]
+        if small or "followup" in args.tasks:
+            raise CKVError(f"--working-budget {args.working_budget} must be at least every budget (in tokens) and "
+                           "does not apply to followup: raise it or drop those budgets")
     if not all(0 <= d <= 100 for d in args.depths):
         raise CKVError("--depths are percentages: each must be between 0 and 100")
 
@@ -133,7 +143,9 @@ def _identity(args, loaded, profile) -> dict:
     srh = None if profile is None else [profile.srh_heads(l) for l in range(profile.shape.layers)]
     return {"model": loaded.name, "srh": str(srh), "layer_errors": str(profile and profile.layer_errors),
             "needles": str(args.needles or DEFAULT_NEEDLES), "haystack": str(args.haystack or DEFAULT_HAYSTACK),
-            "style": args.style, "max_tokens": args.max_tokens}
+            "style": args.style, "max_tokens": args.max_tokens,
+            **({"prefill": f"chunks of {args.prefill_chunk}, working budget {args.working_budget}"}
+               if args.working_budget else {})}
 
 
 def run(args, argv) -> int:
@@ -160,7 +172,8 @@ def run(args, argv) -> int:
     samples = _samples(args, loaded)
     log = RunLog(args.out / "records.jsonl", _identity(args, loaded, profile), args.restart)
     session = Session(loaded.model, loaded.tokenizer, methods[0])
-    harness = Harness(session, loaded.tokenizer, args.max_tokens, fidelity=not args.no_fidelity)
+    harness = Harness(session, loaded.tokenizer, args.max_tokens, fidelity=not args.no_fidelity,
+                      working_budget=args.working_budget, chunk=args.prefill_chunk)
     print(f"eval of {loaded.name}: {len(samples)} samples x {len(settings)} settings; records in {log.path}",
           file=sys.stderr)
     interrupted = False

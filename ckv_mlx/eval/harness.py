@@ -16,7 +16,7 @@ import mlx.core as mx
 from ..budgets import parse_budget
 from ..conversation import Conversation, answer_line
 from ..methods import Method
-from ..session import Session
+from ..session import PREFILL_STEP, Session
 from .tasks import EvalSample
 
 MODES = {"query-aware": "first-question", "query-agnostic": "agnostic"}
@@ -43,9 +43,11 @@ def _fidelity(lp: mx.array, full_lp: mx.array) -> tuple[float, float]:
 class Harness:
     """Runs samples through one session; yields one record per answer."""
 
-    def __init__(self, session: Session, tokenizer, max_tokens: int, fidelity: bool = True):
+    def __init__(self, session: Session, tokenizer, max_tokens: int, fidelity: bool = True,
+                 working_budget: int | None = None, chunk: int = PREFILL_STEP):
         self.session, self.tokenizer = session, tokenizer
         self.max_tokens, self.fidelity = max_tokens, fidelity
+        self.working_budget, self.chunk = working_budget, chunk
 
     def _answer(self, logits) -> list[int]:
         return answer_line(self.session.generate(logits, self.max_tokens), self.tokenizer, self.max_tokens)
@@ -65,6 +67,23 @@ class Harness:
         self.session.feed(sample.document)
         return self.session.snapshot()
 
+    def _bounded_prefill(self, sample: EvalSample, method: Method) -> tuple:
+        """The document read in chunks that ``method`` compresses to the working budget
+        as they go: the snapshot all of that method's budgets start from."""
+        self.session.reset()
+        self.session.method = method
+        self.session.prefill(sample.document, working_budget=self.working_budget, chunk=self.chunk)
+        return self.session.snapshot()
+
+    def _start(self, sample: EvalSample, setting: Setting, document: tuple, bounded: dict) -> tuple:
+        """Where ``setting`` starts: the full document, or its method's bounded prefill."""
+        if self.working_budget is None or not setting.method.compresses:
+            return document
+        name = setting.method.name
+        if name not in bounded:
+            bounded[name] = self._bounded_prefill(sample, setting.method)
+        return bounded[name]
+
     def _budget(self, sample: EvalSample, setting: Setting) -> int | None:
         if not setting.method.compresses:
             return None
@@ -75,11 +94,11 @@ class Harness:
         todo = [(mode, s) for mode in modes for s in settings if f"{sample.key}/{s.key(mode)}" not in done]
         if not todo:
             return
-        document = self._prefill(sample)
+        document, bounded = self._prefill(sample), {}
         full = next(s for s in settings if not s.method.compresses)
         reference = self._full_answer(document, full, sample.questions[0])
         for mode, setting in todo:
-            yield self._single(sample, document, setting, mode, reference)
+            yield self._single(sample, self._start(sample, setting, document, bounded), setting, mode, reference)
 
     def _full_answer(self, document, full: Setting, question) -> tuple:
         session = self.session
@@ -106,6 +125,8 @@ class Harness:
         answer = self._answer(logits)
         extra = {"mode": mode, "key": f"{sample.key}/{setting.key(mode)}", "budget_tokens": budget,
                  "kv_fraction": kept / full_bytes}
+        if self.working_budget and setting.method.compresses:
+            extra["working_budget"] = self.working_budget
         if full_lp is not None and setting.method.compresses:
             session.restore(state)
             extra["top1"], extra["kl"] = _fidelity(session.teacher_force(logits, full_answer), full_lp)

@@ -1,0 +1,296 @@
+"""Speed and memory of ckv-mlx against plain mlx-lm, side by side in one process.
+
+    .venv/bin/python scripts/bench.py                       # 1K..8K, budgets 64/128/256
+    .venv/bin/python scripts/bench.py --lengths 300 --budgets 64 --repeats 1 --decode-tokens 8 --out /tmp/b
+
+For each context length, each repeat runs plain mlx-lm and ours one after the other:
+plain prefill and decode at that context; our prefill (which keeps the window queries);
+for each budget, compression and decode with the compressed cache; plain mlx-lm decode at
+a context the size of the budget (the ideal). Figures are medians over the repeats.
+Memory during decode is measured in a child process that holds only our model and the
+compressed cache. Writes OUT/bench.json, OUT/bench.md and OUT/bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ckv_mlx.blas import ensure_fast_blas
+
+TARGETS = {
+    "prefill_overhead": 0.03,  # window scoring adds at most 3 % to prefill time
+    "compress_share": 0.02,  # compressing takes at most 2 % of the prefill time
+    "decode_vs_ideal": 0.90,  # at 8K, decode >= 90 % of plain mlx-lm at the budget's context
+    "memory_excess": 0.10,  # decode peak within 10 % of weights + kept cache + activations
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    p.add_argument("--model", default=None, help="mlx-lm model folder or hub id (default: built-in)")
+    p.add_argument("--method", default="compresskv")
+    p.add_argument("--lengths", type=ints, default=[1000, 2000, 4000, 8000])
+    p.add_argument("--budgets", type=ints, default=[64, 128, 256])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=80, help="tokens per decode run (default 80: one eviction)")
+    p.add_argument("--out", type=Path, default=Path("docs/bench"))
+    p.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def prompt_ids(tokenizer, length: int) -> list[int]:
+    """``length`` tokens of the shipped haystack (repeated if short)."""
+    from ckv_mlx.niah import DEFAULT_HAYSTACK, load_haystack
+
+    ids = tokenizer.encode(load_haystack(DEFAULT_HAYSTACK))
+    return (ids * (length // len(ids) + 1))[:length]
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def plain_prefill(model, tokens: list[int], step: int):
+    """mlx-lm's own cache and prefill loop; returns (cache, last logits)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    for start in range(0, len(tokens) - 1, step):
+        model(mx.array([tokens[start : min(start + step, len(tokens) - 1)]]), cache=cache)
+        mx.eval([c.state for c in cache])
+    logits = model(mx.array([tokens[-1:]]), cache=cache)[:, -1]
+    mx.eval(logits)
+    return cache, logits
+
+
+def decode(model, cache, logits, n: int, before_step=lambda: None) -> float:
+    """Greedy-decode exactly ``n`` tokens (EOS ignored); returns tokens per second."""
+    import mlx.core as mx
+
+    start = time.perf_counter()
+    for _ in range(n):
+        token = mx.argmax(logits, axis=-1).item()
+        before_step()
+        logits = model(mx.array([[token]]), cache=cache)[:, -1]
+    mx.eval(logits)
+    return n / (time.perf_counter() - start)
+
+
+def step_transient(model, cache, logits) -> int:
+    """Bytes one decode step allocates beyond what is already held (activations)."""
+    import mlx.core as mx
+
+    token = mx.argmax(logits, axis=-1).item()
+    mx.clear_cache()
+    held = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(model(mx.array([[token]]), cache=cache))
+    return mx.get_peak_memory() - held
+
+
+def one_repeat(plain, session, tokens, budgets, n) -> dict:
+    """Plain and ours at one context, interleaved; every figure of one repeat."""
+    from ckv_mlx.session import PREFILL_STEP
+
+    row = {}
+    (cache, logits), row["plain_prefill_s"] = timed(lambda: plain_prefill(plain.model, tokens, PREFILL_STEP))
+    row["plain_decode_tps"] = decode(plain.model, cache, logits, n)
+    del cache
+    session.reset()
+    logits, row["ours_prefill_s"] = timed(lambda: session.prefill(tokens))
+    snapshot = session.snapshot()
+    for budget in budgets:
+        session.restore(snapshot)
+        session.compress(budget)
+        row[f"compress_s@{budget}"] = session.stats.compress_s
+        row[f"ours_decode_tps@{budget}"] = decode(session.model, session.caches, logits, n, lambda: session.make_room(1))
+        ideal, ideal_logits = plain_prefill(plain.model, tokens[:budget], PREFILL_STEP)
+        row[f"activations@{budget}"] = step_transient(plain.model, ideal, ideal_logits)
+        row[f"ideal_decode_tps@{budget}"] = decode(plain.model, ideal, ideal_logits, n)
+    return row
+
+
+def main(argv=None) -> int:
+    ensure_fast_blas()
+    args = parse_args(argv)
+    if args.memory_child:
+        return memory_child(args)
+    import mlx.core as mx
+
+    from ckv_mlx.memory import weight_bytes
+    from ckv_mlx.methods import make_method
+    from ckv_mlx.models import load_model
+    from ckv_mlx.profiles import resolve_profile
+    from ckv_mlx.session import Session
+
+    started = time.perf_counter()
+    ours, plain = load_model(args.model), load_model(args.model)
+    profile, _, _ = resolve_profile(None, ours.shape)
+    method, _ = make_method(args.method, profile)
+    session = Session(ours.model, ours.tokenizer, method)
+    results = {"model": ours.name, "method": method.name, "decode_tokens": args.decode_tokens,
+               "repeats": args.repeats, "weights_bytes": weight_bytes(ours.model), "lengths": {}}
+    for length in args.lengths:
+        tokens = prompt_ids(ours.tokenizer, length)
+        repeats = [one_repeat(plain, session, tokens, args.budgets, args.decode_tokens) for _ in range(args.repeats)]
+        medians = {k: statistics.median(r[k] for r in repeats) for k in repeats[0]}
+        medians["runs"] = repeats
+        medians["memory"] = run_memory_child(args, length)
+        results["lengths"][str(length)] = medians
+        gc.collect()
+        mx.clear_cache()
+        print(f"{length} tokens done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["targets"] = check_targets(results, args.budgets)
+    write(results, args)
+    return 0
+
+
+def run_memory_child(args, length: int) -> dict:
+    """Decode memory per budget, measured in a fresh process (see :func:`memory_child`)."""
+    command = [sys.executable, __file__, "--memory-child", str(length), "--method", args.method,
+               "--budgets", ",".join(map(str, args.budgets)), "--decode-tokens", str(args.decode_tokens)]
+    if args.model:
+        command += ["--model", args.model]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def memory_child(args) -> int:
+    """Prefill once, then for each budget (largest first) compress, free everything
+    else and decode: MLX's peak and the process RSS while only the weights and the kept
+    cache are held."""
+    import mlx.core as mx
+
+    from ckv_mlx.methods import make_method
+    from ckv_mlx.models import load_model
+    from ckv_mlx.profiles import resolve_profile
+    from ckv_mlx.session import Session
+
+    loaded = load_model(args.model)
+    profile, _, _ = resolve_profile(None, loaded.shape)
+    session = Session(loaded.model, loaded.tokenizer, make_method(args.method, profile)[0])
+    logits = session.prefill(prompt_ids(loaded.tokenizer, args.memory_child))
+    out = {"full_bytes": session.stats.kv_bytes_full}
+    for budget in sorted(args.budgets, reverse=True):
+        budgets = session.compress(budget)
+        kept = session.kv_bytes
+        formula = sum(b * c.row_bytes for b, c in zip(budgets, session.caches))
+        gc.collect()
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        decode(session.model, session.caches, logits, args.decode_tokens, lambda: session.make_room(1))
+        allocated = sum(c.capacity * c.row_bytes for c in session.caches)
+        out[str(budget)] = {"peak_bytes": mx.get_peak_memory(), "kept_bytes": kept, "formula_bytes": formula,
+                            "allocated_kv_bytes": allocated, "rss_bytes": _rss()}
+    print(json.dumps(out))
+    return 0
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes
+
+
+def check_targets(results: dict, budgets: list[int]) -> dict:
+    """Each target of the benchmark, with the worst measured value and met or not."""
+    lengths = results["lengths"]
+    overhead = max(m["ours_prefill_s"] / m["plain_prefill_s"] - 1 for m in lengths.values())
+    share = max(m[f"compress_s@{b}"] / m["ours_prefill_s"] for m in lengths.values() for b in budgets)
+    longest = lengths[max(lengths, key=int)]
+    speed = min(longest[f"ours_decode_tps@{b}"] / longest[f"ideal_decode_tps@{b}"] for b in budgets)
+    excess, exact = 0.0, True
+    for m in lengths.values():
+        for b in budgets:
+            mem = m["memory"][str(b)]
+            expected = results["weights_bytes"] + mem["allocated_kv_bytes"] + m[f"activations@{b}"]
+            excess = max(excess, mem["peak_bytes"] / expected - 1)
+            exact &= mem["kept_bytes"] == mem["formula_bytes"]
+    return {
+        "prefill_overhead": {"worst": overhead, "limit": TARGETS["prefill_overhead"], "met": overhead <= TARGETS["prefill_overhead"]},
+        "compress_share": {"worst": share, "limit": TARGETS["compress_share"], "met": share <= TARGETS["compress_share"]},
+        "decode_vs_ideal": {"worst": speed, "limit": TARGETS["decode_vs_ideal"], "met": speed >= TARGETS["decode_vs_ideal"]},
+        "memory_excess": {"worst": excess, "limit": TARGETS["memory_excess"], "met": excess <= TARGETS["memory_excess"]},
+        "kept_bytes_exact": {"met": exact},
+    }
+
+
+def write(results: dict, args):
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "bench.md").write_text(table(results, args.budgets) + "\n")
+    plot(results, args.budgets, args.out / "bench.png")
+    print(table(results, args.budgets))
+
+
+def table(results: dict, budgets: list[int]) -> str:
+    mib = 2**20
+    lines = [
+        f"{results['model']}, {results['method']}, medians of {results['repeats']} interleaved repeats, "
+        f"{results['decode_tokens']} decode tokens; {results['seconds']:.0f} s in all.",
+        "",
+        "| context | budget | prefill plain s | prefill ours s | overhead | compress ms | % of prefill "
+        "| decode plain tok/s | decode ours tok/s | decode ideal tok/s | ours / ideal | KV kept MiB | KV full MiB "
+        "| decode peak MiB | expected MiB | RSS MiB |",
+        "|---" * 16 + "|",
+    ]
+    for length, m in results["lengths"].items():
+        full = m["memory"]["full_bytes"]
+        for b in budgets:
+            mem = m["memory"][str(b)]
+            expected = results["weights_bytes"] + mem["allocated_kv_bytes"] + m[f"activations@{b}"]
+            lines.append(
+                f"| {int(length):,} | {b} | {m['plain_prefill_s']:.2f} | {m['ours_prefill_s']:.2f} "
+                f"| {100 * (m['ours_prefill_s'] / m['plain_prefill_s'] - 1):+.1f} % "
+                f"| {1000 * m[f'compress_s@{b}']:.1f} | {100 * m[f'compress_s@{b}'] / m['ours_prefill_s']:.2f} % "
+                f"| {m['plain_decode_tps']:.1f} | {m[f'ours_decode_tps@{b}']:.1f} | {m[f'ideal_decode_tps@{b}']:.1f} "
+                f"| {m[f'ours_decode_tps@{b}'] / m[f'ideal_decode_tps@{b}']:.2f} | {mem['kept_bytes'] / mib:.2f} "
+                f"| {full / mib:.1f} | {mem['peak_bytes'] / mib:.0f} | {expected / mib:.0f} | {mem['rss_bytes'] / mib:.0f} |"
+            )
+    lines += ["", "| target | limit | worst measured | met |", "|---|---|---|---|"]
+    for name, t in results["targets"].items():
+        if "worst" in t:
+            lines.append(f"| {name} | {t['limit']} | {t['worst']:.3f} | {'yes' if t['met'] else 'no'} |")
+        else:
+            lines.append(f"| {name} | equal | - | {'yes' if t['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, budgets: list[int], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [int(k) for k in results["lengths"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lengths, [m["plain_decode_tps"] for m in results["lengths"].values()], "k-o", label="plain mlx-lm, full context")
+    for b in budgets:
+        ax.plot(lengths, [m[f"ours_decode_tps@{b}"] for m in results["lengths"].values()], "-o", label=f"ours, budget {b}")
+        ax.plot(lengths, [m[f"ideal_decode_tps@{b}"] for m in results["lengths"].values()], ":", label=f"plain at {b} tokens")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode tok/s")
+    ax.set_title(f"{results['model']}: decode speed")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
