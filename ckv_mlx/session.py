@@ -145,7 +145,7 @@ class Session:
         for start in range(0, len(body), chunk):
             piece = body[start : start + chunk]
             self.model(mx.array([piece]), cache=self.caches)
-            mx.eval([c.keys for c in self.caches])
+            self._eval_caches()
             self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.kv_bytes)
             self._evict_to(budgets)
             if progress:
@@ -156,6 +156,11 @@ class Session:
         if progress:
             progress(len(tokens), len(tokens))
         return logits
+
+    def _eval_caches(self):
+        """Materialise every layer's keys and values, so no lazy graph keeps a
+        replaced (e.g. full, pre-compression) buffer alive."""
+        mx.eval([(c.keys, c.values) for c in self.caches])
 
     def _evict_to(self, budgets: list[int]):
         """Cut every layer longer than its budget, one at a time (bounded transients)."""
@@ -181,7 +186,7 @@ class Session:
             chunk = body[start : start + step]
             self.make_room(len(chunk))
             self.model(mx.array([chunk]), cache=self.caches)
-            mx.eval([c.keys for c in self.caches])
+            self._eval_caches()
             if progress:
                 progress(start + len(chunk), len(tokens))
         self.make_room(1)
@@ -222,7 +227,7 @@ class Session:
             budgets = [max(b, length) for b in budgets]
         for layer, budget in enumerate(budgets):
             self._compress_layer(layer, budget)
-        mx.eval([c.keys for c in self.caches])
+        self._eval_caches()
         self.stats.compress_s = time.perf_counter() - start
         self.stats.kv_bytes_kept = self.kv_bytes
         self.stats.layer_budgets = budgets

@@ -142,3 +142,25 @@ def test_a_step_cut_short_leaves_the_session_inconsistent():
     block = session.model.layers[0]
     block(session.model.model.embed_tokens(mx.array([[5]])), None, session.caches[0])
     assert not session.consistent
+
+
+@pytest.mark.parametrize("name", ["compresskv", "snapkv"])
+def test_compression_frees_the_full_cache(name):
+    """No lazy graph keeps the pre-compression keys or values alive."""
+    import gc
+
+    model = tiny_model(layers=3, head_dim=64)
+    method, _ = make_method(name, fake_profile(model))
+    session = Session(model, TinyTokenizer(), method)
+    gc.collect()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    logits = session.prefill(prompt_tokens(2048))
+    full = session.kv_bytes
+    session.compress(64)
+    gc.collect()
+    mx.clear_cache()
+    held = mx.get_active_memory() - before
+    window = sum(a.window_queries.nbytes for a in session.attentions)
+    # the replaced full buffers would add a quarter of `full` (values) or more
+    assert held <= session.kv_bytes + window + logits.nbytes + full // 20
