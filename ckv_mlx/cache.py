@@ -80,6 +80,16 @@ class EvictingKVCache(_BaseCache):
         self.length = 0
         self._append(kept_k, kept_v)
 
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Forget the latest ``n`` rows (and their positions); returns how many."""
+        n = min(n, self.length)
+        self.length -= n
+        self.offset -= n
+        return n
+
     def copy(self) -> "EvictingKVCache":
         """An independent copy (MLX arrays are updated in place by slice assignment)."""
         twin = EvictingKVCache(self.region)

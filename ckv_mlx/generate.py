@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from .methods import make_method
     from .models import load_model
     from .profiles import resolve_profile
-    from .prompts import prompt_tokens
+    from .prompts import prompt_tokens, question_tail
     from .session import Session
 
     if args.max_tokens < 1:
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
 
     progress = _progress if sys.stderr.isatty() else None
-    logits = session.prefill(tokens, progress, working_budget=working, chunk=args.prefill_chunk)
+    question = question_tail(loaded.tokenizer, tokens, args.prompt or DEFAULT_PROMPT, args.raw) if working else None
+    logits = session.prefill(tokens, progress, working_budget=working, chunk=args.prefill_chunk, question=question)
     session.compress(budget)
     text, interrupted = _stream(session, logits, loaded.tokenizer, args)
     report = _report(session, loaded.name, args, budget, profile_path, text, interrupted)

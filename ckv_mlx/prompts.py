@@ -15,6 +15,16 @@ def render(tokenizer, document: str, question: str, raw: bool) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
 
+def question_tail(tokenizer, tokens: list[int], question: str, raw: bool) -> list[int]:
+    """The end of prompt ``tokens`` that does not depend on the document: the question
+    and whatever the template puts after it (what a bounded prefill scores chunks by)."""
+    bare = render(tokenizer, "", question, raw)
+    n = 0
+    while n < min(len(bare), len(tokens)) and bare[-1 - n] == tokens[-1 - n]:
+        n += 1
+    return tokens[len(tokens) - n :]
+
+
 def chat_messages(document: str, turns: list[tuple[str, str]], question: str) -> list[dict]:
     """A chat about ``document``, which opens the first user message; ``turns`` are the
     earlier (question, answer) pairs."""

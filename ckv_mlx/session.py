@@ -114,21 +114,23 @@ class Session:
         progress: Callable[[int, int], None] | None = None,
         working_budget: int | None = None,
         chunk: int = PREFILL_STEP,
+        question: list[int] | None = None,
     ) -> mx.array:
         """Run the whole prompt; return the last token's logits.
 
         By default the full cache is kept. With ``working_budget`` (tokens per layer on
         average) the prompt is read in ``chunk``-token pieces that compress as they go:
-        after each one, every layer evicts back to its share of the working budget,
-        scored by that chunk's window, so no layer ever holds more than its share plus
-        one chunk.
+        after each one, every layer evicts back to its share of the working budget, so
+        no layer ever holds more than its share plus one chunk. Each piece is scored by
+        its own last tokens, or, given the ``question`` that will follow the prompt, by
+        the question read right after the piece (see :meth:`_probe`).
         """
         mx.reset_peak_memory()
         start = time.perf_counter()
         if working_budget is None:
             logits = self.feed(tokens, progress)
         else:
-            logits = self._feed_bounded(tokens, working_budget, chunk, progress)
+            logits = self._feed_bounded(tokens, working_budget, chunk, progress, question)
         mx.eval(logits)
         self.stats.prefill_s = time.perf_counter() - start
         self.stats.prompt_tokens = len(tokens)
@@ -137,25 +139,38 @@ class Session:
         self.stats.working_budget = working_budget
         return logits
 
-    def _feed_bounded(self, tokens, working_budget, chunk, progress) -> mx.array:
+    def _feed_bounded(self, tokens, working_budget, chunk, progress, question) -> mx.array:
         budgets = self.layer_budgets(working_budget)
+        half = chunk // 2
+        probe = question[-half:] if question and half else []
         for cache in self.caches:
-            cache.step = cache.region = chunk  # room for exactly one chunk, never more
+            cache.region = chunk  # room for exactly one chunk (piece and question), never more
+            cache.step = 1  # and no rounding up before a layer's first eviction
         body, last = tokens[:-1], tokens[-1:]
-        for start in range(0, len(body), chunk):
-            piece = body[start : start + chunk]
-            self.model(mx.array([piece]), cache=self.caches)
-            self._eval_caches()
-            self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.kv_bytes)
+        step = chunk - len(probe)
+        for start in range(0, len(body), step):
+            self._read_piece(body[start : start + step], probe)
             self._evict_to(budgets)
             if progress:
-                progress(start + len(piece), len(tokens))
+                progress(min(start + step, len(body)), len(tokens))
         for cache in self.caches:
             cache.region = self.region
         logits = self.model(mx.array([last]), cache=self.caches)[:, -1, :]
         if progress:
             progress(len(tokens), len(tokens))
         return logits
+
+    def _read_piece(self, piece: list[int], probe: list[int]):
+        """Append ``piece``, then read ``probe`` (the question, at most half a chunk) so
+        that its queries become every layer's window, and drop the probe's rows: the
+        next eviction keeps what the question attends to, as if it were asked here."""
+        self.model(mx.array([piece]), cache=self.caches)
+        if probe:
+            self.model(mx.array([probe]), cache=self.caches)
+        self._eval_caches()
+        self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.kv_bytes)
+        for cache in self.caches:
+            cache.trim(len(probe))
 
     def _eval_caches(self):
         """Materialise every layer's keys and values, so no lazy graph keeps a

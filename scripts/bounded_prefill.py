@@ -4,9 +4,10 @@
 
 Reads one needle prompt (shipped haystack, needle at 50 %) on the built-in model twice:
 whole, then compressed (the full cache exists until compression); and in chunks under a
-KV limit of a tenth of the full cache, as ckv-chat and generate do by themselves when
-the full cache would not fit. Reports the most KV bytes held at any moment (exact, from
-the cache), MLX's peak memory over prefill, compression and decode, and both answers.
+KV limit of a tenth of the full cache, each chunk scored by the question read after it,
+as generate does by itself when the full cache would not fit. Reports the most KV bytes
+held at any moment (exact, from the cache), MLX's peak memory over prefill, compression
+and decode, and both answers.
 Writes docs/bounded_prefill.json and docs/bounded_prefill.md.
 """
 
@@ -31,13 +32,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def read(session, tokens, budget, working, chunk, tokenizer) -> dict:
+def read(session, tokens, budget, working, chunk, tokenizer, question=None) -> dict:
     import mlx.core as mx
 
     session.reset()
     mx.clear_cache()
     start = time.perf_counter()
-    logits = session.prefill(tokens, working_budget=working, chunk=chunk)
+    logits = session.prefill(tokens, working_budget=working, chunk=chunk, question=question)
     session.compress(budget)
     answer = tokenizer.decode(list(session.generate(logits, 8)))
     s = session.stats
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     working, note = plan_prefill(loaded.model, len(tokens), args.budget, str(limit), args.chunk)
     print(f"note: {note}", file=sys.stderr)
     runs = {"whole": read(session, tokens, args.budget, None, args.chunk, loaded.tokenizer),
-            "chunked": read(session, tokens, args.budget, working, args.chunk, loaded.tokenizer)}
+            "chunked": read(session, tokens, args.budget, working, args.chunk, loaded.tokenizer, prompt.question)}
     for run in runs.values():
         run["found"] = exact_match(run["answer"], needle)
     result = {"model": loaded.name, "method": "compresskv", "prompt_tokens": len(tokens), "budget": args.budget,

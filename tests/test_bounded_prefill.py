@@ -54,36 +54,59 @@ def test_streamingllm_keeps_the_sinks_and_the_latest_tokens():
     np.testing.assert_allclose(cache_keys, k[:, rows], atol=1e-5)
 
 
-def simulated_snapkv(q, k, body, working, chunk, window=8):
-    """Positions each KV head keeps after chunked eviction, by the NumPy reference."""
+def simulated_snapkv(window_queries, k, body, working, step, window=8):
+    """Positions each KV head keeps after chunked eviction, by the NumPy reference;
+    ``window_queries(end)`` are the queries that score the rows read up to ``end``."""
     kept = np.zeros((k.shape[0], 0), dtype=np.int64)
-    for start in range(0, body, chunk):
-        end = min(start + chunk, body)
+    for start in range(0, body, step):
+        end = min(start + step, body)
         candidates = np.concatenate([kept, np.tile(np.arange(start, end), (k.shape[0], 1))], axis=1)
         if candidates.shape[1] <= working:
             kept = candidates
             continue
         keys = np.stack([k[h, candidates[h]] for h in range(k.shape[0])])
-        chosen = select_snapkv(q[:, end - window : end], keys, working, window=window)
+        chosen = select_snapkv(window_queries(end), keys, working, window=window)
         kept = np.take_along_axis(candidates, chosen, axis=1)
     return kept
+
+
+def assert_layer0_keeps(session, k, kept):
+    cache_keys = np.array(session.caches[0].fetch()[0][0])
+    assert cache_keys.shape[1] == WORKING + 1  # the last token is appended after the last eviction
+    for head in range(k.shape[0]):
+        np.testing.assert_allclose(cache_keys[head, :WORKING], k[head, kept[head]], atol=1e-5)
 
 
 def test_snapkv_evicts_chunk_by_chunk_like_the_numpy_reference():
     session, _ = bounded_session("snapkv")
     q, k = layer0_queries_keys(session.model, tokens())
-    kept = simulated_snapkv(q, k, PROMPT - 1, WORKING, CHUNK)
-    cache_keys = np.array(session.caches[0].fetch()[0][0])
-    assert cache_keys.shape[1] == WORKING + 1  # the last token is appended after the last eviction
-    for head in range(k.shape[0]):
-        np.testing.assert_allclose(cache_keys[head, :WORKING], k[head, kept[head]], atol=1e-5)
+    kept = simulated_snapkv(lambda end: q[:, end - 8 : end], k, PROMPT - 1, WORKING, CHUNK)
+    assert_layer0_keeps(session, k, kept)
     # the simulation really evicted: the kept set is neither the first nor the last rows
     assert not np.array_equal(kept[0], np.arange(WORKING))
     assert not np.array_equal(kept[0], np.arange(PROMPT - 1 - WORKING, PROMPT - 1))
 
 
+def test_a_question_scores_each_chunk_as_if_asked_right_after_it():
+    """The question's layer-0 queries at the positions after each piece choose the rows
+    (NumPy reference); its own rows are dropped, so positions stay those of the prompt."""
+    prompt, question = tokens(), tokens(12, seed=9)
+    model = tiny_model("llama", layers=3)
+    session = Session(model, TinyTokenizer(), make_method("snapkv")[0])
+    session.prefill(prompt, working_budget=WORKING, chunk=CHUNK, question=question)
+    _, k = layer0_queries_keys(model, prompt)
+    probe_queries = lambda end: layer0_queries_keys(model, prompt[:end] + question)[0][:, -8:]  # noqa: E731
+    kept = simulated_snapkv(probe_queries, k, PROMPT - 1, WORKING, CHUNK - len(question))
+    assert_layer0_keeps(session, k, kept)
+    assert session.position == PROMPT
+    own_window = simulated_snapkv(lambda end: layer0_queries_keys(model, prompt[:end])[0][:, -8:], k,
+                                  PROMPT - 1, WORKING, CHUNK - len(question))
+    assert not np.array_equal(kept, own_window)  # the question changed what was kept
+
+
+@pytest.mark.parametrize("question", [None, [5] * 30])
 @pytest.mark.parametrize("name", ["compresskv", "pyramidkv", "streamingllm"])
-def test_cache_never_holds_more_than_the_working_budget_plus_a_chunk(name):
+def test_cache_never_holds_more_than_the_working_budget_plus_a_chunk(name, question):
     model = tiny_model("llama", layers=3)
     session = Session(model, TinyTokenizer(), make_method(name, fake_profile(model))[0])
     budgets = session.layer_budgets(WORKING)
@@ -95,7 +118,8 @@ def test_cache_never_holds_more_than_the_working_budget_plus_a_chunk(name):
         evict(b)
 
     session._evict_to = watch
-    session.prefill(tokens(), working_budget=WORKING, chunk=CHUNK)
+    session.prefill(tokens(), working_budget=WORKING, chunk=CHUNK, question=question)
+    assert session.position == PROMPT
     for layers in seen:
         for (length, capacity), budget in zip(layers, budgets):
             assert length <= budget + CHUNK and capacity <= budget + CHUNK

@@ -7,7 +7,7 @@ import pytest
 from ckv_mlx.errors import CKVError
 from ckv_mlx.generate import main
 from ckv_mlx.models import load_model
-from ckv_mlx.prompts import prompt_tokens
+from ckv_mlx.prompts import prompt_tokens, question_tail, render
 from reference_data import reference_file
 
 DOC = "Mara keeps bees on the roof of the old mill. The mill stands by the river Lune. " * 12
@@ -74,6 +74,16 @@ def test_a_prompt_over_the_kv_limit_is_read_in_chunks(capsys, tokenizer, doc):
     assert report["kv_bytes_full"] == report["prompt_tokens"] * row > 2 * 6 * 2**20
     assert report["peak_kv_bytes"] <= 6 * 2**20
     assert report["kv_bytes_kept"] == 64 * 30 * row // 30
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_the_question_tail_is_what_follows_the_document(tokenizer, raw):
+    question = "Where does Mara keep bees?"
+    tokens = render(tokenizer, DOC, question, raw)
+    tail = question_tail(tokenizer, tokens, question, raw)
+    text = tokenizer.decode(tail)
+    assert question in text and "river" not in text
+    assert tokens[-len(tail) :] == tail and len(tail) < 30
 
 
 @pytest.mark.parametrize(
