@@ -24,9 +24,14 @@ uniform() {  # compresskv with uniform budgets: the shipped profile without its 
         --out docs/eval/niah-uniform
 }
 
-chunked() {  # bounded-memory prefill: NIAH at 2K, the document read in chunks of 512 kept to 256 tokens per layer
-    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths 2000 --methods compresskv --budgets 32,64,128,256 \
-        --modes query-aware --max-tokens 8 --no-fidelity --working-budget 256 --prefill-chunk 512 --out docs/eval/niah-chunked
+chunked() {  # bounded-memory prefill: NIAH at 2K, the document read in chunks of 512 kept to 256 tokens per layer,
+             # each chunk scored by its own last tokens (as ckv-chat must), then by the question read after it
+    for scoring in window question; do
+        out=docs/eval/niah-chunked; [ $scoring = question ] && out=docs/eval/niah-chunked-question
+        $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths 2000 --methods compresskv --budgets 32,64,128,256 \
+            --modes query-aware --max-tokens 8 --no-fidelity --working-budget 256 --prefill-chunk 512 \
+            --chunk-scoring $scoring --out $out
+    done
 }
 
 ablation() {  # SRH masking vs random and classic retrieval heads

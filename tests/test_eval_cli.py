@@ -95,12 +95,16 @@ def test_bad_input_is_one_line(tmp_path, capsys, default_model):
 
 def test_bounded_prefill_grid(tmp_path, default_model):
     args = ["--tasks", "niah", "--lengths", "300", "--depths", "50", "--needle-count", "1", "--methods", "snapkv",
-            "--budgets", "32,64", "--modes", "query-aware", "--max-tokens", "4", "--no-fidelity",
+            "--budgets", "32,64", "--modes", "query-aware,query-agnostic", "--max-tokens", "4", "--no-fidelity",
             "--working-budget", "96", "--prefill-chunk", "64", "--out", str(tmp_path)]
     assert main(args) == 0
     records = [json.loads(l) for l in (tmp_path / "records.jsonl").read_text().splitlines()]
     identity, records = records[0], records[1:]
-    assert "working budget 96" in json.dumps(identity)
+    assert "working budget 96, chunks scored by the question" in json.dumps(identity)
+    agnostic = [r for r in records if r["mode"] == "query-agnostic"]
+    assert {r.get("chunk_scoring") for r in agnostic} == {None, "window"}  # the question comes too late
+    records = [r for r in records if r["mode"] == "query-aware"]
+    assert {r.get("chunk_scoring") for r in records} == {None, "question"}
     assert [(r["method"], r.get("working_budget")) for r in records] == [("full", None), ("snapkv", 96), ("snapkv", 96)]
     full, at32, at64 = (r["kv_fraction"] for r in records)
     assert full == 1 and at32 == pytest.approx(32 / records[0]["prompt_tokens"], abs=1e-9)

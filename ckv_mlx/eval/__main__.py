@@ -58,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--working-budget", type=int, help="read each document in chunks that compress as they go, keeping "
                    "this many tokens per layer between chunks (the bounded-memory prefill); default: full prefill")
     p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per chunk with --working-budget (default 512)")
+    p.add_argument("--chunk-scoring", choices=["question", "window"], default="question",
+                   help="with --working-budget, query-aware: score each chunk by the question read right after it "
+                   "(default), or by the chunk's own last tokens, as ckv-chat must (it reads the document first)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the teacher-forced fidelity measurement")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
     p.add_argument("--restart", action="store_true", help="discard earlier records in OUT and start over")
@@ -144,7 +147,8 @@ def _identity(args, loaded, profile) -> dict:
     return {"model": loaded.name, "srh": str(srh), "layer_errors": str(profile and profile.layer_errors),
             "needles": str(args.needles or DEFAULT_NEEDLES), "haystack": str(args.haystack or DEFAULT_HAYSTACK),
             "style": args.style, "max_tokens": args.max_tokens,
-            **({"prefill": f"chunks of {args.prefill_chunk}, working budget {args.working_budget}"}
+            **({"prefill": f"chunks of {args.prefill_chunk}, working budget {args.working_budget}"
+                + (", chunks scored by the question" if args.chunk_scoring == "question" else "")}
                if args.working_budget else {})}
 
 
@@ -173,7 +177,8 @@ def run(args, argv) -> int:
     log = RunLog(args.out / "records.jsonl", _identity(args, loaded, profile), args.restart)
     session = Session(loaded.model, loaded.tokenizer, methods[0])
     harness = Harness(session, loaded.tokenizer, args.max_tokens, fidelity=not args.no_fidelity,
-                      working_budget=args.working_budget, chunk=args.prefill_chunk)
+                      working_budget=args.working_budget, chunk=args.prefill_chunk,
+                      chunk_question=args.chunk_scoring == "question")
     print(f"eval of {loaded.name}: {len(samples)} samples x {len(settings)} settings; records in {log.path}",
           file=sys.stderr)
     interrupted = False

@@ -44,10 +44,10 @@ class Harness:
     """Runs samples through one session; yields one record per answer."""
 
     def __init__(self, session: Session, tokenizer, max_tokens: int, fidelity: bool = True,
-                 working_budget: int | None = None, chunk: int = PREFILL_STEP):
+                 working_budget: int | None = None, chunk: int = PREFILL_STEP, chunk_question: bool = True):
         self.session, self.tokenizer = session, tokenizer
         self.max_tokens, self.fidelity = max_tokens, fidelity
-        self.working_budget, self.chunk = working_budget, chunk
+        self.working_budget, self.chunk, self.chunk_question = working_budget, chunk, chunk_question
 
     def _answer(self, logits) -> list[int]:
         return answer_line(self.session.generate(logits, self.max_tokens), self.tokenizer, self.max_tokens)
@@ -67,22 +67,25 @@ class Harness:
         self.session.feed(sample.document)
         return self.session.snapshot()
 
-    def _bounded_prefill(self, sample: EvalSample, method: Method) -> tuple:
+    def _bounded_prefill(self, sample: EvalSample, method: Method, question: list[int] | None) -> tuple:
         """The document read in chunks that ``method`` compresses to the working budget
-        as they go: the snapshot all of that method's budgets start from."""
+        as they go, each scored by ``question`` if given: the snapshot all of that
+        method's budgets start from."""
         self.session.reset()
         self.session.method = method
-        self.session.prefill(sample.document, working_budget=self.working_budget, chunk=self.chunk)
+        self.session.prefill(sample.document, working_budget=self.working_budget, chunk=self.chunk, question=question)
         return self.session.snapshot()
 
-    def _start(self, sample: EvalSample, setting: Setting, document: tuple, bounded: dict) -> tuple:
-        """Where ``setting`` starts: the full document, or its method's bounded prefill."""
+    def _start(self, sample: EvalSample, setting: Setting, mode: str, document: tuple, bounded: dict) -> tuple:
+        """Where ``setting`` starts: the full document, or its method's bounded prefill
+        (query-aware: scored by the question when ``chunk_question``)."""
         if self.working_budget is None or not setting.method.compresses:
             return document
-        name = setting.method.name
-        if name not in bounded:
-            bounded[name] = self._bounded_prefill(sample, setting.method)
-        return bounded[name]
+        question = sample.questions[0] if self.chunk_question and mode == "query-aware" else None
+        key = (setting.method.name, question is not None)
+        if key not in bounded:
+            bounded[key] = self._bounded_prefill(sample, setting.method, question)
+        return bounded[key]
 
     def _budget(self, sample: EvalSample, setting: Setting) -> int | None:
         if not setting.method.compresses:
@@ -98,7 +101,7 @@ class Harness:
         full = next(s for s in settings if not s.method.compresses)
         reference = self._full_answer(document, full, sample.questions[0])
         for mode, setting in todo:
-            yield self._single(sample, self._start(sample, setting, document, bounded), setting, mode, reference)
+            yield self._single(sample, self._start(sample, setting, mode, document, bounded), setting, mode, reference)
 
     def _full_answer(self, document, full: Setting, question) -> tuple:
         session = self.session
@@ -127,6 +130,7 @@ class Harness:
                  "kv_fraction": kept / full_bytes}
         if self.working_budget and setting.method.compresses:
             extra["working_budget"] = self.working_budget
+            extra["chunk_scoring"] = "question" if self.chunk_question and mode == "query-aware" else "window"
         if full_lp is not None and setting.method.compresses:
             session.restore(state)
             extra["top1"], extra["kl"] = _fidelity(session.teacher_force(logits, full_answer), full_lp)
