@@ -187,7 +187,8 @@ class ChatEngine:
         budget = self._budget_tokens(self.settings, len(document.prefix))
         working, note = plan_prefill(self._loaded.model, len(document.prefix), budget, self.settings.kv_limit, PREFILL_STEP)
         if note:
-            self._emit(Notice(note))
+            self._emit(Notice(f"{note}; no question is known yet, so details a later question needs may be "
+                              "dropped: raise --kv-limit if memory allows"))
         session.prefill(document.prefix, progress, working_budget=working)
         self._conversation = Conversation(session, self.settings.policy, budget)
         self._conversation.open(session.snapshot())
