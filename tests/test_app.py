@@ -190,7 +190,7 @@ async def test_save_then_resume_restores_the_conversation(tmp_path):
     settings = ChatSettings()
     resumed = ChatApp(lambda emit: FakeEngine(settings, emit), settings, resume=session)
     async with resumed.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: resumed.transcript)
+        await until(pilot, lambda: resumed.query(Answer) and resumed.query(Answer).last().source)  # rendered
         assert [str(m.render()) for m in resumed.query(UserMessage)] == ["Who is the CFO?"]
         assert resumed.query(Answer).last().source == "The CFO is **Daniel Okafor**."
         assert resumed.sub_title == "report.pdf"
