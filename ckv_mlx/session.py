@@ -123,7 +123,7 @@ class Session:
         after each one, every layer evicts back to its share of the working budget, so
         no layer ever holds more than its share plus one chunk. Each piece is scored by
         its own last tokens, or, given the ``question`` that will follow the prompt, by
-        the question read right after the piece (see :meth:`_probe`).
+        the question read right after the piece (see :meth:`_read_piece`).
         """
         mx.reset_peak_memory()
         start = time.perf_counter()
@@ -154,7 +154,7 @@ class Session:
             if progress:
                 progress(min(start + step, len(body)), len(tokens))
         for cache in self.caches:
-            cache.region = self.region
+            cache.region, cache.step = self.region, EvictingKVCache.step
         logits = self.model(mx.array([last]), cache=self.caches)[:, -1, :]
         if progress:
             progress(len(tokens), len(tokens))
