@@ -280,9 +280,12 @@ def plot(results: dict, budgets: list[int], path: Path):
     lengths = [int(k) for k in results["lengths"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(lengths, [m["plain_decode_tps"] for m in results["lengths"].values()], "k-o", label="plain mlx-lm, full context")
-    for b in budgets:
-        ax.plot(lengths, [m[f"ours_decode_tps@{b}"] for m in results["lengths"].values()], "-o", label=f"ours, budget {b}")
-        ax.plot(lengths, [m[f"ideal_decode_tps@{b}"] for m in results["lengths"].values()], ":", label=f"plain at {b} tokens")
+    for b, colour in zip(budgets, plt.cm.tab10.colors):
+        ax.plot(lengths, [m[f"ours_decode_tps@{b}"] for m in results["lengths"].values()], "-o", color=colour,
+                label=f"ours, budget {b}")
+        ax.plot(lengths, [m[f"ideal_decode_tps@{b}"] for m in results["lengths"].values()], ":", color=colour,
+                label=f"plain mlx-lm at {b} tokens (ideal)")
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("decode tok/s")
     ax.set_title(f"{results['model']}: decode speed")
