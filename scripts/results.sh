@@ -25,7 +25,7 @@ uniform() {  # compresskv with uniform budgets: the shipped profile without its 
 }
 
 chunked() {  # bounded-memory prefill: NIAH at 2K, the document read in chunks of 512 kept to 256 tokens per layer,
-             # each chunk scored by its own last tokens (as ckv-chat must), then by the question read after it
+             # each chunk scored by its own last tokens (no question known), then by the question read after it
     for scoring in window question; do
         out=docs/eval/niah-chunked; [ $scoring = question ] && out=docs/eval/niah-chunked-question
         $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths 2000 --methods compresskv --budgets 32,64,128,256 \

@@ -18,6 +18,7 @@ from ckv_mlx.errors import CKVError
 from ckv_mlx.gguf import builtin_model_folder
 from ckv_mlx.models import LoadedModel
 from ckv_mlx.prompts import chat_messages, render
+from ckv_mlx.session import Session
 from fakes import tiny_shape
 from tiny import plain_greedy, tiny_model
 
@@ -304,19 +305,26 @@ def test_real_model_sees_exactly_the_chat_template(default_model, tmp_path):
     assert "".join(c.text for c in recorder.of(Chunk)) == replies[0].text + replies[1].text
 
 
-def test_a_document_over_the_memory_limit_is_read_in_chunks(tmp_path):
+def test_a_document_over_the_memory_limit_is_read_in_chunks_with_the_first_question(tmp_path, monkeypatch):
     path = tmp_path / "long.txt"
     path.write_text(" ".join([DOC] * 8))
     limit = 400 * 1024  # the 2-layer model's full cache of this document is about 1 MiB
+    reads = []
+    prefill = Session.prefill
+    monkeypatch.setattr(Session, "prefill", lambda self, tokens, *a, **kw: reads.append(kw) or prefill(self, tokens, *a, **kw))
     engine, recorder = start(ChatSettings(method="snapkv", budget="64", max_tokens=3, kv_limit="400KiB"))
     try:
         engine.open(path)
+        ready = recorder.wait(DocumentReady)[0]
+        assert ready.seconds is None and not reads  # nothing read before a question is known
         engine.ask("Where are the orchards?")
         recorder.wait(Reply)
         stats = engine._session.stats
+        question = engine._document.turns[0].question_tokens
     finally:
         engine.close()
-    assert any("would not fit the KV memory limit" in n.text and "no question is known yet" in n.text
+    assert any("would not fit the KV memory limit" in n.text and "read with your first question" in n.text
                for n in recorder.of(Notice))
+    assert [kw["question"] for kw in reads] == [question] and reads[0]["working_budget"] > 0
     assert stats.kv_bytes_full > 2.5 * limit
     assert 0 < stats.peak_kv_bytes <= limit

@@ -247,8 +247,12 @@ class ChatApp(App):
             case DocumentReady(name, tokens, seconds):
                 self.hide_progress()
                 self.sub_title = name
-                self.note(f"read {name}: {tokens:,} tokens in {seconds:.1f} s. Ask away.")
+                if seconds is None:
+                    self.note(f"opened {name}: {tokens:,} tokens, read with your first question. Ask away.")
+                else:
+                    self.note(f"read {name}: {tokens:,} tokens in {seconds:.1f} s. Ask away.")
             case Answering():
+                self.hide_progress()  # a long document is read with the first question
                 self.answering = True
                 self._answer = self.log_widget(Answer(""))
                 self._stream = Answer.get_stream(self._answer)

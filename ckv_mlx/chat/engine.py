@@ -168,14 +168,25 @@ class ChatEngine:
         self._check_fits(len(prefix), f"{path.name} is {len(prefix):,} tokens")
         self._budget_tokens(self.settings, len(prefix))
         self._prefill(_Document(path, text, prefix))
-        self._emit(DocumentReady(path.name, len(prefix), self._session.stats.prefill_s))
+        seconds = None if self._conversation is None else self._session.stats.prefill_s
+        self._emit(DocumentReady(path.name, len(prefix), seconds))
 
-    def _prefill(self, document: _Document):
-        """Read ``document`` (and replay its turns) into a fresh cache."""
+    def _prefill(self, document: _Document, question: list[int] | None = None):
+        """Read ``document`` (and replay its turns) into a fresh cache. A document whose
+        full cache exceeds the KV limit is read in chunks scored by ``question`` (or by
+        the first turn's); with neither, reading waits for the first question."""
         session, self._phase = self._session, "prefilling"
-        self._emit(Status(f"reading {document.path.name} into the cache"))
         session.reset()
         self._document = self._conversation = None
+        budget = self._budget_tokens(self.settings, len(document.prefix))
+        working, note = plan_prefill(self._loaded.model, len(document.prefix), budget, self.settings.kv_limit, PREFILL_STEP)
+        if note and question is None and document.turns:
+            self._emit(Notice(f"{note}, scored by the first question"))
+        elif note and question is None:
+            self._document = document
+            return self._emit(Notice(f"{note}: it will be read with your first question, which chooses what to keep"))
+        question = question or (document.turns[0].question_tokens if document.turns else None)
+        self._emit(Status(f"reading {document.path.name} into the cache"))
         start = time.perf_counter()
 
         def progress(done: int, total: int):
@@ -184,12 +195,7 @@ class ChatEngine:
             self._emit(Progress(done, total, done / max(time.perf_counter() - start, 1e-9)))
             self._maybe_view()
 
-        budget = self._budget_tokens(self.settings, len(document.prefix))
-        working, note = plan_prefill(self._loaded.model, len(document.prefix), budget, self.settings.kv_limit, PREFILL_STEP)
-        if note:
-            self._emit(Notice(f"{note}; no question is known yet, so details a later question needs may be "
-                              "dropped: raise --kv-limit if memory allows"))
-        session.prefill(document.prefix, progress, working_budget=working)
+        session.prefill(document.prefix, progress, working_budget=working, question=question)
         self._conversation = Conversation(session, self.settings.policy, budget)
         self._conversation.open(session.snapshot())
         for turn in document.turns:
@@ -202,8 +208,11 @@ class ChatEngine:
         if document is None:
             raise CKVError("no document is open: open one with /doc FILE")
         tokens = question_tokens(self._loaded.tokenizer, document.text, document.prefix, document.pairs, question)
-        self._check_fits(session.position + len(tokens), "this question takes the conversation to "
-                         f"{session.position + len(tokens):,} tokens", hint="open the document again with /doc to start over")
+        position = session.position if self._conversation else len(document.prefix)
+        self._check_fits(position + len(tokens), "this question takes the conversation to "
+                         f"{position + len(tokens):,} tokens", hint="open the document again with /doc to start over")
+        if self._conversation is None:  # too long to hold whole: read now, chunks scored by this question
+            self._prefill(document, tokens)
         self._stop.clear()
         self._phase = "answering"
         self._emit(Answering(question))
@@ -234,6 +243,9 @@ class ChatEngine:
             self.settings = settings
             return self._emit(Notice(f"method {settings.method}, budget {settings.budget}: used for the next document"))
         budget = self._budget_tokens(settings, len(self._document.prefix), method)
+        if self._conversation is None:  # not read yet: read with these settings
+            self.settings, self._session.method = settings, method
+            return self._emit(Notice(f"method {method.name} at budget {budget} from the first question"))
         if self._session.compressed:
             self._pending = settings
             return self._emit(Notice(

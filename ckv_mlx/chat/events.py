@@ -44,9 +44,12 @@ class Progress:
 
 @dataclass(frozen=True)
 class DocumentReady:
+    """``name`` is open: read in ``seconds``, or None when too long to hold whole, in
+    which case it is read with the first question."""
+
     name: str
     tokens: int
-    seconds: float
+    seconds: float | None
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per chunk with --working-budget (default 512)")
     p.add_argument("--chunk-scoring", choices=["question", "window"], default="question",
                    help="with --working-budget, query-aware: score each chunk by the question read right after it "
-                   "(default), or by the chunk's own last tokens, as ckv-chat must (it reads the document first)")
+                   "(default, as generate and ckv-chat do), or by the chunk's own last tokens (no question known)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the teacher-forced fidelity measurement")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
     p.add_argument("--restart", action="store_true", help="discard earlier records in OUT and start over")
