@@ -317,14 +317,19 @@ def test_a_document_over_the_memory_limit_is_read_in_chunks_with_the_first_quest
         engine.open(path)
         ready = recorder.wait(DocumentReady)[0]
         assert ready.seconds is None and not reads  # nothing read before a question is known
+        engine.save(tmp_path / "early.ckv")
+        assert "nothing to save yet: long.txt is read with the first question" in recorder.wait(Failure)[0].text
         engine.ask("Where are the orchards?")
         recorder.wait(Reply)
         stats = engine._session.stats
         question = engine._document.turns[0].question_tokens
+        engine.reread()  # the conversation so far: chunks scored by its first question again
+        recorder.wait(Notice, 3)
     finally:
         engine.close()
-    assert any("would not fit the KV memory limit" in n.text and "read with your first question" in n.text
-               for n in recorder.of(Notice))
-    assert [kw["question"] for kw in reads] == [question] and reads[0]["working_budget"] > 0
+    first, reread, _ = (n.text for n in recorder.of(Notice))
+    assert "would not fit the KV memory limit" in first and "read with your first question" in first
+    assert reread.endswith("scored by the first question")
+    assert [kw["question"] for kw in reads] == [question, question] and reads[0]["working_budget"] > 0
     assert stats.kv_bytes_full > 2.5 * limit
     assert 0 < stats.peak_kv_bytes <= limit

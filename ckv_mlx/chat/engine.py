@@ -287,6 +287,8 @@ class ChatEngine:
         session, document = self._session, self._document
         if document is None:
             raise CKVError("nothing to save: open a document first")
+        if self._conversation is None:
+            raise CKVError(f"nothing to save yet: {document.path.name} is read with the first question; ask one, then save")
         if not session.consistent:
             raise CKVError("the cache is out of step after an interrupted step; /reread, then save")
         queries = {f"window.{i}": a.window_queries for i, a in enumerate(session.attentions)}
