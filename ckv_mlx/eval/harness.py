@@ -81,11 +81,15 @@ class Harness:
         (query-aware: scored by the question when ``chunk_question``)."""
         if self.working_budget is None or not setting.method.compresses:
             return document
-        question = sample.questions[0] if self.chunk_question and mode == "query-aware" else None
+        question = sample.questions[0] if self._scored_by_question(mode) else None
         key = (setting.method.name, question is not None)
         if key not in bounded:
             bounded[key] = self._bounded_prefill(sample, setting.method, question)
         return bounded[key]
+
+    def _scored_by_question(self, mode: str) -> bool:
+        """Whether a bounded prefill in ``mode`` is scored by the question (known up front)."""
+        return self.chunk_question and mode == "query-aware"
 
     def _budget(self, sample: EvalSample, setting: Setting) -> int | None:
         if not setting.method.compresses:
@@ -130,7 +134,7 @@ class Harness:
                  "kv_fraction": kept / full_bytes}
         if self.working_budget and setting.method.compresses:
             extra["working_budget"] = self.working_budget
-            extra["chunk_scoring"] = "question" if self.chunk_question and mode == "query-aware" else "window"
+            extra["chunk_scoring"] = "question" if self._scored_by_question(mode) else "window"
         if full_lp is not None and setting.method.compresses:
             session.restore(state)
             extra["top1"], extra["kl"] = _fidelity(session.teacher_force(logits, full_answer), full_lp)
