@@ -1,0 +1,123 @@
+"""Which tokens of a needle each method keeps, layer by layer.
+
+Explains a NIAH miss: reads one needle prompt once on the built-in model, then for each
+method feeds the question, asks the method which rows every layer (and KV head) would
+keep at the budget, and counts how many (layer, KV head) caches keep each token of the
+needle's answer span; then compresses and answers as the evaluation does. Writes
+docs/needle_coverage/<sample>.json and .md.
+
+    .venv/bin/python scripts/needle_coverage.py --length 7000 --depth 11 --needle 2 --budget 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ckv_mlx.blas import ensure_fast_blas
+
+METHODS = "compresskv,compresskv-gqa,snapkv,pyramidkv"
+PG = "../shared/reference/compresskv/haystack/paul_graham_essays"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--haystack", default=PG, help=f"folder or file of text (default {PG})")
+    p.add_argument("--length", type=int, default=7000)
+    p.add_argument("--depth", type=int, default=11, help="needle depth, %% of the document")
+    p.add_argument("--needle", type=int, default=2, help="index into the shipped needles")
+    p.add_argument("--budget", type=int, default=64, help="tokens per layer on average")
+    p.add_argument("--methods", default=METHODS)
+    p.add_argument("--span", choices=["answer", "sentence"], default="answer",
+                   help="tokens to follow: the needle's answer (default) or the whole sentence")
+    p.add_argument("--out", type=Path, default=Path("docs/needle_coverage"))
+    return p.parse_args(argv)
+
+
+def span(tokens: list[int], tokenizer, text: str) -> list[int]:
+    """Positions of ``text``'s tokens inside ``tokens`` (with or without a leading space)."""
+    for variant in (" " + text, text):
+        ids = tokenizer.encode(variant, add_special_tokens=False)
+        for start in range(len(tokens) - len(ids) + 1):
+            if tokens[start : start + len(ids)] == ids:
+                return list(range(start, start + len(ids)))
+    sys.exit(f"error: {text!r} is not in the prompt's tokens; pick another needle")
+
+
+def coverage(session, budgets: list[int], positions: list[int]) -> list[list[int]]:
+    """For each layer, how many of its KV-head token sets keep each of ``positions``."""
+    import numpy as np
+
+    rows = []
+    for layer, budget in enumerate(budgets):
+        attention, cache = session.attentions[layer], session.caches[layer]
+        keys = cache.fetch()[0][0]
+        keep = np.array(session.method.keep_indices(layer, attention.window_queries, keys, attention.scale, budget))
+        kept = (keep[:, :, None] == np.array(positions)).any(axis=1)  # [token sets, positions]
+        rows.append((kept.sum(axis=0) * (keys.shape[0] // keep.shape[0])).tolist())
+    return rows
+
+
+def main(argv=None) -> int:
+    ensure_fast_blas()
+    args = parse_args(argv)
+    from ckv_mlx.methods import make_method
+    from ckv_mlx.models import load_model
+    from ckv_mlx.niah import exact_match, load_haystack, load_needles, needle_prompt
+    from ckv_mlx.profiles import resolve_profile
+    from ckv_mlx.session import Session
+
+    loaded = load_model()
+    tok = loaded.tokenizer
+    profile, _, _ = resolve_profile(None, loaded.shape)
+    needle = load_needles()[args.needle]
+    prompt = needle_prompt(tok, load_haystack(args.haystack), [needle], args.length, [args.depth])
+    text = needle.real_needle if args.span == "answer" else needle.needle
+    positions = span(prompt.document, tok, text)
+    session = Session(loaded.model, tok, make_method("full")[0])
+    session.prefill(prompt.document)
+    document = session.snapshot()
+    kv_heads = session.caches[0].fetch()[0].shape[1]
+    result = {"model": loaded.name, "sample": f"niah/L{args.length}/D{args.depth}/N{args.needle}",
+              "prompt_tokens": len(prompt.tokens), "budget": args.budget, "kv_heads": kv_heads,
+              "span": args.span, "span_positions": positions, "span_tokens": [tok.decode([prompt.document[p]]) for p in positions], "methods": {}}
+    for name in args.methods.split(","):
+        session.restore(document)
+        session.method = make_method(name, profile)[0]
+        logits = session.feed(prompt.question)
+        budgets = session.layer_budgets(args.budget)
+        kept = coverage(session, budgets, positions)
+        session.compress(args.budget)
+        answer = tok.decode(list(session.generate(logits, 8)))
+        result["methods"][name] = {"layer_budgets": budgets, "kept": kept, "answer": answer,
+                                   "found": exact_match(answer, needle)}
+    stem = args.out / f"{result['sample'].replace('/', '-')}-{args.budget}-{args.span}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    text = table(result)
+    stem.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def table(r: dict) -> str:
+    """Per method: caches keeping each token of the span (of layers x KV heads), layers
+    keeping the whole span in at least one KV head, and the answer."""
+    total = len(next(iter(r["methods"].values()))["kept"]) * r["kv_heads"]
+    tokens = " | ".join(f"`{t.strip()}`" for t in r["span_tokens"])
+    lines = [f"{r['model']}, {r['sample']} ({r['prompt_tokens']:,} tokens), budget {r['budget']}: caches "
+             f"(of {total} = layers x KV heads) that keep each token of the needle's {r['span']}.", "",
+             f"| method | {tokens} | layers keeping the whole {r['span']} | answer | found |",
+             "|---" * (len(r["span_tokens"]) + 4) + "|"]
+    for name, m in r["methods"].items():
+        per_token = [sum(layer[i] for layer in m["kept"]) for i in range(len(r["span_tokens"]))]
+        whole = sum(all(layer) for layer in m["kept"])
+        lines.append(f"| {name} | " + " | ".join(map(str, per_token))
+                     + f" | {whole} | {m['answer'].strip()!r} | {'yes' if m['found'] else 'no'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
