@@ -32,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=METHODS)
     p.add_argument("--span", choices=["answer", "sentence"], default="answer",
                    help="tokens to follow: the needle's answer (default) or the whole sentence")
+    p.add_argument("--least", type=float, default=0.1,
+                   help="list query heads with at least this share of their window attention on the span")
     p.add_argument("--out", type=Path, default=Path("docs/needle_coverage"))
     return p.parse_args(argv)
 
@@ -60,6 +62,26 @@ def coverage(session, budgets: list[int], positions: list[int]) -> list[list[int
     return rows
 
 
+def readers(session, profile, positions: list[int], least: float) -> list[dict]:
+    """Query heads that put at least ``least`` of their pooled window attention (the score
+    every window method ranks by) on ``positions``, with their rank among the layer's SRHs."""
+    import numpy as np
+
+    from ckv_mlx.scoring import head_scores
+
+    d = profile.defaults
+    found = []
+    for layer, (attention, cache) in enumerate(zip(session.attentions, session.caches)):
+        keys = cache.fetch()[0][0]
+        heads = list(range(attention.window_queries.shape[0]))
+        scores = np.array(head_scores(attention.window_queries, keys, heads, attention.scale, d.kernel, d.pooling))
+        shares = scores[:, positions].sum(axis=1) / scores.sum(axis=1)
+        found += [{"layer": layer, "head": h, "share": round(float(shares[h]), 3),
+                   "srh_rank": profile.srh[layer].index(h) + 1, "srh": h in profile.srh_heads(layer)}
+                  for h in heads if shares[h] >= least]
+    return found
+
+
 def main(argv=None) -> int:
     ensure_fast_blas()
     args = parse_args(argv)
@@ -83,6 +105,9 @@ def main(argv=None) -> int:
     result = {"model": loaded.name, "sample": f"niah/L{args.length}/D{args.depth}/N{args.needle}",
               "prompt_tokens": len(prompt.tokens), "budget": args.budget, "kv_heads": kv_heads,
               "span": args.span, "span_positions": positions, "span_tokens": [tok.decode([prompt.document[p]]) for p in positions], "methods": {}}
+    session.feed(prompt.question)
+    result["readers"] = readers(session, profile, positions, args.least)
+    result["first_k"] = profile.defaults.first_k
     for name in args.methods.split(","):
         session.restore(document)
         session.method = make_method(name, profile)[0]
@@ -116,6 +141,11 @@ def table(r: dict) -> str:
         whole = sum(all(layer) for layer in m["kept"])
         lines.append(f"| {name} | " + " | ".join(map(str, per_token))
                      + f" | {whole} | {m['answer'].strip()!r} | {'yes' if m['found'] else 'no'} |")
+    lines += ["", f"Query heads with the largest share of their window attention on the {r['span']} "
+              f"(SRHs: the first {r['first_k']} of each layer's ranking):", "",
+              "| layer | query head | share | rank in the layer's SRH ranking | SRH |", "|---|---|---|---|---|"]
+    for h in sorted(r["readers"], key=lambda h: -h["share"]):
+        lines.append(f"| {h['layer']} | {h['head']} | {h['share']:.3f} | {h['srh_rank']} | {'yes' if h['srh'] else 'no'} |")
     return "\n".join(lines)
 
 

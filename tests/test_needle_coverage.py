@@ -25,3 +25,6 @@ def test_streamingllm_keeps_only_the_sinks_of_a_needle_at_the_start(tmp_path, de
     assert result["span_positions"][0] == 0
     assert [sum(layer[i] for layer in kept) for i in range(len(expected))] == expected
     assert "| streamingllm | 90 | 90 | 90 | 90 | 0 |" in (tmp_path / "niah-L400-D0-N2-32-sentence.md").read_text()
+    readers = result["readers"]
+    assert readers and all(0.1 <= h["share"] <= 1 for h in readers)
+    assert all(h["srh"] == (h["srh_rank"] <= result["first_k"]) for h in readers)
