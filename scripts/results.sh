@@ -2,7 +2,7 @@
 # The evaluation runs behind docs/results.md, on the built-in model and its shipped profile.
 # Each step is resumable: killed and started again, it continues; with larger grids
 # (e.g. --lengths 1000,2000,4000,7000) it adds only the missing records.
-# Usage: bash scripts/results.sh [niah|uniform|chunked|ablation|mixed|followup]...   (default: all six)
+# Usage: bash scripts/results.sh [niah|uniform|firstk|chunked|coverage|ablation|mixed|followup]...   (default: all eight)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -22,6 +22,19 @@ uniform() {  # compresskv with uniform budgets: the shipped profile without its 
     $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths 2000 --profile runs/smollm2-uniform-budgets.json \
         --methods compresskv,compresskv-gqa --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity \
         --out docs/eval/niah-uniform
+}
+
+firstk() {  # compresskv with 3 SRHs per layer instead of the shipped profile's 2: NIAH at 2K, and at 7K on the
+             # two depths where compresskv loses the password needle (see coverage)
+    mkdir -p runs
+    $PY -c 'import json, sys; p = json.load(open(sys.argv[1])); p["defaults"]["first_k"] = 3; json.dump(p, open(sys.argv[2], "w"))' \
+        profiles/smollm2-135m-instruct.json runs/smollm2-first-k-3.json
+    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths 2000 --profile runs/smollm2-first-k-3.json \
+        --methods compresskv,compresskv-gqa --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity \
+        --out docs/eval/niah-first-k-3
+    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths 7000 --depths 11,22 --profile runs/smollm2-first-k-3.json \
+        --methods compresskv,compresskv-gqa --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity \
+        --out docs/eval/niah-first-k-3-7k
 }
 
 chunked() {  # bounded-memory prefill: NIAH at 2K, the document read in chunks of 512 kept to 256 tokens per layer,
@@ -44,11 +57,17 @@ mixed() {  # both modes, fidelity and RULER-style QA on a smaller grid
         --lengths 1000 --depths 50 --samples 2 --budgets 64,256 --max-tokens 12 --out docs/eval/mixed
 }
 
+coverage() {  # which needle tokens each method keeps, layer by layer, on the two 7K samples compresskv misses at 64
+    for depth in 11 22; do
+        $PY scripts/needle_coverage.py --length 7000 --depth $depth --needle 2 --budget 64 --span sentence
+    done
+}
+
 followup() {  # a second question about another needle, under each multi-turn policy
     $PY -m ckv_mlx.eval --tasks followup --haystack "$PG" --lengths 1000 --depths 25 \
         --methods full,compresskv,snapkv,streamingllm --budgets 64,256 --max-tokens 8 --out docs/eval/followup
 }
 
-for step in "${@:-niah uniform chunked ablation mixed followup}"; do
+for step in "${@:-niah uniform firstk chunked coverage ablation mixed followup}"; do
     for s in $step; do $s; done
 done
