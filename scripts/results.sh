@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1
 PG=../shared/reference/compresskv/haystack/paul_graham_essays
-LENGTHS=${LENGTHS:-1000}
+LENGTHS=${LENGTHS:-1000}  # niah, mixed and followup; the results used 1000,2000,4000,7000 (niah) and 1000,2000,4000
 
 niah() {  # NIAH, completion style, Paul Graham haystack, 10 depths x 3 needles, query-aware
     $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths "$LENGTHS" \
@@ -54,7 +54,7 @@ ablation() {  # SRH masking vs random and classic retrieval heads
 
 mixed() {  # both modes, fidelity and RULER-style QA on a smaller grid
     $PY -m ckv_mlx.eval --tasks niah,multikey,multivalue,variable-tracking,frequent-words --haystack "$PG" \
-        --lengths 1000 --depths 50 --samples 2 --budgets 64,256 --max-tokens 12 --out docs/eval/mixed
+        --lengths "$LENGTHS" --depths 50 --samples 2 --budgets 64,256 --max-tokens 12 --out docs/eval/mixed
 }
 
 coverage() {  # which needle tokens each method keeps, layer by layer, on the two 7K samples compresskv misses at 64
@@ -64,7 +64,7 @@ coverage() {  # which needle tokens each method keeps, layer by layer, on the tw
 }
 
 followup() {  # a second question about another needle, under each multi-turn policy
-    $PY -m ckv_mlx.eval --tasks followup --haystack "$PG" --lengths 1000 --depths 25 \
+    $PY -m ckv_mlx.eval --tasks followup --haystack "$PG" --lengths "$LENGTHS" --depths 25 \
         --methods full,compresskv,snapkv,streamingllm --budgets 64,256 --max-tokens 8 --out docs/eval/followup
 }
 
