@@ -85,6 +85,17 @@ def readers(session, profile, positions: list[int], least: float) -> list[dict]:
 def main(argv=None) -> int:
     ensure_fast_blas()
     args = parse_args(argv)
+    from ckv_mlx.errors import CKVError
+
+    try:
+        return run(args)
+    except CKVError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    from ckv_mlx.errors import CKVError
     from ckv_mlx.methods import make_method
     from ckv_mlx.models import load_model
     from ckv_mlx.niah import exact_match, load_haystack, load_needles, needle_prompt
@@ -94,23 +105,32 @@ def main(argv=None) -> int:
     loaded = load_model()
     tok = loaded.tokenizer
     profile, _, _ = resolve_profile(None, loaded.shape)
-    needle = load_needles()[args.needle]
+    methods = {name: make_method(name, profile)[0] for name in args.methods.split(",")}
+    if not all(m.compresses for m in methods.values()):
+        raise CKVError("--methods: list only methods that compress (not full)")
+    needles = load_needles()
+    if not 0 <= args.needle < len(needles):
+        raise CKVError(f"--needle {args.needle}: the shipped needles are numbered 0 to {len(needles) - 1}")
+    needle = needles[args.needle]
     prompt = needle_prompt(tok, load_haystack(args.haystack), [needle], args.length, [args.depth])
     text = needle.real_needle if args.span == "answer" else needle.needle
     positions = span(prompt.document, tok, text)
     session = Session(loaded.model, tok, make_method("full")[0])
+    for method in methods.values():
+        session.layer_budgets(args.budget, method)  # refuses a budget too small before the long prefill
     session.prefill(prompt.document)
     document = session.snapshot()
     kv_heads = session.caches[0].fetch()[0].shape[1]
     result = {"model": loaded.name, "sample": f"niah/L{args.length}/D{args.depth}/N{args.needle}",
               "prompt_tokens": len(prompt.tokens), "budget": args.budget, "kv_heads": kv_heads,
-              "span": args.span, "span_positions": positions, "span_tokens": [tok.decode([prompt.document[p]]) for p in positions], "methods": {}}
+              "span": args.span, "span_positions": positions,
+              "span_tokens": [tok.decode([prompt.document[p]]) for p in positions], "methods": {}}
     session.feed(prompt.question)
     result["readers"] = readers(session, profile, positions, args.least)
     result["first_k"] = profile.defaults.first_k
-    for name in args.methods.split(","):
+    for name, method in methods.items():
         session.restore(document)
-        session.method = make_method(name, profile)[0]
+        session.method = method
         logits = session.feed(prompt.question)
         budgets = session.layer_budgets(args.budget)
         kept = coverage(session, budgets, positions)
