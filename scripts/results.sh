@@ -24,7 +24,7 @@ uniform() {  # compresskv with uniform budgets: the shipped profile without its 
         --out docs/eval/niah-uniform
 }
 
-firstk() {  # compresskv with 3 SRHs per layer instead of the shipped profile's 2: NIAH at 2K, and at 7K on the
+firstk() {  # compresskv with 3 SRHs per layer instead of the shipped profile's 2: NIAH at 2K and 4K, and at 7K on the
              # two depths where compresskv loses the password needle (see coverage)
     mkdir -p runs
     $PY -c 'import json, sys; p = json.load(open(sys.argv[1])); p["defaults"]["first_k"] = 3; json.dump(p, open(sys.argv[2], "w"))' \
@@ -32,6 +32,9 @@ firstk() {  # compresskv with 3 SRHs per layer instead of the shipped profile's 
     $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths 2000 --profile runs/smollm2-first-k-3.json \
         --methods compresskv,compresskv-gqa --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity \
         --out docs/eval/niah-first-k-3
+    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths 4000 --profile runs/smollm2-first-k-3.json \
+        --methods compresskv,compresskv-gqa --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity \
+        --out docs/eval/niah-first-k-3-4k
     $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths 7000 --depths 11,22 --profile runs/smollm2-first-k-3.json \
         --methods compresskv,compresskv-gqa --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity \
         --out docs/eval/niah-first-k-3-7k
