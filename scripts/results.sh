@@ -8,20 +8,24 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1
 PG=../shared/reference/compresskv/haystack/paul_graham_essays
-LENGTHS=${LENGTHS:-1000}  # niah, mixed and followup; the results used 1000,2000,4000,7000 (niah) and 1000,2000,4000
+LENGTHS=${LENGTHS:-1000}  # niah, mixed and followup; docs/results.md used 1000,2000,4000,7000
 
 niah() {  # NIAH, completion style, Paul Graham haystack, 10 depths x 3 needles, query-aware
     $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths "$LENGTHS" \
         --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity --out docs/eval/niah
 }
 
+variant_niah() {  # PROFILE OUT EVAL-ARGS...: compresskv and compresskv-gqa on NIAH with a variant of the profile
+    local profile=$1 out=$2; shift 2
+    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --profile "$profile" --methods compresskv,compresskv-gqa \
+        --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity --out "$out" "$@"
+}
+
 uniform() {  # compresskv with uniform budgets: the shipped profile without its layer errors, NIAH at 2K
     mkdir -p runs
     $PY -c 'import json, sys; p = json.load(open(sys.argv[1])); p.pop("layer_errors"); json.dump(p, open(sys.argv[2], "w"))' \
         profiles/smollm2-135m-instruct.json runs/smollm2-uniform-budgets.json
-    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths 2000 --profile runs/smollm2-uniform-budgets.json \
-        --methods compresskv,compresskv-gqa --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity \
-        --out docs/eval/niah-uniform
+    variant_niah runs/smollm2-uniform-budgets.json docs/eval/niah-uniform --lengths 2000
 }
 
 firstk() {  # compresskv with 3 SRHs per layer instead of the shipped profile's 2: NIAH at 2K and 4K, and at 7K on the
@@ -29,15 +33,9 @@ firstk() {  # compresskv with 3 SRHs per layer instead of the shipped profile's 
     mkdir -p runs
     $PY -c 'import json, sys; p = json.load(open(sys.argv[1])); p["defaults"]["first_k"] = 3; json.dump(p, open(sys.argv[2], "w"))' \
         profiles/smollm2-135m-instruct.json runs/smollm2-first-k-3.json
-    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths 2000 --profile runs/smollm2-first-k-3.json \
-        --methods compresskv,compresskv-gqa --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity \
-        --out docs/eval/niah-first-k-3
-    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths 4000 --profile runs/smollm2-first-k-3.json \
-        --methods compresskv,compresskv-gqa --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity \
-        --out docs/eval/niah-first-k-3-4k
-    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths 7000 --depths 11,22 --profile runs/smollm2-first-k-3.json \
-        --methods compresskv,compresskv-gqa --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity \
-        --out docs/eval/niah-first-k-3-7k
+    variant_niah runs/smollm2-first-k-3.json docs/eval/niah-first-k-3 --lengths 2000
+    variant_niah runs/smollm2-first-k-3.json docs/eval/niah-first-k-3-4k --lengths 4000
+    variant_niah runs/smollm2-first-k-3.json docs/eval/niah-first-k-3-7k --lengths 7000 --depths 11,22
 }
 
 chunked() {  # bounded-memory prefill: NIAH at 2K, the document read in chunks of 512 kept to 256 tokens per layer,
