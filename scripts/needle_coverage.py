@@ -3,8 +3,10 @@
 Explains a NIAH miss: reads one needle prompt once on the built-in model, then for each
 method feeds the question, asks the method which rows every layer (and KV head) would
 keep at the budget, and counts how many (layer, KV head) caches keep each token of the
-needle's answer span; then compresses and answers as the evaluation does. Writes
-docs/needle_coverage/<sample>.json and .md.
+needle's answer (or of its whole sentence); then compresses and answers as the
+evaluation does. Also lists the query heads that put most of their window attention on
+the needle, and whether the profile counts them as SRHs. Writes
+docs/needle_coverage/<sample>-<budget>-<span>.json and .md.
 
     .venv/bin/python scripts/needle_coverage.py --length 7000 --depth 11 --needle 2 --budget 64
 """
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ckv_mlx.blas import ensure_fast_blas
+from ckv_mlx.errors import CKVError
 
 METHODS = "compresskv,compresskv-gqa,snapkv,pyramidkv"
 PG = "../shared/reference/compresskv/haystack/paul_graham_essays"
@@ -45,7 +48,7 @@ def span(tokens: list[int], tokenizer, text: str) -> list[int]:
         for start in range(len(tokens) - len(ids) + 1):
             if tokens[start : start + len(ids)] == ids:
                 return list(range(start, start + len(ids)))
-    sys.exit(f"error: {text!r} is not in the prompt's tokens; pick another needle")
+    raise CKVError(f"{text!r} is not in the prompt's tokens; pick another needle")
 
 
 def coverage(session, budgets: list[int], positions: list[int]) -> list[list[int]]:
@@ -85,8 +88,6 @@ def readers(session, profile, positions: list[int], least: float) -> list[dict]:
 def main(argv=None) -> int:
     ensure_fast_blas()
     args = parse_args(argv)
-    from ckv_mlx.errors import CKVError
-
     try:
         return run(args)
     except CKVError as exc:
@@ -95,7 +96,6 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from ckv_mlx.errors import CKVError
     from ckv_mlx.methods import make_method
     from ckv_mlx.models import load_model
     from ckv_mlx.niah import exact_match, load_haystack, load_needles, needle_prompt
