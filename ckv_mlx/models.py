@@ -48,6 +48,9 @@ class ModelShape:
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MODEL = BUILTIN_MODEL
+PRECISIONS = ("float32", "native")
+PRECISION_ENV = "CKV_PRECISION"
+HALF_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 @dataclass
@@ -59,20 +62,58 @@ class LoadedModel:
     name: str
     shape: ModelShape
     context_length: int
+    precision: str = "float32"
 
 
-def load_model(name: str | None = None) -> LoadedModel:
-    """Load the built-in model (None), a local mlx-lm folder, or a Hugging Face id."""
+def default_precision() -> str:
+    """``$CKV_PRECISION``, else ``native`` on a GPU (Metal) and ``float32`` on a CPU,
+    where dequantized float32 weights are about 10x faster than quantized ones."""
+    chosen = os.environ.get(PRECISION_ENV)
+    if chosen:
+        return checked_precision(chosen, f"${PRECISION_ENV}")
+    return "float32" if mx.default_device().type == mx.cpu else "native"
+
+
+def checked_precision(precision: str, where: str = "precision") -> str:
+    if precision not in PRECISIONS:
+        raise CKVError(f"{where} {precision!r} is not a precision: use one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def load_model(name: str | None = None, precision: str | None = None) -> LoadedModel:
+    """Load the built-in model (None), a local mlx-lm folder, or a Hugging Face id.
+
+    ``precision`` (default :func:`default_precision`): ``float32`` dequantizes the
+    weights to float32; ``native`` keeps them quantized and computes in the model's
+    half-precision dtype, as a Mac does.
+    """
     import mlx_lm
 
     name = name or DEFAULT_MODEL
+    precision = checked_precision(precision) if precision else default_precision()
     source = _checked_source(name)
     with _hub_errors(name):
         model, tokenizer, config = mlx_lm.load(source, return_config=True)
-    if mx.default_device().type == mx.cpu:
-        model = to_cpu_float32(model)
+    if precision == "float32":
+        model = to_float32(model)
+    else:
+        model = to_half(model, half_dtype(config))
     return LoadedModel(model, tokenizer, name, model_shape(model, name),
-                       int(config.get("max_position_embeddings") or 0))
+                       int(config.get("max_position_embeddings") or 0), precision)
+
+
+def half_dtype(config: dict) -> mx.Dtype:
+    """The model's half-precision dtype: its config's (``torch_dtype``) when that is
+    float16 or bfloat16, else bfloat16 (float16 overflows some models' activations)."""
+    named = config.get("torch_dtype") or config.get("dtype")
+    return HALF_DTYPES.get(str(named), mx.bfloat16)
+
+
+def to_half(model: nn.Module, dtype: mx.Dtype) -> nn.Module:
+    """Keep quantized weights as they are; cast every other float parameter to ``dtype``."""
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
 
 
 def _checked_source(name: str) -> str:
@@ -118,8 +159,9 @@ def _hub_errors(name: str):
                        f"(hf download {name}) or pass a local model folder")
 
 
-def to_cpu_float32(model: nn.Module) -> nn.Module:
-    """Dequantize quantized layers and cast to float32: the fast path on MLX's CPU."""
+def to_float32(model: nn.Module) -> nn.Module:
+    """Dequantize quantized layers (any mode MLX quantizes in) and cast to float32: the
+    fast path on MLX's CPU."""
     # one CPU stream per core: dequantize is single-threaded, streams run side by side
     streams = [mx.new_stream(mx.cpu) for _ in range(os.cpu_count() or 1)]
     layers = []
@@ -128,16 +170,21 @@ def to_cpu_float32(model: nn.Module) -> nn.Module:
             layers.append((path, _dequantized(module, streams[len(layers) % len(streams)])))
     if layers:
         model.update_modules(tree_unflatten(layers))
+    _refuse_quantized_left(model)
     model.set_dtype(mx.float32)
     mx.eval(model.parameters())
     return model
 
 
 def _dequantized(module: nn.Module, stream: mx.Stream) -> nn.Module:
-    # float32 scales make float32 weights directly: 2-3x faster on the CPU than float16
-    weight = mx.dequantize(module.weight, module.scales.astype(mx.float32),
-                           module.biases.astype(mx.float32), module.group_size,
-                           module.bits, module.mode, stream=stream)
+    # affine: float32 scales make float32 weights directly, 2-3x faster on the CPU than
+    # float16; the other modes (mxfp4, mxfp8, nvfp4) keep their packed scales
+    mode = getattr(module, "mode", "affine")
+    scales, biases = module.scales, module.get("biases")
+    if mode == "affine":
+        scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)
+    weight = mx.dequantize(module.weight, scales, biases, module.group_size, module.bits, mode,
+                           global_scale=module.get("global_scale"), dtype=mx.float32, stream=stream)
     if isinstance(module, nn.QuantizedEmbedding):
         layer = nn.Embedding(*weight.shape)
     else:
@@ -146,6 +193,14 @@ def _dequantized(module: nn.Module, stream: mx.Stream) -> nn.Module:
             layer.bias = module.bias
     layer.weight = weight
     return layer
+
+
+def _refuse_quantized_left(model: nn.Module) -> None:
+    """One line for a quantized layer kind that cannot be dequantized here."""
+    for path, module in model.named_modules():
+        if "scales" in module and not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            raise CKVError(f"cannot dequantize {path} ({type(module).__name__}) to float32; "
+                           "load the model with --precision native")
 
 
 def model_shape(model: nn.Module, name: str) -> ModelShape:

@@ -16,7 +16,7 @@ from tokenizers.models import WordLevel
 from ckv_mlx import gguf, models
 from ckv_mlx.errors import CKVError
 from ckv_mlx.models import (
-    DEFAULT_MODEL, SUPPORTED_ARCHITECTURES, load_model, model_shape, to_cpu_float32,
+    DEFAULT_MODEL, SUPPORTED_ARCHITECTURES, load_model, model_shape, to_float32,
 )
 from tiny import tiny_model
 
@@ -102,7 +102,7 @@ def test_cpu_dequantize_matches_quantized_logits(arch, bits):
     expected = model(TOKENS)
     mx.eval(expected)
 
-    to_cpu_float32(model)
+    to_float32(model)
 
     assert not quantized_modules(model)
     assert {p.dtype for _, p in tree_flatten(model.parameters())} == {mx.float32}
@@ -110,25 +110,82 @@ def test_cpu_dequantize_matches_quantized_logits(arch, bits):
     assert mx.allclose(actual, expected, atol=1e-4, rtol=1e-4).item()
 
 
-def test_folder_loads_dequantized_with_shape_and_context(tmp_path):
-    model = tiny_model("qwen3", heads=4, kv_heads=2, head_dim=16)
-    nn.quantize(model, group_size=32, bits=4)
+@pytest.mark.parametrize("mode", ["mxfp4", "mxfp8", "nvfp4"])
+def test_cpu_dequantize_handles_every_quantization_mode(mode):
+    model = tiny_model("llama", head_dim=32)
+    nn.quantize(model, mode=mode)
+    assert quantized_modules(model) and "biases" not in model.layers[0].self_attn.q_proj
     expected = model(TOKENS)
-    config = {
+    mx.eval(expected)
+
+    to_float32(model)
+
+    assert not quantized_modules(model)
+    assert mx.allclose(model(TOKENS), expected, atol=1e-4, rtol=1e-4).item()
+
+
+def test_cpu_dequantize_refuses_an_unknown_quantized_layer():
+    class PackedLinear(nn.Module):  # a quantized kind MLX's dequantize does not know
+        def __init__(self):
+            super().__init__()
+            self.weight, self.scales = mx.zeros((4, 1), mx.uint32), mx.ones((4, 1))
+
+    model = tiny_model("llama")
+    model.layers[0].mlp.up_proj = PackedLinear()
+    with pytest.raises(CKVError, match=r"cannot dequantize model\.layers\.0\.mlp\.up_proj .*--precision native"):
+        to_float32(model)
+
+
+def qwen3_config(**extra):
+    return {
         "model_type": "qwen3", "hidden_size": 64, "num_hidden_layers": 2,
         "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "head_dim": 16, "rms_norm_eps": 1e-5, "vocab_size": 128, "rope_theta": 10000.0,
         "max_position_embeddings": 4096, "tie_word_embeddings": True,
-        "quantization": {"group_size": 32, "bits": 4},
+        "quantization": {"group_size": 32, "bits": 4}, **extra,
     }
-    write_folder(tmp_path / "tiny-qwen3", model, config)
 
-    loaded = load_model(str(tmp_path / "tiny-qwen3"))
+
+@pytest.mark.parametrize("stored, expected", [(None, mx.bfloat16), ("float16", mx.float16),
+                                              ("bfloat16", mx.bfloat16), ("float32", mx.bfloat16)])
+def test_native_precision_keeps_weights_quantized_in_half_precision(tmp_path, stored, expected):
+    model = tiny_model("qwen3", heads=4, kv_heads=2, head_dim=16)
+    nn.quantize(model, group_size=32, bits=4)
+    write_folder(tmp_path / "m", model, qwen3_config(**({"torch_dtype": stored} if stored else {})))
+
+    loaded = load_model(str(tmp_path / "m"), precision="native")
+
+    assert loaded.precision == "native"
+    assert len(quantized_modules(loaded.model)) == len(quantized_modules(model))
+    floats = {p.dtype for _, p in tree_flatten(loaded.model.parameters()) if mx.issubdtype(p.dtype, mx.floating)}
+    assert floats == {expected}
+    logits = loaded.model(TOKENS)
+    assert logits.dtype == expected
+    model.set_dtype(expected)  # the reference: plain mlx-lm on the quantized model, same dtype
+    assert mx.allclose(logits, model(TOKENS), atol=1e-2, rtol=1e-2).item()
+
+
+def test_precision_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CKV_PRECISION", "native")
+    assert models.default_precision() == "native"
+    monkeypatch.delenv("CKV_PRECISION")
+    assert models.default_precision() == ("float32" if mx.default_device().type == mx.cpu else "native")
+    monkeypatch.setenv("CKV_PRECISION", "fp16")
+    with pytest.raises(CKVError, match=r"\$CKV_PRECISION 'fp16' is not a precision: use one of float32, native"):
+        models.default_precision()
+
+
+def test_folder_loads_dequantized_with_shape_and_context(tmp_path):
+    model = tiny_model("qwen3", heads=4, kv_heads=2, head_dim=16)
+    nn.quantize(model, group_size=32, bits=4)
+    expected = model(TOKENS)
+    write_folder(tmp_path / "tiny-qwen3", model, qwen3_config())
+
+    loaded = load_model(str(tmp_path / "tiny-qwen3"), precision="float32")
 
     assert loaded.context_length == 4096
     assert loaded.shape == models.ModelShape(str(tmp_path / "tiny-qwen3"), "qwen3", 2, 4, 2, 16)
-    if mx.default_device().type == mx.cpu:
-        assert not quantized_modules(loaded.model)
+    assert not quantized_modules(loaded.model)
     assert mx.allclose(loaded.model(TOKENS), expected, atol=1e-4, rtol=1e-4).item()
 
 
