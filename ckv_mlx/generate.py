@@ -35,8 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--raw", action="store_true", help="no chat template: document, newline, prompt")
     p.add_argument("--truncate", choices=TRUNCATE_CHOICES, default="none", help="what to drop when the document exceeds the context (default: refuse)")
     p.add_argument("--region", type=int, default=DEFAULT_REGION, help="rows per layer for generated tokens before re-scoring")
-    p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 512MiB (default: what MLX's memory limit leaves "
-                   "after the weights); a prompt whose full cache exceeds it is read in chunks that compress as they go")
+    p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 512MiB (default: 75%% of a Mac GPU's recommended "
+                   "working set, or of MLX's memory limit on a CPU, less the weights); a prompt whose full cache "
+                   "exceeds it is read in chunks that compress as they go")
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_STEP, help=f"tokens per prefill chunk (default {PREFILL_STEP})")
     p.add_argument("--save-cache", type=Path, help="save the compressed cache (safetensors + metadata) here")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")

@@ -17,7 +17,8 @@ from .errors import CKVError
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
          "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30}
-ACTIVATION_MARGIN = 0.25  # share of MLX's memory limit left for activations by default
+ACTIVATION_MARGIN = 0.25  # share of the memory budget left for activations by default
+RECOMMENDED = "max_recommended_working_set_size"  # a Metal GPU's key in mx.device_info()
 
 
 def parse_size(text: str) -> int:
@@ -51,9 +52,15 @@ def kv_bytes_per_token(model: nn.Module) -> int:
     return total
 
 
+def memory_budget() -> int:
+    """Bytes for weights, cache and activations: a Metal GPU's recommended working set
+    (MLX's own limit there is 1.5x that, and going past it pages), else MLX's memory limit."""
+    return int(mx.device_info().get(RECOMMENDED) or mx.get_memory_limit())
+
+
 def default_kv_limit(model: nn.Module) -> int:
-    """What MLX's memory limit leaves for the cache after the weights and a margin."""
-    return int((1 - ACTIVATION_MARGIN) * mx.get_memory_limit()) - weight_bytes(model)
+    """What :func:`memory_budget` leaves for the cache after a margin and the weights."""
+    return int((1 - ACTIVATION_MARGIN) * memory_budget()) - weight_bytes(model)
 
 
 def working_budget(prompt_tokens: int, per_token: int, kv_limit: int, chunk: int, budget: int | None) -> int | None:
