@@ -47,7 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     ensure_fast_blas()
     args = parse_args(argv)
-    return exit_code(lambda: run(args))
+    try:
+        return exit_code(lambda: run(args))
+    except KeyboardInterrupt:  # during generation run() keeps the partial answer itself
+        print("interrupted: stopped before the answer began", file=sys.stderr)
+        return 130
 
 
 def run(args: argparse.Namespace) -> int:

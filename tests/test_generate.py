@@ -170,6 +170,27 @@ def test_interrupted_generation_keeps_the_partial_answer(capsys, tokenizer, doc,
     assert f"interrupted: generation stopped after {report['generated_tokens']} tokens" in err
 
 
+@pytest.mark.parametrize("stage", ["model load", "prefill"])
+def test_ctrl_c_before_the_answer_is_one_line_and_exit_130(capsys, doc, monkeypatch, request, stage):
+    import ckv_mlx.models
+    from ckv_mlx.session import Session
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if stage == "model load":
+        monkeypatch.setattr(ckv_mlx.models, "load_model", interrupt)
+    else:
+        request.getfixturevalue("tokenizer")  # the built-in model, or skip
+        monkeypatch.setattr(Session, "prefill", interrupt)
+    try:
+        code, out, err = run(capsys, "--doc", doc, "--method", "snapkv", "--budget", "64")
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main(): Python prints a traceback")
+    assert (code, out) == (130, "")
+    assert err.splitlines() == ["interrupted: stopped before the answer began"]
+
+
 def test_saved_cache_carries_model_budget_and_document_hash(capsys, tokenizer, doc, tmp_path):
     import hashlib
 
