@@ -87,22 +87,44 @@ def test_uniform():
 def test_pyramid_matches_hand_computation():
     # B=128, w=8, beta=20: base 120, min 120//20 = 6, max 240-6 = 234,
     # steps (234-6)//31 = 7, layer l keeps 234 - 7l + 8.
-    budgets = pyramid(32, 128)
+    budgets = pyramid(32, 128, level=False)
     assert budgets[0] == 242 and budgets[1] == 235 and budgets[31] == 25
     assert budgets == [242 - 7 * layer for layer in range(32)]
 
 
 def test_pyramid_caps_at_the_prompt_length_like_the_reference():
     # prompt 200: max 234 >= 192 -> max 192, min 240-192 = 48, steps 144//31 = 4.
-    assert pyramid(32, 128, prompt_len=200) == [200 - 4 * layer for layer in range(32)]
+    assert pyramid(32, 128, prompt_len=200, level=False) == [200 - 4 * layer for layer in range(32)]
 
 
 def test_pyramid_small_cases():
     # base 24, min 24//20 = 1, max 47, steps 46//3 = 15.
-    assert pyramid(4, 32) == [55, 40, 25, 10]
+    assert pyramid(4, 32, level=False) == [55, 40, 25, 10]
     assert pyramid(1, 64) == [64]
     with pytest.raises(CKVError, match="window"):
         pyramid(32, 8)
+
+
+@pytest.mark.parametrize(("layers", "budget", "prompt_len"), [(30, 64, None), (32, 128, None), (4, 32, None),
+                                                             (32, 128, 200), (30, 256, None), (2, 16, None)])
+def test_pyramid_is_levelled_to_exactly_b_times_l(layers, budget, prompt_len):
+    from reference import pyramid_budgets
+
+    raw = pyramid_budgets(layers, budget, prompt_len=prompt_len)
+    excess = sum(raw) - layers * budget
+    every, first = divmod(excess, layers)  # every layer gives back `every`, the first `first` one more
+    expected = [b - every - (layer < first) for layer, b in enumerate(raw)]
+
+    budgets = pyramid(layers, budget, prompt_len=prompt_len)
+
+    assert budgets == expected and sum(budgets) == layers * budget
+    assert budgets == sorted(budgets, reverse=True) and min(budgets) >= 8
+
+
+def test_pyramid_at_64_on_30_layers_was_16_percent_over():
+    from reference import pyramid_budgets
+
+    assert sum(pyramid_budgets(30, 64)) == 2235  # 315 tokens (16 %) over 30 x 64
 
 
 @pytest.mark.parametrize(
