@@ -39,7 +39,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "working set, or of MLX's memory limit on a CPU, less the weights); a prompt whose full cache "
                    "exceeds it is read in chunks that compress as they go")
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_STEP, help=f"tokens per prefill chunk (default {PREFILL_STEP})")
-    p.add_argument("--save-cache", type=Path, help="save the compressed cache (safetensors + metadata) here")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
     return p.parse_args(argv)
 
@@ -56,8 +55,7 @@ def main(argv=None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from .budgets import parse_budget
-    from .cache import save_caches
-    from .documents import document_hash, read_document
+    from .documents import read_document
     from .memory import plan_prefill
     from .methods import make_method
     from .models import load_model
@@ -71,8 +69,6 @@ def run(args: argparse.Namespace) -> int:
         raise CKVError("--prefill-chunk must be at least 1 token")
     if args.region < 1:
         raise CKVError("--region must be at least 1 (rows per layer for generated tokens)")
-    if args.save_cache and not args.save_cache.parent.is_dir():
-        raise CKVError(f"cannot write {args.save_cache}: no folder {args.save_cache.parent}; choose a writable path")
     document = read_document(args.doc) if args.doc else ""
     loaded = load_model(args.model)
     warn_if_slow_blas()
@@ -102,11 +98,6 @@ def run(args: argparse.Namespace) -> int:
     session.compress(budget)
     text, interrupted = _stream(session, logits, loaded.tokenizer, args)
     report = _report(session, loaded.name, args, budget, profile_path, text, interrupted)
-    if args.save_cache and not session.consistent:
-        print(f"note: cache not saved to {args.save_cache}: the interrupt left its layers out of step", file=sys.stderr)
-    elif args.save_cache:
-        metadata = {k: report[k] for k in ("model", "method", "budget", "layer_budgets", "profile")}
-        save_caches(args.save_cache, session.caches, {**metadata, "document_hash": document_hash(document)})
     out = sys.stderr if args.json else sys.stdout
     print(_summary(report), file=out)
     if args.json:

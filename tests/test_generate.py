@@ -191,24 +191,12 @@ def test_ctrl_c_before_the_answer_is_one_line_and_exit_130(capsys, doc, monkeypa
     assert err.splitlines() == ["interrupted: stopped before the answer began"]
 
 
-def test_saved_cache_carries_model_budget_and_document_hash(capsys, tokenizer, doc, tmp_path):
-    import hashlib
-
-    from ckv_mlx.cache import load_caches
-
-    path = tmp_path / "answer.safetensors"
-    code, out, _ = run(capsys, "--doc", doc, "--prompt", "Where?", "--method", "snapkv", "--budget", "64", "--max-tokens", "3", "--save-cache", path, "--json")
-    report = json.loads(out.strip().splitlines()[-1])
-    caches, meta, _ = load_caches(path)
-    assert code == 0 and len(caches) == 30
-    assert meta["model"] == "smollm2-135m-instruct" and meta["budget"] == 64 and meta["method"] == "snapkv"
-    assert meta["document_hash"] == hashlib.sha256(DOC.encode()).hexdigest()
-    assert caches[0].offset == report["prompt_tokens"] + report["generated_tokens"]
-
-
-def test_unwritable_save_path_is_refused_before_work(capsys, tokenizer, doc, tmp_path):
-    code, _, err = run(capsys, "--doc", doc, "--save-cache", tmp_path / "missing" / "c.safetensors")
-    assert code == 2 and "writable" in error_line(err)
+def test_save_cache_is_gone_in_favour_of_ckv_chat_sessions(capsys, doc, tmp_path):
+    """It wrote a file nothing could read; ckv-chat's /save is the one saved format."""
+    with pytest.raises(SystemExit) as stop:
+        run(capsys, "--doc", doc, "--save-cache", tmp_path / "c.safetensors")
+    assert stop.value.code == 2 and "unrecognized arguments: --save-cache" in capsys.readouterr().err
+    assert not (tmp_path / "c.safetensors").exists()
 
 
 @pytest.mark.parametrize("raw", [True, False])
