@@ -49,6 +49,19 @@ class WindowAttention(nn.Module):
     def reset(self):
         self._window_queries = None
 
+    def set_window(self, window: int):
+        """Keep ``window`` latest queries from now on (the latest of those held stay)."""
+        self.window = window
+        if self._window_queries is not None:
+            self._window_queries = self._window_queries[:, :, -window:, :]
+
+    def window_state(self):
+        """What :meth:`restore_window_state` takes back to (cheap: a reference)."""
+        return self._window_queries
+
+    def restore_window_state(self, state):
+        self._window_queries = state
+
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         b, n, _ = x.shape
         queries = self.q_proj(x).reshape(b, n, self.n_heads, -1)
@@ -102,5 +115,5 @@ def install(model: nn.Module, window: int = Defaults.window) -> list[WindowAtten
     for layer in model.layers:
         if not isinstance(layer.self_attn, WindowAttention):
             layer.self_attn = WindowAttention(layer.self_attn, window)
-        layer.self_attn.window = window
+        layer.self_attn.set_window(window)
     return [layer.self_attn for layer in model.layers]

@@ -1,9 +1,11 @@
 """A per-layer KV cache that can evict: logical position apart from physical rows.
 
-Before compression it grows like mlx-lm's ``KVCache``. ``compress(keep, budget)`` keeps
-the given rows (a token set per KV head, or one for all) and fixes the capacity at
-``budget + region``: new tokens fill the region, and the caller evicts back to the
-budget before it overflows, so the memory of a compressed layer is bounded.
+Before compression it grows like mlx-lm's ``KVCache`` (in steps of 256 rows).
+``compress(keep, budget)`` keeps the given rows (a token set per KV head, or one for
+all) and fixes the capacity at ``budget + region``: new tokens fill the region, and the
+caller evicts back to the budget before it overflows, so the memory of a compressed
+layer is bounded. ``nbytes`` is what is allocated (the capacity), as in mlx-lm;
+``rows_nbytes`` is the part holding tokens.
 """
 
 from __future__ import annotations
@@ -19,21 +21,44 @@ from mlx_lm.models.cache import _BaseCache
 
 from .errors import CKVError
 
-DEFAULT_REGION = 64
+REGION_SHARE = 4  # by default a layer's region is a quarter of its budget ...
+MIN_REGION = 8  # ... and at least this many rows
+
+
+def default_region(budget: int) -> int:
+    """Rows for new tokens beside a layer's ``budget``: a quarter of it, at least 8, so
+    a compressed layer allocates at most 1.25x its budget (or budget + 8 rows)."""
+    return max(MIN_REGION, -(-budget // REGION_SHARE))
+
+
+def allocated_rows(tokens: int, step: int = 256) -> int:
+    """Rows a growing cache allocates for ``tokens``: rounded up to whole steps."""
+    return -(-tokens // step) * step
 
 
 class EvictingKVCache(_BaseCache):
-    """KV rows of one layer, ``[1, kv_heads, rows, head_dim]``, in position order."""
+    """KV rows of one layer, ``[1, kv_heads, rows, head_dim]``, in position order.
+
+    ``region`` is the rows for new tokens once compressed; None: :func:`default_region`
+    of the layer's budget.
+    """
 
     step = 256
 
-    def __init__(self, region: int = DEFAULT_REGION):
+    def __init__(self, region: int | None = None):
         self.keys = None
         self.values = None
         self.offset = 0
         self.length = 0
         self.budget: int | None = None
-        self.region = region
+        self.region_setting = region
+
+    @property
+    def region(self) -> int:
+        """Rows for new tokens beside the budget (before compression: the default's)."""
+        if self.region_setting is not None:
+            return self.region_setting
+        return default_region(self.budget or 0)
 
     @property
     def capacity(self) -> int:
@@ -64,7 +89,7 @@ class EvictingKVCache(_BaseCache):
         if self.compressed:
             size = max(needed, self.budget + self.region)
         else:
-            size = -(-needed // self.step) * self.step
+            size = allocated_rows(needed, self.step)
         self.keys = _resized(self.keys, keys, self.length, size)
         self.values = _resized(self.values, values, self.length, size)
 
@@ -92,7 +117,7 @@ class EvictingKVCache(_BaseCache):
 
     def copy(self) -> "EvictingKVCache":
         """An independent copy (MLX arrays are updated in place by slice assignment)."""
-        twin = EvictingKVCache(self.region)
+        twin = EvictingKVCache(self.region_setting)
         twin.offset, twin.length, twin.budget = self.offset, self.length, self.budget
         if self.keys is not None:
             twin.keys, twin.values = mx.array(self.keys), mx.array(self.values)
@@ -117,7 +142,12 @@ class EvictingKVCache(_BaseCache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the rows held (keys and values)."""
+        """Bytes allocated for keys and values (the whole capacity, as mlx-lm counts)."""
+        return self.capacity * self.row_bytes
+
+    @property
+    def rows_nbytes(self) -> int:
+        """Bytes of the rows holding tokens (at most :attr:`nbytes`)."""
         return self.length * self.row_bytes
 
     def make_mask(self, n: int, return_array: bool = False, window_size=None):
@@ -136,12 +166,12 @@ class EvictingKVCache(_BaseCache):
 
     @property
     def meta_state(self):
-        return (str(self.offset), str(self.budget or 0), str(self.region))
+        return (str(self.offset), str(self.budget or 0), str(self.region_setting or 0))
 
     @meta_state.setter
     def meta_state(self, v):
         offset, budget, region = (int(x) for x in v)
-        self.offset, self.region = offset, region
+        self.offset, self.region_setting = offset, region or None
         self.budget = budget or None
 
     @classmethod

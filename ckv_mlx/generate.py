@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", default=None, help=f"question (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--method", default="compresskv", choices=list(METHODS))
     p.add_argument("--budget", default="128", help="tokens per layer (average), or a fraction of the prompt: 5%% or 0.05 (ignored by full)")
-    p.add_argument("--profile", type=Path, help="SRH profile (default: the model's file in profiles/, if any)")
+    p.add_argument("--profile", type=Path, help="SRH profile (default: the model's shipped profile, if any)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--raw", action="store_true", help="no chat template: document, newline, prompt")

@@ -7,14 +7,15 @@ work of a session must happen on one thread.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .attention import install
-from .cache import DEFAULT_REGION, EvictingKVCache
+from .cache import EvictingKVCache, allocated_rows
 from .errors import CKVError
 from .methods import Method
 
@@ -27,8 +28,9 @@ class Stats:
 
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    kv_bytes_full: int = 0
-    kv_bytes_kept: int = 0
+    kv_bytes_full: int = 0  # allocated by a full cache of the prompt
+    kv_bytes_kept: int = 0  # allocated right after compression
+    kv_rows_kept: int = 0  # of which rows holding tokens
     layer_budgets: list[int] | None = None
     prefill_s: float = 0.0
     compress_s: float = 0.0
@@ -49,11 +51,39 @@ class Stats:
 class Session:
     """A model with evicting caches and one compression method."""
 
-    def __init__(self, model, tokenizer, method: Method, region: int = DEFAULT_REGION):
-        self.model, self.tokenizer, self.method = model, tokenizer, method
+    def __init__(self, model, tokenizer, method: Method, region: int | None = None):
+        self.model, self.tokenizer, self._method = model, tokenizer, method
         self.region = region
         self.attentions = install(model, method.window)
         self.reset()
+
+    @property
+    def method(self) -> Method:
+        return self._method
+
+    @method.setter
+    def method(self, method: Method):
+        """Swap the method; the attention's observation window follows it (see
+        :meth:`_use_window`)."""
+        self._use_window(method)
+        self._method = method
+
+    @property
+    def window(self) -> int:
+        """The observation window: how many latest queries each layer keeps."""
+        return self.attentions[0].window
+
+    def _use_window(self, method: Method):
+        """Re-install the attention with ``method``'s window. A wider window than the
+        session kept cannot be filled once tokens are read: refused in one line."""
+        if method.window == self.window:
+            return
+        if method.window > self.window and self.position:
+            raise CKVError(
+                f"method {method.name} scores with a {method.window}-token window but the document was "
+                f"read with {self.window}: read it again with this method (e.g. /reread) to switch"
+            )
+        install(self.model, method.window)
 
     def reset(self):
         """Forget the document: empty caches and window queries."""
@@ -91,7 +121,13 @@ class Session:
 
     @property
     def kv_bytes(self) -> int:
+        """KV bytes allocated now, over all layers."""
         return sum(c.nbytes for c in self.caches)
+
+    @property
+    def kv_rows_bytes(self) -> int:
+        """KV bytes of the rows holding tokens (at most :attr:`kv_bytes`)."""
+        return sum(c.rows_nbytes for c in self.caches)
 
     @property
     def bytes_per_token(self) -> int:
@@ -128,13 +164,13 @@ class Session:
         mx.reset_peak_memory()
         start = time.perf_counter()
         if working_budget is None:
-            logits = self.feed(tokens, progress)
+            logits = self.feed(tokens, progress, chunk)
         else:
             logits = self._feed_bounded(tokens, working_budget, chunk, progress, question)
         mx.eval(logits)
         self.stats.prefill_s = time.perf_counter() - start
         self.stats.prompt_tokens = len(tokens)
-        self.stats.kv_bytes_full = self.bytes_per_token * self.position
+        self.stats.kv_bytes_full = self.bytes_per_token * allocated_rows(self.position, EvictingKVCache.step)
         self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.kv_bytes)
         self.stats.working_budget = working_budget
         return logits
@@ -143,22 +179,31 @@ class Session:
         budgets = self.layer_budgets(working_budget)
         half = chunk // 2
         probe = question[-half:] if question and half else []
-        for cache in self.caches:
-            cache.region = chunk  # room for exactly one chunk (piece and question), never more
-            cache.step = 1  # and no rounding up before a layer's first eviction
         body, last = tokens[:-1], tokens[-1:]
         step = chunk - len(probe)
-        for start in range(0, len(body), step):
-            self._read_piece(body[start : start + step], probe)
-            self._evict_to(budgets)
-            if progress:
-                progress(min(start + step, len(body)), len(tokens))
-        for cache in self.caches:
-            cache.region, cache.step = self.region, EvictingKVCache.step
+        with self._chunk_sized_caches(chunk):
+            for start in range(0, len(body), step):
+                self._read_piece(body[start : start + step], probe)
+                self._evict_to(budgets)
+                if progress:
+                    progress(min(start + step, len(body)), len(tokens))
         logits = self.model(mx.array([last]), cache=self.caches)[:, -1, :]
         if progress:
             progress(len(tokens), len(tokens))
         return logits
+
+    @contextmanager
+    def _chunk_sized_caches(self, chunk: int):
+        """Room for exactly one chunk (piece and question) beside each layer's working
+        budget, never more, and no rounding up before a layer's first eviction; the
+        caches' own region and growth step come back however the block ends."""
+        for cache in self.caches:
+            cache.region_setting, cache.step = chunk, 1
+        try:
+            yield
+        finally:
+            for cache in self.caches:
+                cache.region_setting, cache.step = self.region, EvictingKVCache.step
 
     def _read_piece(self, piece: list[int], probe: list[int]):
         """Append ``piece``, then read ``probe`` (the question, at most half a chunk) so
@@ -186,16 +231,17 @@ class Session:
                 mx.eval(cache.keys, cache.values)
 
     def feed(
-        self, tokens: list[int], progress: Callable[[int, int], None] | None = None
+        self, tokens: list[int], progress: Callable[[int, int], None] | None = None, chunk: int = PREFILL_STEP
     ) -> mx.array:
-        """Append tokens to the cache in chunks; return the logits of the last one.
+        """Append tokens to the cache in ``chunk``-token pieces; return the logits of the
+        last one.
 
-        Once compressed, chunks are at most ``region`` tokens and each layer evicts
-        back to its budget before a chunk would overflow it.
+        Once compressed, pieces are at most the smallest layer region and each layer
+        evicts back to its budget before a piece would overflow it.
         """
         if not tokens:
             raise CKVError("nothing to process: the prompt is empty")
-        step = self.region if self.compressed else PREFILL_STEP
+        step = self._step(chunk)
         body, last = tokens[:-1], tokens[-1:]
         for start in range(0, len(body), step):
             chunk = body[start : start + step]
@@ -213,6 +259,10 @@ class Session:
     @property
     def compressed(self) -> bool:
         return self.caches[0].compressed
+
+    def _step(self, chunk: int) -> int:
+        """Tokens per model call: ``chunk``, or at most the smallest region once compressed."""
+        return min(chunk, *(c.region for c in self.caches)) if self.compressed else chunk
 
     def layer_budgets(self, avg_budget: int | None, method: Method | None = None) -> list[int] | None:
         """Each layer's share of ``avg_budget`` (tokens per layer, window included) under
@@ -234,7 +284,7 @@ class Session:
         budget is kept whole."""
         budgets = self.layer_budgets(avg_budget)
         if budgets is None:
-            self.stats.kv_bytes_kept = self.kv_bytes
+            self.stats.kv_bytes_kept, self.stats.kv_rows_kept = self.kv_bytes, self.kv_rows_bytes
             return None
         start = time.perf_counter()
         length = self.caches[0].length
@@ -244,7 +294,7 @@ class Session:
             self._compress_layer(layer, budget)
         self._eval_caches()
         self.stats.compress_s = time.perf_counter() - start
-        self.stats.kv_bytes_kept = self.kv_bytes
+        self.stats.kv_bytes_kept, self.stats.kv_rows_kept = self.kv_bytes, self.kv_rows_bytes
         self.stats.layer_budgets = budgets
         return budgets
 
@@ -266,7 +316,7 @@ class Session:
         """Log-probabilities ``[len(tokens), vocab]`` of each of ``tokens`` being next,
         feeding them in turn after ``logits`` (the fidelity measurement)."""
         rows = [logits.reshape(1, -1)]
-        step = self.region if self.compressed else PREFILL_STEP
+        step = self._step(PREFILL_STEP)
         body = tokens[:-1]
         for start in range(0, len(body), step):
             chunk = body[start : start + step]
@@ -281,13 +331,18 @@ class Session:
         max_tokens: int,
         temp: float = 0.0,
         should_stop: Callable[[], bool] = lambda: False,
+        repetition_penalty: float | None = None,
     ) -> Iterator[int]:
         """Sample up to ``max_tokens`` tokens, starting from ``logits``; stops at EOS.
 
-        Every yielded token is appended to the cache (lazily), so a follow-up
-        continues after the whole answer.
+        Pipelined like mlx-lm's ``generate_step``: the step that feeds a token runs
+        (``mx.async_eval``) while that token is handed out. Every yielded token is in
+        the cache, so a follow-up continues after the whole answer; a token that ends
+        the answer (EOS, a stop request) is taken back out. ``repetition_penalty``
+        (mlx-lm's) looks at the last 20 tokens of the answer.
         """
         sampler = make_sampler(temp)
+        processors = make_logits_processors(repetition_penalty=repetition_penalty)
         eos = set(self.tokenizer.eos_token_ids)
         last = time.perf_counter()
 
@@ -297,19 +352,41 @@ class Session:
             self.stats.decode_s += now - last
             last = now
 
+        def choose(logits: mx.array, answer: mx.array | None) -> mx.array:
+            for processor in processors if answer is not None else ():
+                logits = processor(answer, logits)
+            return sampler(logits - mx.logsumexp(logits, keepdims=True))
+
+        def feed(token: mx.array, answer: mx.array) -> mx.array:
+            self.make_room(1)
+            logits = self.model(token.reshape(1, 1), cache=self.caches)[:, -1, :]
+            return choose(logits, answer)
+
+        token = choose(logits, None)
+        answer = token
         try:
             for _ in range(max_tokens):
-                token = sampler(logits - mx.logsumexp(logits, keepdims=True)).item()
-                if token in eos or should_stop():
+                queries = [a.window_state() for a in self.attentions]
+                ahead = feed(token, answer)
+                mx.async_eval(ahead)
+                value = token.item()
+                if value in eos or should_stop():
+                    self._unfeed_last(queries)
                     break
                 self.stats.generated_tokens += 1
                 clock()
-                yield token
+                yield value
                 last = time.perf_counter()
-                self.make_room(1)
-                logits = self.model(mx.array([[token]]), cache=self.caches)[:, -1, :]
+                token, answer = ahead, mx.concatenate([answer, ahead]) if processors else None
         finally:
             clock()
             self.stats.peak_memory_bytes = max(
                 self.stats.peak_memory_bytes, mx.get_peak_memory()
             )
+
+    def _unfeed_last(self, queries: list):
+        """Take back the token fed ahead of its check: its row and its window query."""
+        for cache in self.caches:
+            cache.trim(1)
+        for attention, saved in zip(self.attentions, queries):
+            attention.restore_window_state(saved)

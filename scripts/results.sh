@@ -24,7 +24,7 @@ variant_niah() {  # PROFILE OUT EVAL-ARGS...: compresskv and compresskv-gqa on N
 uniform() {  # compresskv with uniform budgets: the shipped profile without its layer errors, NIAH at 2K
     mkdir -p runs
     $PY -c 'import json, sys; p = json.load(open(sys.argv[1])); p.pop("layer_errors"); json.dump(p, open(sys.argv[2], "w"))' \
-        profiles/smollm2-135m-instruct.json runs/smollm2-uniform-budgets.json
+        ckv_mlx/profiles/data/smollm2-135m-instruct.json runs/smollm2-uniform-budgets.json
     variant_niah runs/smollm2-uniform-budgets.json docs/eval/niah-uniform --lengths 2000
 }
 
@@ -32,7 +32,7 @@ firstk() {  # compresskv with 3 SRHs per layer instead of the shipped profile's 
              # two depths where compresskv loses the password needle (see coverage)
     mkdir -p runs
     $PY -c 'import json, sys; p = json.load(open(sys.argv[1])); p["defaults"]["first_k"] = 3; json.dump(p, open(sys.argv[2], "w"))' \
-        profiles/smollm2-135m-instruct.json runs/smollm2-first-k-3.json
+        ckv_mlx/profiles/data/smollm2-135m-instruct.json runs/smollm2-first-k-3.json
     variant_niah runs/smollm2-first-k-3.json docs/eval/niah-first-k-3 --lengths 2000
     variant_niah runs/smollm2-first-k-3.json docs/eval/niah-first-k-3-4k --lengths 4000
     variant_niah runs/smollm2-first-k-3.json docs/eval/niah-first-k-3-7k --lengths 7000 --depths 11,22

@@ -1,5 +1,7 @@
 """The evicting cache: exact bytes, true RoPE positions, bounded memory, save/load."""
 
+import gc
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -36,14 +38,57 @@ def compressed_session(name, budget, arch="llama", region=16, layers=3):
     return session, logits, kept
 
 
+ROW = 2 * 16 * 2 * 4  # one token of one layer: 2 KV heads x head_dim 16, keys and values, float32
+
+
 @pytest.mark.parametrize("name", ["compresskv", "compresskv-gqa", "snapkv", "pyramidkv", "streamingllm"])
-def test_nbytes_is_the_formula(name):
-    session, _, kept = compressed_session(name, budget=32)
-    heads, dim = 2, 16
+def test_nbytes_is_the_allocated_buffer(name):
+    session, _, kept = compressed_session(name, budget=32, region=16)
     kept_rows = [kept[layer].shape[-1] for layer in range(len(session.caches))]
     assert kept_rows == session.stats.layer_budgets
-    assert session.kv_bytes == sum(kept_rows) * heads * dim * 2 * 4
-    assert session.stats.kv_bytes_full == len(session.caches) * PROMPT * heads * dim * 2 * 4
+    assert session.kv_bytes == session.stats.kv_bytes_kept == sum(b + 16 for b in kept_rows) * ROW
+    assert session.kv_rows_bytes == session.stats.kv_rows_kept == sum(kept_rows) * ROW
+    assert session.stats.kv_bytes_full == 3 * 256 * ROW  # 96 tokens in one 256-row step per layer
+
+
+def test_full_figure_is_what_the_full_cache_allocated():
+    model = tiny_model("llama", layers=3)
+    session = Session(model, TinyTokenizer(), make_method("full")[0])
+    session.prefill(prompt_tokens(300))
+    assert session.stats.kv_bytes_full == session.kv_bytes == 3 * 512 * ROW
+
+
+@pytest.mark.parametrize("budget, region", [(64, 16), (32, 8), (20, 8), (400, 100)])
+def test_default_region_is_a_quarter_of_the_budget(budget, region):
+    model = tiny_model("llama", layers=2)
+    session = Session(model, TinyTokenizer(), make_method("snapkv")[0])
+    session.prefill(prompt_tokens(500))
+    session.compress(budget)
+    assert [c.capacity for c in session.caches] == [budget + region] * 2
+
+
+def settled_active_memory() -> int:
+    gc.collect()
+    mx.synchronize()
+    return mx.get_active_memory()
+
+
+@pytest.mark.parametrize("prompt, budget, region", [(2000, 64, 64), (2000, 64, None), (1000, 256, None), (150, 128, 32)])
+def test_kv_bytes_match_mlx_active_memory(prompt, budget, region):
+    """What compression frees and allocates, as MLX counts it, is what kv_bytes says
+    (to 64 KiB of MLX's own small allocations), not what the rows held say."""
+    model = tiny_model("llama", layers=3, heads=8, kv_heads=4, head_dim=64)  # 2 KiB a row per layer
+    session = Session(model, TinyTokenizer(), make_method("snapkv")[0], region=region)
+    session.prefill(prompt_tokens(prompt))
+    mx.eval([(c.keys, c.values) for c in session.caches], [a.window_state() for a in session.attentions])
+    full = session.kv_bytes
+    before = settled_active_memory()
+    session.compress(budget)
+    allocated = settled_active_memory() - before + full
+    assert abs(allocated - session.kv_bytes) <= 64 * 2**10
+    if region == 64:  # the old figure, rows held, is off by the 64-row regions: 384 KiB here
+        assert abs(allocated - session.kv_rows_bytes) >= 256 * 2**10
+    assert session.kv_bytes < full  # even a 150-token prompt kept whole allocates less than before
 
 
 def masked_plain_logits(model, prompt, forced, kept):

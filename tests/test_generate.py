@@ -58,7 +58,7 @@ def test_json_report(capsys, tokenizer, doc, method):
         if method == "streamingllm":
             assert budgets == [64] * 30
         else:  # the shipped profile of the built-in model
-            assert report["profile"].endswith("profiles/smollm2-135m-instruct.json")
+            assert report["profile"].endswith("ckv_mlx/profiles/data/smollm2-135m-instruct.json")
         assert report["kv_bytes_kept"] == 64 * 30 * 3 * 64 * 2 * 4
     assert 0 < report["generated_tokens"] <= 12
 

@@ -230,9 +230,9 @@ def test_same_model_has_no_warnings(tmp_path):
                                                      32, 32, 8, 128)) == []
 
 
-def test_default_profiles_dir_is_the_repo_folder(monkeypatch):
+def test_default_profiles_dir_is_the_package_folder(monkeypatch):
     monkeypatch.delenv("CKV_PROFILES_DIR", raising=False)
-    assert profiles_dir() == REPO / "profiles"
+    assert profiles_dir() == REPO / "ckv_mlx" / "profiles" / "data"
 
 
 def test_default_profile_path_by_file_name_and_by_model_name(tmp_path, monkeypatch):

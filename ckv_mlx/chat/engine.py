@@ -19,7 +19,7 @@ from typing import Callable
 import mlx.core as mx
 
 from ..budgets import parse_budget
-from ..cache import DEFAULT_REGION, load_caches, save_caches
+from ..cache import load_caches, save_caches
 from ..conversation import Conversation
 from ..documents import document_hash, read_document
 from ..errors import CKVError
@@ -155,8 +155,7 @@ class ChatEngine:
         profile, path, notes = resolve_profile(self.settings.profile, self._loaded.shape)
         self._profile, self._profile_name = profile, (path.name if path else None)
         method, method_notes = make_method(self.settings.method, profile)
-        region = self.settings.region or DEFAULT_REGION
-        self._session = Session(self._loaded.model, self._loaded.tokenizer, method, region=region)
+        self._session = Session(self._loaded.model, self._loaded.tokenizer, method, region=self.settings.region)
         for note in notes + method_notes:
             self._emit(Notice(note))
 

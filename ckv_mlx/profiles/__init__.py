@@ -157,11 +157,11 @@ def check_profile_matches(profile: Profile, shape: ModelShape) -> list[str]:
 
 
 def profiles_dir() -> Path:
-    """The repository's profiles/ folder, or $CKV_PROFILES_DIR when set."""
+    """The profiles shipped in the package (``ckv_mlx/profiles/data/``), or $CKV_PROFILES_DIR when set."""
     override = os.environ.get(PROFILES_ENV)
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "profiles"
+    return Path(__file__).resolve().parent / "data"
 
 
 def default_profile_path(model_name: str) -> Path | None:
@@ -398,7 +398,7 @@ def _dumps(data: Any, indent: str = "") -> str:
 def resolve_profile(
     path: str | os.PathLike | None, shape: ModelShape
 ) -> tuple[Profile | None, Path | None, list[str]]:
-    """The profile for a model: ``path`` if given, else its file in profiles/ if any.
+    """The profile for a model: ``path`` if given, else its file in :func:`profiles_dir` if any.
 
     Returns the profile, where it came from, and warnings for the user.
     """
