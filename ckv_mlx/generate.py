@@ -15,7 +15,6 @@ DEFAULT_PROMPT = "Summarize the document in a few sentences."
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The CLI's arguments (imports MLX: call after :func:`ensure_fast_blas`)."""
-    from .cache import DEFAULT_REGION
     from .methods import METHODS
     from .prompts import TRUNCATE_CHOICES
     from .session import PREFILL_STEP
@@ -34,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temp", type=float, default=0.0)
     p.add_argument("--raw", action="store_true", help="no chat template: document, newline, prompt")
     p.add_argument("--truncate", choices=TRUNCATE_CHOICES, default="none", help="what to drop when the document exceeds the context (default: refuse)")
-    p.add_argument("--region", type=int, default=DEFAULT_REGION, help="rows per layer for generated tokens before re-scoring")
+    p.add_argument("--region", type=int, default=None, help="rows per layer for generated tokens before re-scoring "
+                   "(default: a quarter of each layer's budget, at least 8)")
     p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 512MiB (default: 75%% of a Mac GPU's recommended "
                    "working set, or of MLX's memory limit on a CPU, less the weights); a prompt whose full cache "
                    "exceeds it is read in chunks that compress as they go")
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise CKVError("--max-tokens must be at least 1")
     if args.prefill_chunk < 1:
         raise CKVError("--prefill-chunk must be at least 1 token")
-    if args.region < 1:
+    if args.region is not None and args.region < 1:
         raise CKVError("--region must be at least 1 (rows per layer for generated tokens)")
     document = read_document(args.doc) if args.doc else ""
     loaded = load_model(args.model)
