@@ -54,8 +54,9 @@ class LayerError:
         kept = mx.fast.scaled_dot_product_attention(
             queries, keys[:, :, rows], values[:, :, rows], scale=attention.scale
         )
-        full, sel = (attention.o_proj(o.transpose(0, 2, 1, 3).reshape(1, 1, -1)) for o in (out, kept))
-        error = mx.linalg.norm(sel - full) / (mx.linalg.norm(full) + 1e-5)
+        full, sel = (attention.o_proj(o.transpose(0, 2, 1, 3).reshape(1, 1, -1)).astype(mx.float32)
+                     for o in (out, kept))
+        error = mx.linalg.norm(sel - full) / (mx.linalg.norm(full) + 1e-5)  # float32 whatever the model's dtype
         self.errors.append(error)
         return out
 

@@ -56,3 +56,18 @@ def plain_greedy(model, tokens, n):
         out.append(mx.argmax(logits, axis=-1).item())
         logits = model(mx.array([[out[-1]]]), cache=cache)[:, -1]
     return out
+
+
+HALF = {"bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def mac_model(arch: str = "llama", dtype: str = "bfloat16", **kwargs):
+    """:func:`tiny_model` as a Mac runs a model: 4-bit weights kept quantized, the rest
+    (and so activations and KV) in ``dtype``."""
+    import mlx.nn as nn
+
+    model = tiny_model(arch, **kwargs)
+    nn.quantize(model, group_size=32, bits=4)
+    model.set_dtype(HALF[dtype])
+    mx.eval(model.parameters())
+    return model

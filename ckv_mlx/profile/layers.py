@@ -77,8 +77,11 @@ def layer_trial(
     steps = min(len(t.errors) for t in taps)
     if steps == 0:
         return {"errors": None, "steps": 0, "answer": tokenizer.decode(generated)}
-    per_step = np.array(mx.stack([mx.stack(t.errors[:steps]) for t in taps]))  # [L, steps]
+    per_step = np.array(mx.stack([mx.stack(t.errors[:steps]) for t in taps]))  # [L, steps] float32
     errors = per_step.sum(axis=1) if reduce == "sum" else per_step.mean(axis=1)
+    if not np.isfinite(errors).all():  # never into the run log: save_profile would refuse it later
+        raise CKVError(f"a layer error is not finite ({errors.tolist()}): the model overflows in its dtype; "
+                       "profile it in float32 (CKV_PRECISION=float32)")
     return {"errors": np.round(errors, 8).tolist(), "steps": steps, "answer": tokenizer.decode(generated)}
 
 

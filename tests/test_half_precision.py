@@ -1,0 +1,163 @@
+"""The Mac path on this CPU: 4-bit weights kept quantized, bfloat16/float16 activations
+and KV. Every reference is plain mlx-lm (or NumPy) on the same quantized model, same dtype."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from ckv_mlx.cache import load_caches, save_caches
+from ckv_mlx.eval.harness import Harness, Setting
+from ckv_mlx.eval.tasks import EvalSample
+from ckv_mlx.methods import METHODS, make_method
+from ckv_mlx.profile.layers import layer_trial
+from ckv_mlx.profile.srh import head_scores
+from ckv_mlx.session import Session
+from ckv_mlx.taps import SpanRecorder, tapped
+from fakes import fake_profile
+from tiny import HALF, TinyTokenizer, mac_model, plain_greedy
+
+DTYPES = list(HALF)
+ATOL = {"bfloat16": 0.1, "float16": 0.02}  # logits of order 1: a few ulps of the dtype
+
+
+def tokens(n, seed=1):
+    mx.random.seed(seed)
+    return mx.random.randint(1, 128, (n,)).tolist()
+
+
+class WordTokenizer(TinyTokenizer):
+    """Decodes ids to numbers: never a newline, so answers run to max_tokens."""
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def close(a, b, dtype):
+    assert a.dtype == b.dtype == HALF[dtype]
+    return mx.allclose(a.astype(mx.float32), b.astype(mx.float32), atol=ATOL[dtype]).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_nothing_to_evict_matches_plain_mlx_lm(name, arch, dtype):
+    prompt, forced = tokens(48), tokens(10, seed=2)
+    model = mac_model(arch, dtype)
+    cache = make_prompt_cache(model)
+    reference = [model(mx.array([prompt]), cache=cache)[:, -1]]
+    reference += [model(mx.array([[t]]), cache=cache)[:, -1] for t in forced]
+
+    session = Session(model, TinyTokenizer(), make_method(name, fake_profile(model))[0], region=len(forced))
+    ours = [session.prefill(prompt)]
+    session.compress(len(prompt))
+    for token in forced:
+        session.make_room(1)
+        ours.append(model(mx.array([[token]]), cache=session.caches)[:, -1])
+    assert session.caches[0].keys.dtype == HALF[dtype]
+    for step, (a, b) in enumerate(zip(reference, ours)):
+        assert close(a, b, dtype), f"step {step}"
+
+
+def masked_reference(model, prompt, forced, kept):
+    """Plain mlx-lm over the full cache with the evicted rows masked out, same dtype."""
+    cache = make_prompt_cache(model)
+    model(mx.array([prompt]), cache=cache)
+    out = []
+    for token in forced:
+        h = model.model.embed_tokens(mx.array([[token]]))
+        for layer, (block, c) in enumerate(zip(model.layers, cache)):
+            visible = np.zeros((block.self_attn.n_kv_heads, c.offset + 1), dtype=bool)
+            rows = np.broadcast_to(np.array(kept[layer]), (visible.shape[0], kept[layer].shape[-1]))
+            np.put_along_axis(visible, rows, True, axis=1)
+            visible[:, len(prompt):] = True
+            group = block.self_attn.n_heads // block.self_attn.n_kv_heads
+            h = block(h, mx.array(np.repeat(visible, group, axis=0)[None, :, None, :]), c)
+        out.append(model.model.embed_tokens.as_linear(model.model.norm(h))[:, -1])
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["compresskv", "compresskv-gqa", "snapkv", "pyramidkv", "streamingllm"])
+def test_compressed_decode_matches_masked_mlx_lm(name, dtype):
+    prompt, forced = tokens(96), tokens(8, seed=9)
+    model = mac_model("llama", dtype, layers=3)
+    method, _ = make_method(name, fake_profile(model))
+    kept, keep_indices = {}, method.keep_indices
+    method.keep_indices = lambda layer, *a: kept.setdefault(layer, keep_indices(layer, *a))
+    session = Session(model, TinyTokenizer(), method, region=16)
+    session.prefill(prompt)
+    session.compress(40)
+    ours = []
+    for token in forced:
+        session.make_room(1)
+        ours.append(model(mx.array([[token]]), cache=session.caches)[:, -1])
+    for step, (a, b) in enumerate(zip(masked_reference(model, prompt, forced, kept), ours)):
+        assert close(a, b, dtype), f"step {step}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_greedy_generation_matches_mlx_lm(dtype):
+    model, prompt = mac_model("llama", dtype), tokens(60)
+    session = Session(model, TinyTokenizer(), make_method("full")[0])
+    assert list(session.generate(session.prefill(prompt), 16)) == plain_greedy(model, prompt, 16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_saved_cache_resumes_identically(dtype, tmp_path):
+    model = mac_model("llama", dtype)
+    session = Session(model, TinyTokenizer(), make_method("snapkv")[0])
+    session.prefill(tokens(80))
+    session.compress(32)
+    save_caches(tmp_path / "s.safetensors", session.caches, {"model": "tiny"})
+    caches, _, _ = load_caches(tmp_path / "s.safetensors")
+    assert caches[0].keys.dtype == HALF[dtype]
+    token = mx.array([[5]])
+    assert mx.array_equal(model(token, cache=caches), model(token, cache=session.caches))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_errors_are_float32_and_finite(dtype):
+    """Reproduces `profile layers` on half models: bf16 could not become NumPy, fp16 gave NaN."""
+    model = mac_model("llama", dtype, layers=3)
+    session = Session(model, WordTokenizer(), make_method("full")[0])
+    method, _ = make_method("compresskv", fake_profile(model))
+    record = layer_trial(session, WordTokenizer(), tokens(120), method, 32, 6, "sum")
+    errors = np.array(record["errors"])
+    assert record["steps"] == 6 and errors.shape == (3,)
+    assert np.isfinite(errors).all() and (errors > 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_srh_span_mass_is_float32_and_matches_numpy(dtype):
+    model, prompt, span = mac_model("llama", dtype), tokens(80), range(20, 30)
+    session = Session(model, TinyTokenizer(), make_method("full")[0])
+    session.feed(prompt[:-1])
+    recorders = [SpanRecorder(span) for _ in session.attentions]
+    with tapped(session.attentions, recorders):
+        logits = session.feed(prompt[-1:])  # the first recorded step: the last prompt token
+        last_queries = [np.array(a.window_queries[:, -1].astype(mx.float32)) for a in session.attentions]
+        generated = list(session.generate(logits, 3))
+    for recorder, attention, cache, query in zip(recorders, session.attentions, session.caches, last_queries):
+        keys = np.array(cache.fetch()[0][0, :, :80].astype(mx.float32))  # [kv_heads, 80, d]
+        group = query.shape[0] // keys.shape[0]
+        logit = np.einsum("hd,hnd->hn", query, np.repeat(keys, group, axis=0)) * attention.scale
+        probs = np.exp(logit - logit.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        assert recorder.mass[0].dtype == mx.float32
+        np.testing.assert_allclose(np.array(recorder.mass[0]), probs[:, 20:30].sum(-1), atol=1e-5)
+    srh, retrieval = head_scores(recorders, prompt, span, generated)
+    assert srh.shape == retrieval.shape == (2, 4) and np.isfinite(srh).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eval_harness_runs_and_its_full_answer_is_mlx_lms(dtype):
+    model = mac_model("llama", dtype)
+    document, question = tokens(150), tokens(6, seed=4)
+    sample = EvalSample("s0", "niah", 150, document, [question], [lambda text: {"score": 1.0}])
+    session = Session(model, WordTokenizer(), make_method("full")[0])
+    settings = [Setting(make_method("full")[0], None), Setting(make_method("snapkv")[0], "32")]
+    records = list(Harness(session, WordTokenizer(), max_tokens=6).run(sample, settings, ["query-aware"], set()))
+    full, snap = records
+    assert full["answer"] == WordTokenizer().decode(plain_greedy(model, document + question, 6))
+    assert 0 < snap["kv_fraction"] < 1 and 0 <= snap["top1"] <= 1 and np.isfinite(snap["kl"])
