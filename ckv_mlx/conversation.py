@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -17,6 +18,19 @@ from .errors import CKVError
 from .session import Session
 
 POLICIES = ("first-question", "agnostic", "per-question")
+
+
+@dataclass(frozen=True)
+class KeptCache:
+    """What a session's cache keeps: bytes allocated, tokens per layer, compressed or not."""
+
+    kv_bytes: int
+    layer_tokens: list[int]
+    compressed: bool
+
+    @classmethod
+    def of(cls, session: Session) -> "KeptCache":
+        return cls(session.kv_bytes, [c.length for c in session.caches], session.compressed)
 
 
 class Conversation:
@@ -29,6 +43,7 @@ class Conversation:
         self.turns = 0
         self._full = None
         self._answer_start = 0
+        self.last_answer: KeptCache | None = None  # per-question: the copy the last answer used
 
     @property
     def held_bytes(self) -> int:
@@ -57,13 +72,18 @@ class Conversation:
 
     def finish(self, answer: list[int]):
         """Make sure the whole answer is in the cache that the next question builds on:
-        ``per-question`` goes back to its full cache and adds the answer there."""
-        fed = self.session.position - self._answer_start
+        ``per-question`` goes back to its full cache and adds the answer there, keeping
+        the answer's statistics and a record of the compressed copy it used."""
+        session = self.session
+        fed = session.position - self._answer_start
         if self.policy == "per-question" and self._full is not None:
-            self.session.restore(self._full)
+            self.last_answer = KeptCache.of(session)
+            stats = session.stats
+            session.restore(self._full)
+            session.stats = stats  # the snapshot's stats predate the compression and the answer
             self._full, fed = None, 0
         if answer[fed:]:
-            self.session.feed(answer[fed:])
+            session.feed(answer[fed:])
 
     def ask(
         self, question: list[int], max_tokens: int, should_stop: Callable[[], bool] = lambda: False

@@ -65,14 +65,15 @@ class FakeEngine:
         self.calls.append(("close",))
         self.jobs.put(None)
 
-    def view(self, phase="idle", kept=None) -> CacheView:
+    def view(self, phase="idle", kept=None, held=None) -> CacheView:
         kept = self.tokens if kept is None else kept
+        held = kept if held is None else held
         return CacheView(
             phase=phase, model="fake-model", method=self.settings.method, profile="fake.json",
             budget=int(self.settings.budget), policy=self.settings.policy,
             document=self.document.name if self.document else None, document_tokens=self.tokens,
             position=self.tokens, context_length=8192, kept_bytes=kept * LAYERS * PER_TOKEN,
-            held_bytes=kept * LAYERS * PER_TOKEN, full_bytes=self.tokens * LAYERS * PER_TOKEN,
+            held_bytes=held * LAYERS * PER_TOKEN, full_bytes=self.tokens * LAYERS * PER_TOKEN,
             layer_tokens=[kept - 10 * i for i in range(LAYERS)], compressed=kept < self.tokens,
             peak_memory_bytes=300 * 2**20, prefill_tps=50.0, decode_tps=10.0,
         )
@@ -100,12 +101,20 @@ class FakeEngine:
             said.append(piece)
             self.emit(Chunk(piece))
             self.tokens += 1
-            self.emit(self.view("answering", kept=int(self.settings.budget)))
+            self.emit(self.view("answering", *self.kept_and_held(answering=True)))
             time.sleep(self.token_delay)
         text = "".join(said)
         self.turns.append((question, text))
-        self.emit(self.view())
+        self.emit(self.view("idle", *self.kept_and_held(answering=False)))
         self.emit(Reply(text, self.stopped.is_set()))
+
+    def kept_and_held(self, answering: bool) -> tuple[int, int]:
+        """Tokens in the compressed cache an answer uses, and in all the caches held:
+        ``per-question`` holds the full cache too (beside the copy while answering)."""
+        kept = int(self.settings.budget)
+        if self.settings.policy != "per-question":
+            return kept, kept
+        return kept, self.tokens + kept * answering
 
     def _set_budget(self, budget: str):
         self.settings = ChatSettings(**{**self.settings.__dict__, "budget": budget})

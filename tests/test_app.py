@@ -84,6 +84,17 @@ async def test_question_streams_an_answer_and_the_panel_follows():
         assert "fake-model" in str(panel.query_one("#numbers").render())
 
 
+async def test_panel_after_a_per_question_answer_shows_the_copy_it_used():
+    app, engines = make_app(ChatSettings(policy="per-question", budget="64"))
+    async with app.run_test(size=SIZE) as pilot:
+        await answered(pilot)
+        numbers = str(app.query_one("#numbers").render())
+    tokens = engines[0].tokens
+    assert f"ratio     {100 * 64 / tokens:.1f} %" in numbers and "not compressed" not in numbers
+    assert f"held      {tokens * 6 * 1024 / 2**20:,.2f} MiB  (full cache kept)" in numbers
+    assert "decode    10.0 tok/s" in numbers
+
+
 async def test_first_question_can_be_typed_while_the_document_is_read(monkeypatch):
     gate = threading.Event()
     app, engines = make_app()
@@ -246,3 +257,4 @@ async def test_context_gauge_warns_near_the_limit():
         panel.show(type(view)(**{**view.__dict__, "position": 7000}))
         assert app.query_one("#context-label").has_class("warning")
         assert "7,000 / 8,192" in str(app.query_one("#context-label").render())
+

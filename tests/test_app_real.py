@@ -68,7 +68,7 @@ def test_in_a_real_terminal(tmp_path):
     try:
         before = kept_line(wait_for(session, "Ask away", timeout=600))
         subprocess.run(["tmux", "send-keys", "-t", session, "Tell me about the company in detail.", "Enter"], check=True)
-        during = wait_for(session, "(+ full copy)", timeout=120)  # answering from a compressed copy
+        during = wait_for(session, "(full cache kept)", timeout=120)  # answering from a compressed copy
         assert kept_line(during) != before
         subprocess.run(["tmux", "send-keys", "-t", session, "Escape"], check=True)
         wait_for(session, "(stopped", timeout=60)

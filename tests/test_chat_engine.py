@@ -16,6 +16,7 @@ from ckv_mlx.chat.events import (
 )
 from ckv_mlx.errors import CKVError
 from ckv_mlx.gguf import builtin_model_folder
+from ckv_mlx.methods import make_method
 from ckv_mlx.models import LoadedModel
 from ckv_mlx.prompts import chat_messages, render
 from ckv_mlx.session import Session
@@ -333,3 +334,31 @@ def test_a_document_over_the_memory_limit_is_read_in_chunks_with_the_first_quest
     assert [kw["question"] for kw in reads] == [question, question] and reads[0]["working_budget"] > 0
     assert stats.kv_bytes_full > 2.5 * limit
     assert 0 < stats.peak_kv_bytes <= limit
+
+def test_per_question_panel_keeps_showing_what_the_last_answer_used(doc, tmp_path):
+    """After the answer the full cache is back, but the panel shows the compressed copy
+    the answer used (bytes, tokens per layer, decode speed) beside what is held."""
+    engine, recorder = start(ChatSettings(method="snapkv", budget="64", policy="per-question", max_tokens=5))
+    try:
+        engine.open(doc)
+        engine.ask("Where are the orchards?")
+        recorder.wait(Reply)
+        view = recorder.of(CacheView)[-1]
+        _, meta = saved(engine, recorder, tmp_path / "s.ckv")
+    finally:
+        engine.close()
+    tokenizer, (turn,) = smollm_tokenizer(), meta["turns"]
+    fed = render(tokenizer, DOC, "Where are the orchards?", raw=False)
+    used = Session(tiny_model("llama", layers=2, vocab=49152), tokenizer, make_method("snapkv")[0])
+    used.feed(fed)
+    used.compress(64)
+    used.feed(turn["answer_tokens"])  # the compressed copy at the answer's end
+    held = Session(tiny_model("llama", layers=2, vocab=49152), tokenizer, make_method("full")[0])
+    held.feed(fed)
+    held.feed(turn["answer_tokens"])  # the full cache the next question builds on
+    assert view.phase == "idle" and view.compressed
+    assert view.layer_tokens == [c.length for c in used.caches] == [64 + len(turn["answer_tokens"])] * 2
+    assert view.kept_bytes == used.kv_bytes < view.full_bytes
+    assert view.held_bytes == held.kv_bytes
+    assert 0 < view.ratio < 1 and view.decode_tps > 0
+

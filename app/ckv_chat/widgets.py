@@ -41,7 +41,7 @@ def describe(view: CacheView) -> str:
         f"[b]ratio[/b]     {ratio}" + ("" if view.compressed else "  (not compressed)"),
     ]
     if view.held_bytes > view.kept_bytes:
-        lines.append(f"[b]held[/b]      {mib(view.held_bytes)}  (+ full copy)")
+        lines.append(f"[b]held[/b]      {mib(view.held_bytes)}  (full cache kept)")
     lines += [
         f"[b]peak mem[/b]  {mib(view.peak_memory_bytes)}",
         f"[b]prompt[/b]    {view.prefill_tps:,.1f} tok/s",

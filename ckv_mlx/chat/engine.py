@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from ..budgets import parse_budget
 from ..cache import load_caches, save_caches
-from ..conversation import Conversation
+from ..conversation import Conversation, KeptCache
 from ..documents import document_hash, read_document
 from ..errors import CKVError
 from ..memory import plan_prefill
@@ -340,11 +340,17 @@ class ChatEngine:
             self._last_view = now
             self._emit(self._view())
 
+    def _kept(self) -> KeptCache:
+        """The cache the panel calls kept: the one in use, or after a ``per-question``
+        answer the compressed copy that answer used (the full cache is back)."""
+        conversation = self._conversation
+        last = conversation.last_answer if conversation and self._phase != "answering" else None
+        return last or KeptCache.of(self._session)
+
     def _view(self) -> CacheView:
         session, stats = self._session, self._session.stats
         per_token = stats.kv_bytes_full / stats.prompt_tokens if stats.prompt_tokens else 0
-        conversation = self._conversation
-        kept = session.kv_bytes
+        conversation, kept = self._conversation, self._kept()
         return CacheView(
             phase=self._phase, model=self._loaded.name, method=session.method.name,
             profile=self._profile_name, budget=conversation.budget if conversation else None,
@@ -352,9 +358,9 @@ class ChatEngine:
             document=self._document.path.name if self._document else None,
             document_tokens=len(self._document.prefix) if self._document else 0,
             position=session.position, context_length=self._loaded.context_length,
-            kept_bytes=kept, held_bytes=kept + (conversation.held_bytes if conversation else 0),
+            kept_bytes=kept.kv_bytes, held_bytes=session.kv_bytes + (conversation.held_bytes if conversation else 0),
             full_bytes=round(per_token * session.position),
-            layer_tokens=[c.length for c in session.caches], compressed=session.compressed,
+            layer_tokens=kept.layer_tokens, compressed=kept.compressed,
             peak_memory_bytes=mx.get_peak_memory(), prefill_tps=stats.prefill_tps,
             decode_tps=stats.decode_tps,
         )

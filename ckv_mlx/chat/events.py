@@ -104,7 +104,9 @@ class Resumed:
 
 @dataclass(frozen=True)
 class CacheView:
-    """The KV cache now, in plain numbers."""
+    """The KV cache now, in plain numbers. ``kept_*``, ``layer_tokens`` and ``compressed``
+    describe the cache an answer uses: the one in use, or under ``per-question`` the
+    compressed copy the last answer used; ``held_bytes`` is all KV memory held now."""
 
     phase: str = "idle"
     model: str = ""
