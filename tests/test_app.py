@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,6 +16,8 @@ from PIL import Image
 from ckv_chat.app import POLICY_LABELS, ChatApp, QuitScreen
 from ckv_chat.widgets import Answer, CachePanel, Note, UserMessage, bar_chart
 from ckv_mlx.chat.events import ChatSettings
+from ckv_mlx.errors import CKVError
+from ckv_mlx.gguf import builtin_model_folder
 from fake_engine import FakeEngine
 from test_documents import SOURCE_TEXT, new_pdf, write_pdf
 
@@ -258,3 +263,42 @@ async def test_context_gauge_warns_near_the_limit():
         assert app.query_one("#context-label").has_class("warning")
         assert "7,000 / 8,192" in str(app.query_one("#context-label").render())
 
+
+NOISY = """
+import logging, sys, warnings
+import ckv_chat.app
+from mlx_lm.utils import load_tokenizer
+
+def noisy(app=None):  # what libraries do while the app runs
+    load_tokenizer(sys.argv[2]).encode("word " * 9000)  # over SmolLM2's 8,192: transformers warns
+    logging.getLogger("huggingface_hub").warning("hub: a warning")
+    warnings.warn("a library warning")
+
+if sys.argv[1] == "app":
+    ckv_chat.app.ChatApp.run = noisy
+    from ckv_chat.cli import main
+    main([])
+else:
+    noisy()
+"""
+
+
+def test_library_warnings_reach_the_terminal_but_not_under_the_app(tmp_path):
+    """transformers' too-long warning is printed by a handler bound to the terminal at
+    import; ckv-chat's setup (around ChatApp.run) sends it and the rest to its log."""
+    try:
+        folder = str(builtin_model_folder())
+    except CKVError as e:
+        pytest.skip(f"built-in model unavailable: {e}")
+    env = {**os.environ, "CKV_CACHE_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+
+    def run(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", NOISY, mode, folder], capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    plain, app = run("plain"), run("app")
+    assert plain.returncode == 0 and "Token indices sequence length is longer" in plain.stderr
+    assert "hub: a warning" in plain.stderr and "a library warning" in plain.stderr
+    assert app.returncode == 0 and (app.stdout, app.stderr) == ("", "")
+    log = (tmp_path / "ckv-chat.log").read_text()
+    assert all(w in log for w in ("Token indices sequence length is longer", "hub: a warning", "a library warning"))

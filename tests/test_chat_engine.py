@@ -10,7 +10,7 @@ import pytest
 from mlx_lm.utils import load_tokenizer
 
 from ckv_mlx.cache import load_caches
-from ckv_mlx.chat.engine import ChatEngine
+from ckv_mlx.chat.engine import ChatEngine, quiet_libraries
 from ckv_mlx.chat.events import (
     CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed, Saved,
 )
@@ -362,3 +362,20 @@ def test_per_question_panel_keeps_showing_what_the_last_answer_used(doc, tmp_pat
     assert view.held_bytes == held.kv_bytes
     assert 0 < view.ratio < 1 and view.decode_tps > 0
 
+
+def test_an_internal_error_is_a_failure_and_its_traceback_goes_to_the_log(doc, tmp_path, capfd):
+    def broken(name):
+        raise RuntimeError("boom")
+
+    log = tmp_path / "ckv-chat.log"
+    recorder = Recorder()
+    with quiet_libraries(log):  # what ckv-chat runs the app under
+        engine = ChatEngine(ChatSettings(), recorder, loader=broken)
+        try:
+            engine.open(doc)
+            failure = recorder.wait(Failure)[0]
+        finally:
+            engine.close()
+    assert failure.text.startswith("internal error (RuntimeError: boom); please report it")
+    assert capfd.readouterr().err == ""  # nothing onto Textual's screen
+    assert "Traceback" in log.read_text() and "boom" in log.read_text()

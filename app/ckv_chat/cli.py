@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     except CKVError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from ckv_mlx.chat.engine import ChatEngine
+    from ckv_mlx.chat.engine import ChatEngine, log_path, quiet_libraries
     from ckv_mlx.chat.events import ChatSettings
 
     from .app import ChatApp
@@ -53,7 +53,8 @@ def main(argv=None) -> int:
                             policy=args.policy, max_tokens=args.max_tokens, kv_limit=args.kv_limit)
     app = ChatApp(lambda emit: ChatEngine(settings, emit), settings, doc=args.doc, resume=args.resume,
                   session=args.session)
-    app.run()
+    with quiet_libraries(log_path()):  # nothing but Textual may write to the terminal
+        app.run()
     return 0
 
 

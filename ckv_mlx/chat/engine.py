@@ -8,10 +8,13 @@ the next generated token.
 
 from __future__ import annotations
 
+import logging
 import queue
+import sys
 import threading
 import time
-import traceback
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -23,6 +26,7 @@ from ..cache import load_caches, save_caches
 from ..conversation import Conversation, KeptCache
 from ..documents import document_hash, read_document
 from ..errors import CKVError
+from ..gguf import cache_dir
 from ..memory import plan_prefill
 from ..methods import make_method
 from ..models import LoadedModel, load_model
@@ -36,6 +40,49 @@ from .events import (
 
 SESSION_FORMAT = "ckv-chat-session/1"
 VIEW_INTERVAL_S = 0.2
+LOG_NAME = "ckv-chat.log"
+
+_log = logging.getLogger(__name__)
+
+
+def log_path() -> Path:
+    """Where ckv-chat logs library warnings and the tracebacks of internal errors."""
+    return cache_dir() / LOG_NAME
+
+
+@contextmanager
+def quiet_libraries(path: Path):
+    """While the block runs (Textual owns the terminal), send log records and warnings to
+    ``path``: transformers and huggingface_hub log through handlers bound to the terminal
+    when they were imported (e.g. "Token indices sequence length is longer than ...")."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = logging.FileHandler(path, encoding="utf-8")
+    log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    loggers = [root, *(x for x in logging.Logger.manager.loggerDict.values() if isinstance(x, logging.Logger))]
+    saved = [(logger, logger.handlers, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        if any(map(_to_terminal, logger.handlers)):
+            logger.handlers = [h for h in logger.handlers if not _to_terminal(h)]
+            logger.propagate = True
+    root.addHandler(log)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _log_warning
+            yield
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers, logger.propagate = handlers, propagate
+        log.close()
+
+
+def _to_terminal(handler: logging.Handler) -> bool:
+    streams = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    return isinstance(handler, logging.StreamHandler) and handler.stream in streams
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None):
+    logging.getLogger("py.warnings").warning(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
 
 
 class _Closing(Exception):
@@ -139,8 +186,9 @@ class ChatEngine:
         except CKVError as error:
             self._emit(Failure(str(error)))
         except Exception as error:  # a bug must not take the app down with it
-            traceback.print_exc()
-            self._emit(Failure(f"internal error ({error.__class__.__name__}: {error}); please report it"))
+            _log.exception("internal error")  # under the app, into the log file, not onto the screen
+            self._emit(Failure(f"internal error ({error.__class__.__name__}: {error}); please report it "
+                               f"with the traceback from {log_path()}"))
         self._phase = "idle"
         if self._session is not None and not self._closing.is_set():
             self._emit(self._view())
