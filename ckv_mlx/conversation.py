@@ -86,13 +86,18 @@ class Conversation:
             session.feed(answer[fed:])
 
     def ask(
-        self, question: list[int], max_tokens: int, should_stop: Callable[[], bool] = lambda: False
+        self,
+        question: list[int],
+        max_tokens: int,
+        should_stop: Callable[[], bool] = lambda: False,
+        repetition_penalty: float | None = None,
     ) -> Iterator[int]:
         """Stream the answer's tokens; stopping early still leaves a consistent state."""
         logits = self.start(question)
         answer: list[int] = []
+        generate = self.session.generate
         try:
-            for token in self.session.generate(logits, max_tokens, should_stop=should_stop):
+            for token in generate(logits, max_tokens, should_stop=should_stop, repetition_penalty=repetition_penalty):
                 answer.append(token)
                 yield token
         finally:

@@ -302,3 +302,15 @@ def test_library_warnings_reach_the_terminal_but_not_under_the_app(tmp_path):
     assert app.returncode == 0 and (app.stdout, app.stderr) == ("", "")
     log = (tmp_path / "ckv-chat.log").read_text()
     assert all(w in log for w in ("Token indices sequence length is longer", "hub: a warning", "a library warning"))
+
+
+def test_cli_passes_the_repetition_penalty_and_refuses_a_bad_one(tmp_path, monkeypatch, capsys):
+    from ckv_chat import cli
+
+    seen = []
+    monkeypatch.setenv("CKV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ChatApp, "run", lambda app: seen.append(app.settings))
+    assert cli.main(["--repetition-penalty", "1.15"]) == 0 and cli.main([]) == 0
+    assert [s.repetition_penalty for s in seen] == [1.15, None]
+    assert cli.main(["--repetition-penalty", "0"]) == 2
+    assert capsys.readouterr().err == "error: --repetition-penalty must be more than 0 (1 is no penalty; try 1.1)\n"

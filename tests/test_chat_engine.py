@@ -6,7 +6,10 @@ from __future__ import annotations
 import threading
 from functools import lru_cache
 
+import mlx.core as mx
+import numpy as np
 import pytest
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_tokenizer
 
 from ckv_mlx.cache import load_caches
@@ -379,3 +382,39 @@ def test_an_internal_error_is_a_failure_and_its_traceback_goes_to_the_log(doc, t
     assert failure.text.startswith("internal error (RuntimeError: boom); please report it")
     assert capfd.readouterr().err == ""  # nothing onto Textual's screen
     assert "Traceback" in log.read_text() and "boom" in log.read_text()
+
+
+def penalised_greedy(model, tokens: list[int], n: int, penalty: float, context: int = 20) -> list[int]:
+    """Greedy tokens of plain mlx-lm with the CTRL repetition penalty written out: each of
+    the answer's last ``context`` tokens has its logit divided (if positive) or multiplied
+    (if negative) by ``penalty``."""
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([tokens]), cache=cache)[0, -1]
+    out: list[int] = []
+    for _ in range(n):
+        row = np.array(logits.astype(mx.float32))
+        seen = list(set(out[-context:]))
+        row[seen] = np.where(row[seen] > 0, row[seen] / penalty, row[seen] * penalty)
+        out.append(int(row.argmax()))
+        logits = model(mx.array([[out[-1]]]), cache=cache)[0, -1]
+    return out
+
+
+def test_repetition_penalty_reaches_the_answer(doc, tmp_path):
+    answers = {}
+    for penalty in (None, 1.5):
+        engine, recorder = start(ChatSettings(method="full", max_tokens=12, repetition_penalty=penalty))
+        try:
+            engine.open(doc)
+            engine.ask("Where are the orchards?")
+            recorder.wait(Reply)
+            _, meta = saved(engine, recorder, tmp_path / "s.ckv")
+        finally:
+            engine.close()
+        answers[penalty] = meta["turns"][0]["answer_tokens"]
+    model = tiny_model("llama", layers=2, vocab=49152)
+    prompt = render(smollm_tokenizer(), DOC, "Where are the orchards?", raw=False)
+    eos = set(smollm_tokenizer().eos_token_ids)
+    reference = penalised_greedy(model, prompt, 12, 1.5)
+    assert answers[1.5] == reference[: next((i for i, t in enumerate(reference) if t in eos), 12)]
+    assert answers[1.5] != answers[None]  # the penalty changed this answer

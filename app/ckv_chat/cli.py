@@ -23,6 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICIES,
                    help=f"what follow-up questions use (default {DEFAULT_POLICY}; see the README)")
     p.add_argument("--max-tokens", type=int, default=512, help="longest answer, in tokens")
+    p.add_argument("--repetition-penalty", type=float, help="mlx-lm's repetition penalty over the last 20 tokens of "
+                   "the answer, e.g. 1.1 (default: off)")
     p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 512MiB (default: what MLX's memory limit leaves "
                    "after the weights); a longer document is read in chunks that compress as they go")
     p.add_argument("--resume", type=Path, help="a session saved with Ctrl+S: restore it without a new prefill")
@@ -35,6 +37,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.max_tokens < 1:
         print("error: --max-tokens must be at least 1", file=sys.stderr)
+        return 2
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        print("error: --repetition-penalty must be more than 0 (1 is no penalty; try 1.1)", file=sys.stderr)
         return 2
     from ckv_mlx.errors import CKVError
     from ckv_mlx.memory import parse_size
@@ -50,7 +55,8 @@ def main(argv=None) -> int:
     from .app import ChatApp
 
     settings = ChatSettings(model=args.model, profile=args.profile, method=args.method, budget=args.budget,
-                            policy=args.policy, max_tokens=args.max_tokens, kv_limit=args.kv_limit)
+                            policy=args.policy, max_tokens=args.max_tokens, kv_limit=args.kv_limit,
+                            repetition_penalty=args.repetition_penalty)
     app = ChatApp(lambda emit: ChatEngine(settings, emit), settings, doc=args.doc, resume=args.resume,
                   session=args.session)
     with quiet_libraries(log_path()):  # nothing but Textual may write to the terminal

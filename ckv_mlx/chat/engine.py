@@ -267,7 +267,8 @@ class ChatEngine:
         detokenizer.reset()
         answer: list[int] = []
         try:
-            for token in self._conversation.ask(tokens, self.settings.max_tokens, self._stop.is_set):
+            settings = self.settings
+            for token in self._conversation.ask(tokens, settings.max_tokens, self._stop.is_set, settings.repetition_penalty):
                 answer.append(token)
                 detokenizer.add_token(token)
                 self._send_segment(detokenizer)

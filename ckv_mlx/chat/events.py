@@ -20,6 +20,7 @@ class ChatSettings:
     max_tokens: int = 512
     region: int | None = None
     kv_limit: str | None = None
+    repetition_penalty: float | None = None  # mlx-lm's, over the answer's last 20 tokens; None: off
 
 
 @dataclass(frozen=True)
