@@ -5,6 +5,7 @@ from __future__ import annotations
 from .errors import CKVError
 
 TRUNCATE_CHOICES = ("none", "start", "middle", "end")
+ANSWER_MARK = "\u27e6ckv-answer\u27e7"  # stands in for the last answer when rendering a follow-up
 
 
 def render(tokenizer, document: str, question: str, raw: bool) -> list[int]:
@@ -48,16 +49,21 @@ def question_tokens(
     tokenizer, document: str, prefix: list[int], turns: list[tuple[str, str]], question: str
 ) -> list[int]:
     """What to feed for ``question``: after the :func:`document_prefix` ``prefix`` on the
-    first turn, else after the last answer of ``turns`` (the template closes that turn)."""
+    first turn, else what the template puts after the last answer of ``turns`` (closing
+    that turn, then the question). Only that: the answer is in the cache as generated,
+    even if the template rewrites earlier answers (Qwen3's drops their <think> blocks)."""
     if not turns:
         full = render(tokenizer, document, question, raw=False)
         if full[: len(prefix)] != prefix:
             raise CKVError("the question merges with the end of the document when tokenised; "
                            "start it with a word")
         return full[len(prefix) :]
-    before = _chat_text(tokenizer, chat_messages(document, turns[:-1], turns[-1][0])) + turns[-1][1]
-    after = _chat_text(tokenizer, chat_messages(document, turns, question))
-    return tokenizer.encode(after[_shared(before, after) :], add_special_tokens=False)
+    *earlier, (last_question, _) = turns
+    text = _chat_text(tokenizer, chat_messages(document, [*earlier, (last_question, ANSWER_MARK)], question))
+    if text.count(ANSWER_MARK) != 1:
+        raise CKVError("the model's chat template does not show the last answer as written, so a follow-up "
+                       "cannot continue it: open the document again with /doc for each question")
+    return tokenizer.encode(text[text.index(ANSWER_MARK) + len(ANSWER_MARK) :], add_special_tokens=False)
 
 
 def _chat_text(tokenizer, messages: list[dict]) -> str:

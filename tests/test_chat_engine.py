@@ -21,7 +21,7 @@ from ckv_mlx.errors import CKVError
 from ckv_mlx.gguf import builtin_model_folder
 from ckv_mlx.methods import make_method
 from ckv_mlx.models import LoadedModel
-from ckv_mlx.prompts import chat_messages, render
+from ckv_mlx.prompts import chat_messages, document_prefix, question_tokens, render
 from ckv_mlx.session import Session
 from fakes import tiny_shape
 from tiny import plain_greedy, tiny_model
@@ -418,3 +418,73 @@ def test_repetition_penalty_reaches_the_answer(doc, tmp_path):
     reference = penalised_greedy(model, prompt, 12, 1.5)
     assert answers[1.5] == reference[: next((i for i, t in enumerate(reference) if t in eos), 12)]
     assert answers[1.5] != answers[None]  # the penalty changed this answer
+
+
+THINK_TEMPLATE = (  # ChatML that, like Qwen3's, drops <think> blocks from assistant turns before the last question
+    "{%- set ns = namespace(last=-1) -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- set content = m.content -%}"
+    "{%- if m.role == 'assistant' and loop.index0 < ns.last -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}{%- endif -%}"
+    "{{- '<|im_start|>' + m.role + '\\n' + content + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+THOUGHT = "<think>\nThe text says Yakima.\n</think>\n\nIn the Yakima valley."
+
+
+def think_tokenizer():
+    """The built-in model's tokenizer with :data:`THINK_TEMPLATE` as its chat template."""
+    smollm_tokenizer()  # skips if the built-in model is unavailable
+    tokenizer = load_tokenizer(builtin_model_folder())
+    tokenizer._tokenizer.chat_template = THINK_TEMPLATE
+    return tokenizer
+
+
+def chatml(*turns: tuple[str, str]) -> str:
+    """ChatML text of user/assistant ``turns`` as they were fed, then the generation prompt."""
+    return "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns)
+
+
+def test_a_follow_up_feeds_only_what_follows_the_answer_when_the_template_rewrites_it():
+    tokenizer = think_tokenizer()
+    prefix = document_prefix(tokenizer, DOC)
+    tokens = question_tokens(tokenizer, DOC, prefix, [("Where?", THOUGHT)], "What fruit?")
+    after_answer = "<|im_end|>\n" + chatml(("user", "What fruit?")) + "<|im_start|>assistant\n"
+    assert tokenizer.decode(tokens) == after_answer
+
+
+def test_a_template_that_hides_earlier_answers_refuses_follow_ups_in_one_line():
+    tokenizer = think_tokenizer()
+    tokenizer._tokenizer.chat_template = THINK_TEMPLATE.replace("content.split('</think>')[-1].lstrip('\\n')", "'(earlier answer)'")
+    with pytest.raises(CKVError, match="does not show the last answer as written.*/doc"):
+        question_tokens(tokenizer, DOC, document_prefix(tokenizer, DOC), [("Where?", THOUGHT)], "What fruit?")
+
+
+def test_follow_ups_under_a_template_that_strips_thinking_feed_each_answer_once(doc, tmp_path, monkeypatch):
+    tokenizer = think_tokenizer()
+    thought = tokenizer.encode(THOUGHT, add_special_tokens=False)
+    monkeypatch.setattr(Session, "generate", lambda self, logits, max_tokens, **kw: iter(thought))
+
+    def loader(name):
+        model = tiny_model("llama", layers=2, vocab=49152)
+        return LoadedModel(model, tokenizer, "tiny", tiny_shape(model), 4096)
+
+    recorder = Recorder()
+    engine = ChatEngine(ChatSettings(method="full", max_tokens=50), recorder, loader=loader)
+    try:
+        engine.open(doc)
+        for question in ("Where?", "What fruit?", "When?"):
+            engine.ask(question)
+        recorder.wait(Reply, 3)
+        caches, meta = saved(engine, recorder, tmp_path / "s.ckv")
+    finally:
+        engine.close()
+    fed = meta["prompt_tokens"] + sum(len(t["question_tokens"]) + len(t["answer_tokens"]) for t in meta["turns"])
+    expected = chatml(("user", f"{DOC}\n\nWhere?"), ("assistant", THOUGHT), ("user", "What fruit?"),
+                      ("assistant", THOUGHT), ("user", "When?")) + "<|im_start|>assistant\n" + THOUGHT
+    text = tokenizer.decode(document_prefix(tokenizer, DOC) + [
+        t for turn in meta["turns"] for t in turn["question_tokens"] + turn["answer_tokens"]])
+    assert text == expected
+    assert {c.offset for c in caches} == {fed}
