@@ -16,6 +16,7 @@ DEFAULT_PROMPT = "Summarize the document in a few sentences."
 def parse_args(argv=None) -> argparse.Namespace:
     """The CLI's arguments (imports MLX: call after :func:`ensure_fast_blas`)."""
     from .methods import METHODS
+    from .models import PRECISIONS
     from .prompts import TRUNCATE_CHOICES
     from .session import PREFILL_STEP
 
@@ -24,6 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Answer a question over a long document with a compressed KV cache.",
     )
     p.add_argument("--model", default=None, help="mlx-lm model folder or hub id (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--precision", choices=PRECISIONS, help="float32: dequantize weights to float32 (the fast default on a "
+                   "CPU); native: keep weights quantized and run in the model's half-precision dtype, as on a Mac "
+                   "(default: $CKV_PRECISION, else native on Metal and float32 on a CPU)")
     p.add_argument("--doc", type=Path, help="document: .pdf .txt .md")
     p.add_argument("--prompt", default=None, help=f"question (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--method", default="compresskv", choices=list(METHODS))
@@ -31,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", type=Path, help="SRH profile (default: the model's shipped profile, if any)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, help="mlx-lm's repetition penalty over the last 20 tokens of the "
+                   "answer, e.g. 1.1 (default: off)")
     p.add_argument("--raw", action="store_true", help="no chat template: document, newline, prompt")
     p.add_argument("--truncate", choices=TRUNCATE_CHOICES, default="none", help="what to drop when the document exceeds the context (default: refuse)")
     p.add_argument("--region", type=int, default=None, help="rows per layer for generated tokens before re-scoring "
@@ -69,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
         raise CKVError("--prefill-chunk must be at least 1 token")
     if args.region is not None and args.region < 1:
         raise CKVError("--region must be at least 1 (rows per layer for generated tokens)")
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        raise CKVError("--repetition-penalty must be more than 0 (1 is no penalty; try 1.1)")
     document = read_document(args.doc) if args.doc else ""
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, args.precision)
     warn_if_slow_blas()
     profile, profile_path, notes = resolve_profile(args.profile, loaded.shape)
     method, method_notes = make_method(args.method, profile)
@@ -97,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     logits = session.prefill(tokens, progress, working_budget=working, chunk=args.prefill_chunk, question=question)
     session.compress(budget)
     text, interrupted = _stream(session, logits, loaded.tokenizer, args)
-    report = _report(session, loaded.name, args, budget, profile_path, text, interrupted)
+    report = _report(session, loaded, args, budget, profile_path, text, interrupted)
     out = sys.stderr if args.json else sys.stdout
     print(_summary(report), file=out)
     if args.json:
@@ -116,7 +124,7 @@ def _stream(session, logits, tokenizer, args) -> tuple[str, bool]:
     detokenizer.reset()
     interrupted = False
     try:
-        for token in session.generate(logits, args.max_tokens, args.temp):
+        for token in session.generate(logits, args.max_tokens, args.temp, repetition_penalty=args.repetition_penalty):
             detokenizer.add_token(token)
             print(detokenizer.last_segment, end="", flush=True)
     except KeyboardInterrupt:
@@ -128,11 +136,12 @@ def _stream(session, logits, tokenizer, args) -> tuple[str, bool]:
     return detokenizer.text, interrupted
 
 
-def _report(session, model_name, args, budget, profile_path, text, interrupted) -> dict:
+def _report(session, loaded, args, budget, profile_path, text, interrupted) -> dict:
     s = session.stats
     return {
         "text": text,
-        "model": model_name,
+        "model": loaded.name,
+        "precision": loaded.precision,
         "method": session.method.name,
         "requested_method": args.method,
         "budget": budget,

@@ -58,7 +58,7 @@ def test_json_report(capsys, tokenizer, doc, method):
     code, out, _ = run(capsys, "--doc", doc, "--prompt", "Where does Mara keep bees?", "--method", method, "--budget", "64", "--max-tokens", "12", "--json")
     assert code == 0
     report = json.loads(out.strip().splitlines()[-1])
-    for key in ("text", "prompt_tokens", "generated_tokens", "method", "budget", "layer_budgets", "kv_bytes_full", "kv_bytes_kept", "prefill_tps", "decode_tps", "peak_memory_bytes", "profile"):
+    for key in ("text", "prompt_tokens", "generated_tokens", "method", "precision", "budget", "layer_budgets", "kv_bytes_full", "kv_bytes_kept", "prefill_tps", "decode_tps", "peak_memory_bytes", "profile"):
         assert key in report
     assert report["kv_bytes_full"] == allocated_full(report["prompt_tokens"])
     if method == "full":
@@ -105,6 +105,8 @@ def test_the_question_tail_is_what_follows_the_document(tokenizer, raw):
         (["--budget", "4"], "too small"),
         (["--max-tokens", "0"], "max-tokens"),
         (["--region", "0"], "region"),
+        (["--repetition-penalty", "0"], "repetition-penalty"),
+        (["--repetition-penalty", "-1.1"], "repetition-penalty"),
         (["--prefill-chunk", "0"], "prefill-chunk"),
         (["--kv-limit", "lots"], "not a memory size"),
         (["--kv-limit", "4MiB", "--budget", "64"], "too small for budget 64"),
@@ -179,6 +181,39 @@ def test_interrupted_generation_keeps_the_partial_answer(capsys, tokenizer, doc,
     assert code == 130
     assert report["interrupted"] and report["generated_tokens"] >= 3 and report["text"]
     assert f"interrupted: generation stopped after {report['generated_tokens']} tokens" in err
+
+
+@pytest.mark.parametrize("given, precision, penalty", [([], None, None),
+                                                        (["--precision", "float32", "--repetition-penalty", "1.3"], "float32", 1.3)])
+def test_precision_and_repetition_penalty_reach_the_engine(capsys, tokenizer, doc, monkeypatch, given, precision, penalty):
+    import ckv_mlx.models
+    from ckv_mlx.session import Session
+
+    seen, load, generate = {}, ckv_mlx.models.load_model, Session.generate
+
+    def loading(name=None, precision=None):
+        seen["precision"] = precision
+        return load(name, precision)
+
+    def generating(self, *args, repetition_penalty=None, **kwargs):
+        seen["penalty"] = repetition_penalty
+        return generate(self, *args, repetition_penalty=repetition_penalty, **kwargs)
+
+    monkeypatch.setattr(ckv_mlx.models, "load_model", loading)
+    monkeypatch.setattr(Session, "generate", generating)
+    code, _, _ = run(capsys, "--doc", doc, "--method", "snapkv", "--budget", "64", "--max-tokens", "2", *given)
+    assert code == 0 and seen == {"precision": precision, "penalty": penalty}  # None: the engine's default
+
+
+@pytest.mark.slow
+def test_native_precision_runs_the_built_in_model_in_half_precision(capsys, tokenizer, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Mara keeps bees on the roof of the old mill.")
+    code, out, _ = run(capsys, "--doc", short, "--prompt", "Where?", "--raw", "--method", "full", "--precision", "native",
+                       "--max-tokens", "2", "--json")
+    report = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and report["precision"] == "native" and report["prompt_tokens"] <= 256
+    assert report["kv_bytes_full"] == 256 * ROW // 2  # one 256-row step, keys and values in 2 bytes, not float32's 4
 
 
 @pytest.mark.parametrize("stage", ["model load", "prefill"])
