@@ -22,7 +22,7 @@ from typing import Callable
 import mlx.core as mx
 
 from ..budgets import parse_budget
-from ..cache import load_caches, save_caches
+from ..cache import EvictingKVCache, allocated_rows, load_caches, save_caches
 from ..conversation import Conversation, KeptCache
 from ..documents import document_hash, read_document
 from ..errors import CKVError
@@ -398,7 +398,6 @@ class ChatEngine:
 
     def _view(self) -> CacheView:
         session, stats = self._session, self._session.stats
-        per_token = stats.kv_bytes_full / stats.prompt_tokens if stats.prompt_tokens else 0
         conversation, kept = self._conversation, self._kept()
         return CacheView(
             phase=self._phase, model=self._loaded.name, method=session.method.name,
@@ -408,7 +407,7 @@ class ChatEngine:
             document_tokens=len(self._document.prefix) if self._document else 0,
             position=session.position, context_length=self._loaded.context_length,
             kept_bytes=kept.kv_bytes, held_bytes=session.kv_bytes + (conversation.held_bytes if conversation else 0),
-            full_bytes=round(per_token * session.position),
+            full_bytes=session.bytes_per_token * allocated_rows(session.position, EvictingKVCache.step),
             layer_tokens=kept.layer_tokens, compressed=kept.compressed,
             peak_memory_bytes=mx.get_peak_memory(), prefill_tps=stats.prefill_tps,
             decode_tps=stats.decode_tps,
