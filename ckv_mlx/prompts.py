@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from .errors import CKVError
 
 TRUNCATE_CHOICES = ("none", "start", "middle", "end")
@@ -91,8 +93,7 @@ def prompt_tokens(
     refused unless ``truncate`` says which part of the document to drop.
     """
     tokens = render(tokenizer, document, question, raw)
-    overflow = len(tokens) + reserve - context_length
-    if overflow <= 0:
+    if len(tokens) + reserve <= context_length:
         return tokens, 0
     if truncate == "none" or not document:
         raise CKVError(
@@ -100,20 +101,31 @@ def prompt_tokens(
             f"model's context of {context_length:,}: pass --truncate middle (or start, "
             "end) to drop part of the document, or use a model with a longer context"
         )
-    doc = tokenizer.encode(document, add_special_tokens=False)
-    dropped = 0
+    def size(text: str) -> int:
+        return len(render(tokenizer, text, question, raw))
+
+    document, dropped = cut_to_fit(tokenizer, document, size, context_length - reserve, truncate)
+    return render(tokenizer, document, question, raw), dropped
+
+
+def cut_to_fit(tokenizer, document: str, size: Callable[[str], int], room: int, where: str) -> tuple[str, int]:
+    """``document`` with tokens dropped at ``where`` (start, middle, end) until the prompt
+    made of it, ``size(document)`` tokens, is at most ``room``; and how many were dropped."""
+    tokens = tokenizer.encode(document, add_special_tokens=False)
+    dropped, overflow = 0, size(document) - room
     while overflow > 0:
-        cut = overflow + 8
-        doc = _cut(doc, cut, truncate)
+        cut = overflow + 8  # decoding and encoding again can shift a token or two
+        tokens = _cut(tokens, cut, where)
         dropped += cut
-        tokens = render(tokenizer, tokenizer.decode(doc), question, raw)
-        overflow = len(tokens) + reserve - context_length
-    return tokens, dropped
+        document = tokenizer.decode(tokens)
+        overflow = size(document) - room
+    return document, dropped
 
 
 def _cut(tokens: list[int], n: int, where: str) -> list[int]:
     if n >= len(tokens):
-        raise CKVError("the question alone does not fit the model's context: shorten it")
+        raise CKVError("nothing of the document would be left: the rest of the prompt and the answer fill the "
+                       "model's context; shorten the question or ask for a shorter answer")
     if where == "start":
         return tokens[n:]
     if where == "end":

@@ -53,6 +53,7 @@ class FakeEngine:
     def ask(self, question): self._queue("ask", question)
     def set_budget(self, budget): self._queue("set_budget", budget)
     def set_method(self, method): self._queue("set_method", method)
+    def truncate(self, where): self._queue("truncate", where)
     def reread(self): self._queue("reread")
     def save(self, path): self._queue("save", Path(path))
     def resume(self, path): self._queue("resume", Path(path))
@@ -124,6 +125,9 @@ class FakeEngine:
     def _set_method(self, method: str):
         self.settings = ChatSettings(**{**self.settings.__dict__, "method": method})
         self.emit(Notice(f"method {method} from the next question"))
+
+    def _truncate(self, where: str):
+        self.emit(Notice(f"a document over the model's context will be cut at the {where}"))
 
     def _reread(self):
         self.emit(Notice("read again"))

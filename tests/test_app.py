@@ -150,15 +150,17 @@ async def test_commands(tmp_path):
     app, engines = make_app()
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: ready(app))
-        for command in ["/budget 32", f"/doc {other}", "/method snapkv", "/reread", "/budget", "/frobnicate", "/help"]:
+        for command in ["/budget 32", f"/doc {other}", "/method snapkv", "/reread", "/truncate middle", "/budget",
+                        "/truncate", "/frobnicate", "/help"]:
             await ask(pilot, command)
         await until(pilot, lambda: app.sub_title == "notes.md" and len(engines[0].calls) >= 5)
         await until(pilot, lambda: any("read notes.md" in n for n in notes(app)))
         calls = engines[0].calls
         assert ("set_budget", "32") in calls and ("open", other) in calls
-        assert ("set_method", "snapkv") in calls and ("reread",) in calls
+        assert ("set_method", "snapkv") in calls and ("reread",) in calls and ("truncate", "middle") in calls
         text = "\n".join(notes(app))
         assert "/budget needs N" in text and "unknown command /frobnicate" in text and "/export" in text
+        assert "/truncate needs start, middle, end or none" in text and "/truncate start|middle|end" in text
         assert app.query_one(CachePanel).view.budget == 32
 
 
@@ -304,13 +306,13 @@ def test_library_warnings_reach_the_terminal_but_not_under_the_app(tmp_path):
     assert all(w in log for w in ("Token indices sequence length is longer", "hub: a warning", "a library warning"))
 
 
-def test_cli_passes_the_repetition_penalty_and_refuses_a_bad_one(tmp_path, monkeypatch, capsys):
+def test_cli_passes_repetition_penalty_and_truncate_and_refuses_a_bad_penalty(tmp_path, monkeypatch, capsys):
     from ckv_chat import cli
 
     seen = []
     monkeypatch.setenv("CKV_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(ChatApp, "run", lambda app: seen.append(app.settings))
-    assert cli.main(["--repetition-penalty", "1.15"]) == 0 and cli.main([]) == 0
-    assert [s.repetition_penalty for s in seen] == [1.15, None]
+    assert cli.main(["--repetition-penalty", "1.15", "--truncate", "end"]) == 0 and cli.main([]) == 0
+    assert [(s.repetition_penalty, s.truncate) for s in seen] == [(1.15, "end"), (None, "none")]
     assert cli.main(["--repetition-penalty", "0"]) == 2
     assert capsys.readouterr().err == "error: --repetition-penalty must be more than 0 (1 is no penalty; try 1.1)\n"

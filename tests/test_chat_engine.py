@@ -13,7 +13,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_tokenizer
 
 from ckv_mlx.cache import load_caches
-from ckv_mlx.chat.engine import ChatEngine, quiet_libraries
+from ckv_mlx.chat.engine import QUESTION_ROOM, ChatEngine, quiet_libraries
 from ckv_mlx.chat.events import (
     CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed, Saved,
 )
@@ -488,3 +488,85 @@ def test_follow_ups_under_a_template_that_strips_thinking_feed_each_answer_once(
         t for turn in meta["turns"] for t in turn["question_tokens"] + turn["answer_tokens"]])
     assert text == expected
     assert {c.offset for c in caches} == {fed}
+
+
+LONG = " ".join(f"Row {i} of the orchard ledger lists pears." for i in range(60))  # ~600 tokens
+
+
+def kept_tokens(tokens: list[int], n: int, where: str) -> list[int]:
+    """``tokens`` without ``n`` of them at ``where``: the cut, written out."""
+    if where == "start":
+        return tokens[n:]
+    if where == "end":
+        return tokens[: len(tokens) - n]
+    head = (len(tokens) - n) // 2
+    return tokens[:head] + tokens[head + n :]
+
+
+def test_a_document_over_the_context_is_refused_with_the_choices(tmp_path):
+    path = tmp_path / "long.txt"
+    path.write_text(LONG)
+    engine, recorder = start(ChatSettings(method="full", max_tokens=8), context=400)
+    try:
+        engine.open(path)
+        failure = recorder.wait(Failure)[0]
+    finally:
+        engine.close()
+    assert "\n" not in failure.text and not recorder.of(Progress)
+    assert all(w in failure.text for w in ("long.txt", "context of 400", "/truncate middle", "start, end"))
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+@pytest.mark.parametrize("how", ["flag", "command"])
+def test_a_document_over_the_context_is_cut_where_asked_and_says_how_much(tmp_path, where, how):
+    """--truncate WHERE, or /truncate WHERE after the refusal: the notice says how many
+    tokens were dropped, and the answer is plain mlx-lm's over the document cut there."""
+    path = tmp_path / "long.txt"
+    path.write_text(LONG)
+    settings = ChatSettings(method="full", max_tokens=8, truncate=where if how == "flag" else "none")
+    engine, recorder = start(settings, context=400)
+    try:
+        engine.open(path)
+        if how == "command":
+            recorder.wait(Failure)
+            engine.truncate(where)
+        ready = recorder.wait(DocumentReady)[0]
+        engine.ask("Which fruit?")
+        recorder.wait(Reply)
+        _, meta = saved(engine, recorder, tmp_path / "s.ckv")
+    finally:
+        engine.close()
+    tokenizer, (turn,) = smollm_tokenizer(), meta["turns"]
+    notice = next(n.text for n in recorder.of(Notice) if "dropped" in n.text)
+    dropped = int(notice.split("dropped ")[1].split(" ")[0].replace(",", ""))
+    assert f"at the {where}" in notice and "long.txt" in notice
+    kept = tokenizer.decode(kept_tokens(tokenizer.encode(LONG, add_special_tokens=False), dropped, where))
+    prompt = render(tokenizer, kept, "Which fruit?", raw=False)
+    assert meta["prompt_tokens"] + len(turn["question_tokens"]) == len(prompt) and ready.tokens == meta["prompt_tokens"]
+    reference = plain_greedy(tiny_model("llama", layers=2, vocab=49152), prompt, 8)
+    eos = set(tokenizer.eos_token_ids)
+    assert turn["answer_tokens"] == reference[: next((i for i, t in enumerate(reference) if t in eos), 8)]
+    needed = len(document_prefix(tokenizer, LONG)) + 8 + QUESTION_ROOM - 400  # tokens over, with room to ask
+    assert ready.tokens + 8 + QUESTION_ROOM <= 400 and needed <= dropped <= needed + 16
+    assert len(recorder.of(Failure)) == (how == "command")
+
+
+def test_a_cut_document_resumes(tmp_path):
+    path = tmp_path / "long.txt"
+    path.write_text(LONG)
+    engine, recorder = start(ChatSettings(method="full", max_tokens=8, truncate="middle"), context=400)
+    try:
+        engine.open(path)
+        recorder.wait(DocumentReady)
+        saved(engine, recorder, tmp_path / "s.ckv")
+    finally:
+        engine.close()
+    engine, recorder = start(ChatSettings(), context=400)
+    try:
+        engine.resume(tmp_path / "s.ckv")
+        resumed = recorder.wait(Resumed)[0]
+        engine.ask("Which fruit?")
+        recorder.wait(Reply)
+    finally:
+        engine.close()
+    assert resumed.settings.truncate == "middle" and not recorder.of(Failure)

@@ -32,8 +32,9 @@ POLICY_LABELS = {
     "per-question": "per-question: full cache kept, compressed afresh for each question (best answers, more memory)",
 }
 HELP = """Commands: /doc FILE (open another document), /budget N (tokens per layer, or 5%),
-/method NAME, /reread (read the document and chat again with new settings), /save [FILE],
-/export [FILE] (transcript as Markdown), /copy (last answer), /help, /quit.
+/method NAME, /reread (read the document and chat again with new settings),
+/truncate start|middle|end|none (a document over the context: cut there, or refuse it),
+/save [FILE], /export [FILE] (transcript as Markdown), /copy (last answer), /help, /quit.
 Keys: Enter sends, Esc stops an answer, Up/Down recall prompts, Ctrl+S saves the session,
 Ctrl+Y copies the last answer, Ctrl+O exports the transcript, Ctrl+Q quits."""
 
@@ -46,6 +47,7 @@ class Engine(Protocol):
     def stop(self): ...
     def set_budget(self, budget: str): ...
     def set_method(self, method: str): ...
+    def truncate(self, where: str): ...
     def reread(self): ...
     def save(self, path: str | Path): ...
     def resume(self, path: str | Path): ...
@@ -171,13 +173,15 @@ class ChatApp(App):
     def command(self, text: str):
         name, _, arg = text[1:].partition(" ")
         arg = arg.strip()
-        needs_arg = {"doc": "FILE", "budget": "N (tokens per layer, or 5%)", "method": "NAME"}
+        needs_arg = {"doc": "FILE", "budget": "N (tokens per layer, or 5%)", "method": "NAME",
+                     "truncate": "start, middle, end or none"}
         if name in needs_arg and not arg:
             return self.note(f"/{name} needs {needs_arg[name]}", error=True)
         actions = {
             "doc": lambda: self.open_document(Path(arg).expanduser()),
             "budget": lambda: self.engine.set_budget(arg),
             "method": lambda: self.engine.set_method(arg),
+            "truncate": lambda: self.engine.truncate(arg),
             "reread": self.engine.reread,
             "save": lambda: self.save(Path(arg).expanduser() if arg else None),
             "export": lambda: self.export(Path(arg).expanduser() if arg else None),

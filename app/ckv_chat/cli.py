@@ -13,6 +13,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from ckv_mlx.chat.events import DEFAULT_POLICY
     from ckv_mlx.conversation import POLICIES
     from ckv_mlx.methods import METHODS
+    from ckv_mlx.prompts import TRUNCATE_CHOICES
 
     p = argparse.ArgumentParser(prog="ckv-chat", description="Chat with a long document; the KV cache is compressed with CompressKV.")
     p.add_argument("--doc", type=Path, help="document to open: .pdf .txt .md .html .docx .epub")
@@ -23,6 +24,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICIES,
                    help=f"what follow-up questions use (default {DEFAULT_POLICY}; see the README)")
     p.add_argument("--max-tokens", type=int, default=512, help="longest answer, in tokens")
+    p.add_argument("--truncate", choices=TRUNCATE_CHOICES, default="none", help="a document over the model's "
+                   "context: refuse it (default; /truncate chooses later) or drop part of it at the start, middle or end")
     p.add_argument("--repetition-penalty", type=float, help="mlx-lm's repetition penalty over the last 20 tokens of "
                    "the answer, e.g. 1.1 (default: off)")
     p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 512MiB (default: what MLX's memory limit leaves "
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
 
     settings = ChatSettings(model=args.model, profile=args.profile, method=args.method, budget=args.budget,
                             policy=args.policy, max_tokens=args.max_tokens, kv_limit=args.kv_limit,
-                            repetition_penalty=args.repetition_penalty)
+                            repetition_penalty=args.repetition_penalty, truncate=args.truncate)
     app = ChatApp(lambda emit: ChatEngine(settings, emit), settings, doc=args.doc, resume=args.resume,
                   session=args.session)
     with quiet_libraries(log_path()):  # nothing but Textual may write to the terminal

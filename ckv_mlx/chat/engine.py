@@ -31,7 +31,7 @@ from ..memory import plan_prefill
 from ..methods import make_method
 from ..models import LoadedModel, load_model
 from ..profiles import resolve_profile
-from ..prompts import document_prefix, question_tokens
+from ..prompts import TRUNCATE_CHOICES, cut_to_fit, document_prefix, question_tokens
 from ..session import PREFILL_STEP, Session
 from .events import (
     Answering, CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed,
@@ -41,6 +41,7 @@ from .events import (
 SESSION_FORMAT = "ckv-chat-session/1"
 VIEW_INTERVAL_S = 0.2
 LOG_NAME = "ckv-chat.log"
+QUESTION_ROOM = 256  # tokens a document cut to fit leaves for the first question
 
 _log = logging.getLogger(__name__)
 
@@ -100,8 +101,9 @@ class _Turn:
 @dataclass
 class _Document:
     path: Path
-    text: str
+    text: str  # what the prompts hold: the file's text, or under --truncate what was kept of it
     prefix: list[int]
+    digest: str  # of the file's text
     turns: list[_Turn] = field(default_factory=list)
 
     @property
@@ -125,6 +127,7 @@ class ChatEngine:
         self._document: _Document | None = None
         self._conversation: Conversation | None = None
         self._pending: ChatSettings | None = None
+        self._refused: Path | None = None  # the last document refused for its length
         self._phase = "idle"
         self._last_view = 0.0
         self._thread = threading.Thread(target=self._work, name="ckv-engine", daemon=True)
@@ -144,10 +147,15 @@ class ChatEngine:
         self._stop.set()
 
     def set_budget(self, budget: str):
-        self._submit(self._change, replace(self.settings, budget=budget))
+        self._submit(self._change, {"budget": budget})
 
     def set_method(self, method: str):
-        self._submit(self._change, replace(self.settings, method=method))
+        self._submit(self._change, {"method": method})
+
+    def truncate(self, where: str):
+        """How to fit a document over the context: cut at ``where`` (start, middle, end)
+        or refuse (none); a document just refused for its length is opened again."""
+        self._submit(self._truncate, where)
 
     def reread(self):
         """Prefill the document and conversation again, with the current settings."""
@@ -208,15 +216,43 @@ class ChatEngine:
             self._emit(Notice(note))
 
     def _open(self, path: Path):
+        self._refused = None
         self._emit(Status(f"reading {path.name}"))
         text = read_document(path)
         self._ensure_model(self.settings.model)
-        prefix = document_prefix(self._loaded.tokenizer, text)
-        self._check_fits(len(prefix), f"{path.name} is {len(prefix):,} tokens")
-        self._budget_tokens(self.settings, len(prefix))
-        self._prefill(_Document(path, text, prefix))
+        document = self._fitted(path, text)
+        self._budget_tokens(self.settings, len(document.prefix))
+        self._prefill(document)
         seconds = None if self._conversation is None else self._session.stats.prefill_s
-        self._emit(DocumentReady(path.name, len(prefix), seconds))
+        self._emit(DocumentReady(path.name, len(document.prefix), seconds))
+
+    def _fitted(self, path: Path, text: str) -> _Document:
+        """``text`` as a document whole if it fits the context with an answer, else cut as
+        ``settings.truncate`` says, leaving room for a question; refused under ``none``."""
+        tokenizer, settings, context = self._loaded.tokenizer, self.settings, self._loaded.context_length
+        prefix = document_prefix(tokenizer, text)
+        if not context or len(prefix) + settings.max_tokens <= context:
+            return _Document(path, text, prefix, document_hash(text))
+        over = (f"{path.name} is {len(prefix):,} tokens + {settings.max_tokens:,} for the answer, over the "
+                f"model's context of {context:,}")
+        if settings.truncate == "none":
+            self._refused = path
+            raise CKVError(f"{over}: type /truncate middle (or start, end) to drop part of it, "
+                           "or use a model with a longer context")
+        room = context - settings.max_tokens - QUESTION_ROOM
+        kept, dropped = cut_to_fit(tokenizer, text, lambda t: len(document_prefix(tokenizer, t)), room, settings.truncate)
+        self._emit(Notice(f"{over}: dropped {dropped:,} of its tokens at the {settings.truncate} "
+                          f"(--truncate {settings.truncate}), leaving {QUESTION_ROOM} for a question"))
+        return _Document(path, kept, document_prefix(tokenizer, kept), document_hash(text))
+
+    def _truncate(self, where: str):
+        if where not in TRUNCATE_CHOICES:
+            raise CKVError(f"unknown /truncate {where!r}: use one of {', '.join(TRUNCATE_CHOICES)}")
+        self.settings = replace(self.settings, truncate=where)
+        if self._refused is not None and where != "none":
+            return self._open(self._refused)
+        self._emit(Notice(f"a document over the model's context will be cut at the {where}" if where != "none"
+                          else "a document over the model's context will be refused"))
 
     def _prefill(self, document: _Document, question: list[int] | None = None):
         """Read ``document`` (and replay its turns) into a fresh cache. A document whose
@@ -284,8 +320,9 @@ class ChatEngine:
         if segment:
             self._emit(Chunk(segment))
 
-    def _change(self, settings: ChatSettings):
+    def _change(self, change: dict):
         """Apply a new method or budget: now if the full cache is kept, else after /reread."""
+        settings = replace(self.settings, **change)
         method, notes = make_method(settings.method, self._profile)
         if self._document is None:
             self.settings = settings
@@ -324,7 +361,7 @@ class ChatEngine:
         self._session.layer_budgets(budget, method)
         return budget
 
-    def _check_fits(self, tokens: int, what: str, hint: str = "use a shorter document or a model with a longer context"):
+    def _check_fits(self, tokens: int, what: str, hint: str):
         """Refuse, never cut: ``tokens`` plus an answer must fit the model's context."""
         context = self._loaded.context_length
         if context and tokens + self.settings.max_tokens > context:
@@ -343,7 +380,7 @@ class ChatEngine:
         metadata = {
             "format": SESSION_FORMAT, "model": self._loaded.name, "profile": self._profile_name,
             "settings": asdict(self.settings), "document": str(document.path.resolve()),
-            "document_hash": document_hash(document.text), "turns": [asdict(t) for t in document.turns],
+            "document_hash": document.digest, "turns": [asdict(t) for t in document.turns],
             "conversation_turns": self._conversation.turns, "prefill_s": session.stats.prefill_s,
             "kv_bytes_full": session.stats.kv_bytes_full, "prompt_tokens": session.stats.prompt_tokens,
         }
@@ -377,7 +414,7 @@ class ChatEngine:
         stats.prefill_s, stats.prompt_tokens = metadata["prefill_s"], metadata["prompt_tokens"]
         stats.kv_bytes_full = metadata["kv_bytes_full"]
         turns = [_Turn(**t) for t in metadata["turns"]]
-        self._document = _Document(document, text, document_prefix(self._loaded.tokenizer, text), turns)
+        self._document = replace(self._fitted(document, text), turns=turns)
         budget = self._budget_tokens(self.settings, len(self._document.prefix))
         self._conversation = Conversation(session, self.settings.policy, budget)
         self._conversation.turns = metadata["conversation_turns"]

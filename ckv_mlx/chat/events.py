@@ -21,6 +21,7 @@ class ChatSettings:
     region: int | None = None
     kv_limit: str | None = None
     repetition_penalty: float | None = None  # mlx-lm's, over the answer's last 20 tokens; None: off
+    truncate: str = "none"  # a document over the context: refused, or cut at the start, middle or end
 
 
 @dataclass(frozen=True)
