@@ -161,3 +161,37 @@ def test_eval_harness_runs_and_its_full_answer_is_mlx_lms(dtype):
     full, snap = records
     assert full["answer"] == WordTokenizer().decode(plain_greedy(model, document + question, 6))
     assert 0 < snap["kv_fraction"] < 1 and 0 <= snap["top1"] <= 1 and np.isfinite(snap["kl"])
+
+
+@pytest.mark.slow
+def test_builtin_model_quantized_in_bfloat16_end_to_end():
+    """The built-in model as a Mac loads it (4-bit weights, bfloat16): prefill, compress,
+    generate. Kept whole, it says what plain mlx-lm says; compressed, it still reads the key."""
+    from mlx_lm import generate
+
+    from ckv_mlx.errors import CKVError
+    from ckv_mlx.models import load_model
+    from ckv_mlx.profiles import resolve_profile
+
+    try:
+        loaded = load_model(precision="native")
+    except CKVError as e:
+        pytest.skip(f"built-in model unavailable: {e}")
+    assert loaded.model.model.norm.weight.dtype == mx.bfloat16
+    assert type(loaded.model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
+    filler = "The grass is green. The sky is blue. "
+    ids = loaded.tokenizer.encode(filler * 2 + "The pass key is 71432. " + filler * 2 + "\nWhat is the pass key? The pass key is")
+    expected = generate(loaded.model, loaded.tokenizer, prompt=ids, max_tokens=6)
+
+    profile, _, _ = resolve_profile(None, loaded.shape)
+    session = Session(loaded.model, loaded.tokenizer, make_method("compresskv", profile)[0])
+    logits = session.prefill(ids)
+    document = session.snapshot()
+    answers = {}
+    for budget in (len(ids), 48):
+        session.restore(document)
+        session.compress(budget)
+        answers[budget] = loaded.tokenizer.decode(list(session.generate(logits, 6)))
+    assert session.caches[0].keys.dtype == mx.bfloat16 and len(ids) > 48
+    assert answers[len(ids)].strip() == expected.strip()
+    assert "7143" in answers[48]  # measured: " 71432" at 48 of 63 tokens, " 7143." at 32 and 40
