@@ -150,6 +150,7 @@ def _report(session, loaded, args, budget, profile_path, text, interrupted) -> d
         "generated_tokens": s.generated_tokens,
         "kv_bytes_full": s.kv_bytes_full,
         "kv_bytes_kept": s.kv_bytes_kept,
+        "kv_rows_kept": s.kv_rows_kept,
         "kv_ratio": s.kv_bytes_kept / s.kv_bytes_full if s.kv_bytes_full else None,
         "peak_kv_bytes": s.peak_kv_bytes,
         "working_budget": s.working_budget,
@@ -168,8 +169,9 @@ def _summary(r: dict) -> str:
         "",
         f"prompt tokens    {r['prompt_tokens']:,}",
         f"method           {r['method']}" + (f" (asked: {r['requested_method']})" if r["method"] != r["requested_method"] else ""),
-        f"KV cache         full {r['kv_bytes_full'] / mib:.2f} MiB -> kept {r['kv_bytes_kept'] / mib:.2f} MiB"
-        + (f" ({100 * r['kv_ratio']:.1f} %)" if r["kv_ratio"] is not None else ""),
+        f"KV cache         full {r['kv_bytes_full'] / mib:.2f} MiB -> kept {r['kv_bytes_kept'] / mib:.2f} MiB allocated"
+        + (f" ({100 * r['kv_ratio']:.1f} %; rows holding tokens {r['kv_rows_kept'] / mib:.2f} MiB)"
+           if r["kv_ratio"] is not None else ""),
     ]
     if r["working_budget"]:
         lines.append(f"prefill cache    at most {r['peak_kv_bytes'] / mib:.2f} MiB (chunked, {r['working_budget']} tokens per layer between chunks)")

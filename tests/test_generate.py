@@ -71,6 +71,7 @@ def test_json_report(capsys, tokenizer, doc, method):
         else:  # the shipped profile of the built-in model
             assert report["profile"].endswith("ckv_mlx/profiles/data/smollm2-135m-instruct.json")
         assert report["kv_bytes_kept"] == allocated_kept(budgets)
+        assert report["kv_rows_kept"] == 64 * 30 * LAYER_ROW  # the rows holding tokens, labelled apart
     assert 0 < report["generated_tokens"] <= 12
 
 
