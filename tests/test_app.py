@@ -316,3 +316,17 @@ def test_cli_passes_repetition_penalty_and_truncate_and_refuses_a_bad_penalty(tm
     assert [(s.repetition_penalty, s.truncate) for s in seen] == [(1.15, "end"), (None, "none")]
     assert cli.main(["--repetition-penalty", "0"]) == 2
     assert capsys.readouterr().err == "error: --repetition-penalty must be more than 0 (1 is no penalty; try 1.1)\n"
+
+
+def test_cli_passes_the_precision_and_refuses_an_unknown_one(tmp_path, monkeypatch, capsys):
+    from ckv_chat import cli
+
+    seen = []
+    monkeypatch.setenv("CKV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(ChatApp, "run", lambda app: seen.append(app.settings))
+    assert cli.main(["--precision", "native"]) == 0 and cli.main(["--precision", "float32"]) == 0
+    assert cli.main([]) == 0
+    assert [s.precision for s in seen] == ["native", "float32", None]  # None: $CKV_PRECISION, else the device's
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--precision", "float16"])
+    assert exit.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err

@@ -570,3 +570,22 @@ def test_a_cut_document_resumes(tmp_path):
     finally:
         engine.close()
     assert resumed.settings.truncate == "middle" and not recorder.of(Failure)
+
+
+@pytest.mark.parametrize("precision", [None, "native", "float32"])
+def test_the_precision_reaches_the_loader(doc, precision):
+    calls = []
+    tiny = tiny_loader()
+
+    def loader(name, **kwargs):
+        calls.append((name, kwargs))
+        return tiny(name)
+
+    recorder = Recorder()
+    engine = ChatEngine(ChatSettings(method="full", max_tokens=6, precision=precision), recorder, loader=loader)
+    try:
+        engine.open(doc)
+        recorder.wait(DocumentReady)
+    finally:
+        engine.close()
+    assert calls == [(None, {} if precision is None else {"precision": precision})]  # None: load_model's default

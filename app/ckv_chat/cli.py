@@ -13,12 +13,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     from ckv_mlx.chat.events import DEFAULT_POLICY
     from ckv_mlx.conversation import POLICIES
     from ckv_mlx.methods import METHODS
+    from ckv_mlx.models import PRECISIONS
     from ckv_mlx.prompts import TRUNCATE_CHOICES
 
     p = argparse.ArgumentParser(prog="ckv-chat", description="Chat with a long document; the KV cache is compressed with CompressKV.")
     p.add_argument("--doc", type=Path, help="document to open: .pdf .txt .md .html .docx .epub")
     p.add_argument("--model", help="mlx-lm model folder or hub id (default: built-in SmolLM2-135M-Instruct)")
-    p.add_argument("--profile", help="SRH profile (default: the model's file in profiles/, if any)")
+    p.add_argument("--precision", choices=PRECISIONS, help="float32: dequantize weights to float32 (the fast default on "
+                   "a CPU); native: keep weights quantized and run in the model's half-precision dtype, as on a Mac "
+                   "(default: $CKV_PRECISION, else native on Metal and float32 on a CPU)")
+    p.add_argument("--profile", help="SRH profile (default: the model's shipped profile in ckv_mlx/profiles/data/, "
+                   "or in $CKV_PROFILES_DIR when set, if any)")
     p.add_argument("--method", default="compresskv", choices=list(METHODS))
     p.add_argument("--budget", default="128", help="tokens per layer (average), or a share of the document: 5%%")
     p.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICIES,
@@ -28,8 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "context: refuse it (default; /truncate chooses later) or drop part of it at the start, middle or end")
     p.add_argument("--repetition-penalty", type=float, help="mlx-lm's repetition penalty over the last 20 tokens of "
                    "the answer, e.g. 1.1 (default: off)")
-    p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 512MiB (default: what MLX's memory limit leaves "
-                   "after the weights); a longer document is read in chunks that compress as they go")
+    p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 512MiB (default: 75%% of a Mac GPU's recommended "
+                   "working set, or of MLX's memory limit on a CPU, less the weights); a document whose full cache "
+                   "exceeds it is read in chunks that compress as they go")
     p.add_argument("--resume", type=Path, help="a session saved with Ctrl+S: restore it without a new prefill")
     p.add_argument("--session", type=Path, help="where Ctrl+S saves the session (default: DOC.ckv here)")
     return p.parse_args(argv)
@@ -57,8 +63,8 @@ def main(argv=None) -> int:
 
     from .app import ChatApp
 
-    settings = ChatSettings(model=args.model, profile=args.profile, method=args.method, budget=args.budget,
-                            policy=args.policy, max_tokens=args.max_tokens, kv_limit=args.kv_limit,
+    settings = ChatSettings(model=args.model, precision=args.precision, profile=args.profile, method=args.method,
+                            budget=args.budget, policy=args.policy, max_tokens=args.max_tokens, kv_limit=args.kv_limit,
                             repetition_penalty=args.repetition_penalty, truncate=args.truncate)
     app = ChatApp(lambda emit: ChatEngine(settings, emit), settings, doc=args.doc, resume=args.resume,
                   session=args.session)

@@ -115,7 +115,7 @@ class ChatEngine:
     """Chat about documents with a compressed KV cache; see the module doc."""
 
     def __init__(self, settings: ChatSettings, emit: Callable[[object], None],
-                 loader: Callable[[str | None], LoadedModel] = load_model):
+                 loader: Callable[..., LoadedModel] = load_model):
         self.settings = settings
         self._emit, self._loader = emit, loader
         self._jobs: queue.Queue = queue.Queue()
@@ -207,7 +207,8 @@ class ChatEngine:
         if self._loaded is not None and name in (None, self._loaded.name):
             return
         self._emit(Status(f"loading {name or 'the built-in model'}"))
-        self._loaded = self._loader(name)
+        precision = self.settings.precision  # None: the loader's default (a loader may take only a name)
+        self._loaded = self._loader(name) if precision is None else self._loader(name, precision=precision)
         profile, path, notes = resolve_profile(self.settings.profile, self._loaded.shape)
         self._profile, self._profile_name = profile, (path.name if path else None)
         method, method_notes = make_method(self.settings.method, profile)

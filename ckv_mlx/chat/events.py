@@ -13,6 +13,7 @@ class ChatSettings:
     shipped profile, the engine's region)."""
 
     model: str | None = None
+    precision: str | None = None  # float32 or native (load_model's); None: $CKV_PRECISION, else the device's
     profile: str | None = None
     method: str = "compresskv"
     budget: str = "128"

@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
     layers = commands.add_parser("layers", help="measure per-layer eviction errors; add them to a profile")
     layers.add_argument("--model", help=model_help)
-    layers.add_argument("--profile", type=Path, help="profile with SRHs (default: the model's in profiles/)")
+    layers.add_argument("--profile", type=Path, help="profile with SRHs (default: the model's shipped profile in ckv_mlx/profiles/data/, or in $CKV_PROFILES_DIR when set)")
     layers.add_argument("--prompts", type=Path, help='JSONL of {"context", "question"} (default: shipped synthetic QA)')
     layers.add_argument("--words", type=int, default=1500, help="context words of the shipped prompts (default 1500)")
     layers.add_argument("--budget", type=int, default=DEFAULT_LAYER_BUDGET, help="selection budget per layer (default 32)")
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     layers.set_defaults(run=_layers)
 
     for command in (srh, layers):
-        command.add_argument("--out", type=Path, help="profile to write (default: profiles/<model>.json; layers: the input profile)")
+        command.add_argument("--out", type=Path, help="profile to write (default: <model>.json in ckv_mlx/profiles/data/, or in $CKV_PROFILES_DIR when set; layers: the input profile)")
         command.add_argument("--trials", type=Path, help="run log (default: beside --out, .srh.jsonl / .layers.jsonl)")
         command.add_argument("--restart", action="store_true", help="discard the run log and start over")
 
