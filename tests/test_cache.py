@@ -3,15 +3,13 @@
 import gc
 
 import mlx.core as mx
-import numpy as np
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 
 from ckv_mlx.cache import load_caches, save_caches
 from ckv_mlx.methods import make_method
 from ckv_mlx.session import Session
 from fakes import fake_profile
-from tiny import TinyTokenizer, tiny_model
+from tiny import TinyTokenizer, masked_plain_logits, tiny_model
 
 PROMPT = 96
 
@@ -89,25 +87,6 @@ def test_kv_bytes_match_mlx_active_memory(prompt, budget, region):
     if region == 64:  # the old figure, rows held, is off by the 64-row regions: 384 KiB here
         assert abs(allocated - session.kv_rows_bytes) >= 256 * 2**10
     assert session.kv_bytes < full  # even a 150-token prompt kept whole allocates less than before
-
-
-def masked_plain_logits(model, prompt, forced, kept):
-    """Plain mlx-lm attention over the full cache, with evicted rows masked out."""
-    cache = make_prompt_cache(model)
-    model(mx.array([prompt]), cache=cache)
-    out = []
-    for token in forced:
-        h = model.model.embed_tokens(mx.array([[token]]))
-        for layer, (block, c) in enumerate(zip(model.layers, cache)):
-            visible = np.zeros((block.self_attn.n_kv_heads, c.offset + 1), dtype=bool)
-            rows = np.broadcast_to(np.array(kept[layer]), (visible.shape[0], kept[layer].shape[-1]))
-            np.put_along_axis(visible, rows, True, axis=1)
-            visible[:, len(prompt):] = True
-            group = block.self_attn.n_heads // block.self_attn.n_kv_heads
-            mask = mx.array(np.repeat(visible, group, axis=0)[None, :, None, :])
-            h = block(h, mask, c)
-        out.append(model.model.embed_tokens.as_linear(model.model.norm(h))[:, -1])
-    return out
 
 
 @pytest.mark.parametrize("name", ["compresskv", "snapkv", "streamingllm"])

@@ -15,7 +15,7 @@ from ckv_mlx.profile.srh import head_scores
 from ckv_mlx.session import Session
 from ckv_mlx.taps import SpanRecorder, tapped
 from fakes import fake_profile
-from tiny import HALF, TinyTokenizer, mac_model, plain_greedy
+from tiny import HALF, TinyTokenizer, mac_model, masked_plain_logits, plain_greedy
 
 DTYPES = list(HALF)
 ATOL = {"bfloat16": 0.1, "float16": 0.02}  # logits of order 1: a few ulps of the dtype
@@ -59,24 +59,6 @@ def test_nothing_to_evict_matches_plain_mlx_lm(name, arch, dtype):
         assert close(a, b, dtype), f"step {step}"
 
 
-def masked_reference(model, prompt, forced, kept):
-    """Plain mlx-lm over the full cache with the evicted rows masked out, same dtype."""
-    cache = make_prompt_cache(model)
-    model(mx.array([prompt]), cache=cache)
-    out = []
-    for token in forced:
-        h = model.model.embed_tokens(mx.array([[token]]))
-        for layer, (block, c) in enumerate(zip(model.layers, cache)):
-            visible = np.zeros((block.self_attn.n_kv_heads, c.offset + 1), dtype=bool)
-            rows = np.broadcast_to(np.array(kept[layer]), (visible.shape[0], kept[layer].shape[-1]))
-            np.put_along_axis(visible, rows, True, axis=1)
-            visible[:, len(prompt):] = True
-            group = block.self_attn.n_heads // block.self_attn.n_kv_heads
-            h = block(h, mx.array(np.repeat(visible, group, axis=0)[None, :, None, :]), c)
-        out.append(model.model.embed_tokens.as_linear(model.model.norm(h))[:, -1])
-    return out
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["compresskv", "compresskv-gqa", "snapkv", "pyramidkv", "streamingllm"])
 def test_compressed_decode_matches_masked_mlx_lm(name, dtype):
@@ -92,7 +74,7 @@ def test_compressed_decode_matches_masked_mlx_lm(name, dtype):
     for token in forced:
         session.make_room(1)
         ours.append(model(mx.array([[token]]), cache=session.caches)[:, -1])
-    for step, (a, b) in enumerate(zip(masked_reference(model, prompt, forced, kept), ours)):
+    for step, (a, b) in enumerate(zip(masked_plain_logits(model, prompt, forced, kept), ours)):
         assert close(a, b, dtype), f"step {step}"
 
 

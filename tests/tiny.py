@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 MODULES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -71,3 +72,22 @@ def mac_model(arch: str = "llama", dtype: str = "bfloat16", **kwargs):
     model.set_dtype(HALF[dtype])
     mx.eval(model.parameters())
     return model
+
+
+def masked_plain_logits(model, prompt, forced, kept):
+    """Plain mlx-lm attention over the full cache, with evicted rows masked out."""
+    cache = make_prompt_cache(model)
+    model(mx.array([prompt]), cache=cache)
+    out = []
+    for token in forced:
+        h = model.model.embed_tokens(mx.array([[token]]))
+        for layer, (block, c) in enumerate(zip(model.layers, cache)):
+            visible = np.zeros((block.self_attn.n_kv_heads, c.offset + 1), dtype=bool)
+            rows = np.broadcast_to(np.array(kept[layer]), (visible.shape[0], kept[layer].shape[-1]))
+            np.put_along_axis(visible, rows, True, axis=1)
+            visible[:, len(prompt):] = True
+            group = block.self_attn.n_heads // block.self_attn.n_kv_heads
+            mask = mx.array(np.repeat(visible, group, axis=0)[None, :, None, :])
+            h = block(h, mask, c)
+        out.append(model.model.embed_tokens.as_linear(model.model.norm(h))[:, -1])
+    return out
