@@ -33,34 +33,35 @@ class WindowAttention(nn.Module):
         self.q_norm = getattr(base, "q_norm", None)
         self.k_norm = getattr(base, "k_norm", None)
         self.rope = base.rope
-        self.window = window
+        self.window = window  # the latest queries that score
+        self.kept = window  # the latest queries remembered: the widest window installed so far
         self.tap = None
-        self._window_queries = None
+        self._queries = None
 
     @property
     def window_queries(self) -> mx.array:
-        """The latest post-RoPE queries, ``[n_heads, <= window, head_dim]``."""
-        return self._window_queries[0]
+        """The latest post-RoPE queries that score, ``[n_heads, <= window, head_dim]``."""
+        return self._queries[0, :, -self.window :, :]
 
-    def set_window_queries(self, queries: mx.array):
-        """Restore queries saved from :attr:`window_queries`."""
-        self._window_queries = queries[None]
-
-    def reset(self):
-        self._window_queries = None
+    @property
+    def queries_held(self) -> int:
+        """How many of the latest queries are remembered (at most :attr:`kept`)."""
+        return 0 if self._queries is None else self._queries.shape[2]
 
     def set_window(self, window: int):
-        """Keep ``window`` latest queries from now on (the latest of those held stay)."""
+        """Score with the latest ``window`` queries; remember at least that many from now on."""
         self.window = window
-        if self._window_queries is not None:
-            self._window_queries = self._window_queries[:, :, -window:, :]
+        self.kept = max(self.kept, window)
+
+    def reset(self):
+        self._queries = None
 
     def window_state(self):
-        """What :meth:`restore_window_state` takes back to (cheap: a reference)."""
-        return self._window_queries
+        """Every query remembered, for :meth:`restore_window_state` (cheap: a reference)."""
+        return self._queries
 
     def restore_window_state(self, state):
-        self._window_queries = state
+        self._queries = state
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         b, n, _ = x.shape
@@ -88,9 +89,9 @@ class WindowAttention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
 
     def _remember(self, queries: mx.array):
-        if self._window_queries is not None and queries.shape[2] < self.window:
-            queries = mx.concatenate([self._window_queries, queries], axis=2)
-        self._window_queries = queries[:, :, -self.window :, :]
+        if self._queries is not None and queries.shape[2] < self.kept:
+            queries = mx.concatenate([self._queries, queries], axis=2)
+        self._queries = queries[:, :, -self.kept :, :]
 
 
 def architecture(model: nn.Module) -> str:

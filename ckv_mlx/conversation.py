@@ -68,6 +68,7 @@ class Conversation:
             session.compress(self.budget)
         self.turns += 1
         self._answer_start = session.position
+        session.stats.generated_tokens, session.stats.decode_s = 0, 0.0  # decode figures are this answer's
         return logits
 
     def finish(self, answer: list[int]):
@@ -95,9 +96,9 @@ class Conversation:
         """Stream the answer's tokens; stopping early still leaves a consistent state."""
         logits = self.start(question)
         answer: list[int] = []
-        generate = self.session.generate
+        tokens = self.session.generate(logits, max_tokens, should_stop=should_stop, repetition_penalty=repetition_penalty)
         try:
-            for token in generate(logits, max_tokens, should_stop=should_stop, repetition_penalty=repetition_penalty):
+            for token in tokens:
                 answer.append(token)
                 yield token
         finally:

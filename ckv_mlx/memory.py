@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .cache import allocated_rows
 from .errors import CKVError
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
@@ -66,11 +67,12 @@ def default_kv_limit(model: nn.Module) -> int:
 def working_budget(prompt_tokens: int, per_token: int, kv_limit: int, chunk: int, budget: int | None) -> int | None:
     """Tokens per layer to keep between chunks when the full cache of ``prompt_tokens``
     exceeds ``kv_limit``; None when it fits. Refuses a limit too small for ``budget``."""
-    if prompt_tokens * per_token <= kv_limit:
+    full = allocated_rows(prompt_tokens) * per_token  # what reading it whole allocates
+    if full <= kv_limit:
         return None
     if budget is None:
         raise CKVError(
-            f"the full cache of {prompt_tokens:,} tokens ({mib(prompt_tokens * per_token)}) exceeds the KV "
+            f"the full cache of {prompt_tokens:,} tokens ({mib(full)}) exceeds the KV "
             f"memory limit ({mib(kv_limit)}) and method full keeps everything: choose a compressing method "
             "or raise the limit"
         )
@@ -93,7 +95,7 @@ def plan_prefill(model: nn.Module, prompt_tokens: int, budget: int | None, kv_li
     if working is None:
         return None, None
     return working, (
-        f"the full cache of {prompt_tokens:,} tokens ({mib(prompt_tokens * per_token)}) would not fit the KV "
+        f"the full cache of {prompt_tokens:,} tokens ({mib(allocated_rows(prompt_tokens) * per_token)}) would not fit the KV "
         f"memory limit ({mib(limit)}): reading it in chunks of {chunk} tokens that compress as they go, "
         f"keeping {working} tokens per layer between chunks"
     )

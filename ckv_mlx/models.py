@@ -110,7 +110,9 @@ def half_dtype(config: dict) -> mx.Dtype:
 
 
 def to_half(model: nn.Module, dtype: mx.Dtype) -> nn.Module:
-    """Keep quantized weights as they are; cast every other float parameter to ``dtype``."""
+    """Keep the packed quantized weights; cast every float parameter to ``dtype``, the
+    quantized layers' scales and biases included, since the quantized matmul computes
+    (and so the activations and KV come) in their dtype."""
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model

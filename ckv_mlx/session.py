@@ -70,20 +70,28 @@ class Session:
 
     @property
     def window(self) -> int:
-        """The observation window: how many latest queries each layer keeps."""
+        """The observation window: how many latest queries score each layer."""
         return self.attentions[0].window
 
     def _use_window(self, method: Method):
-        """Re-install the attention with ``method``'s window. A wider window than the
-        session kept cannot be filled once tokens are read: refused in one line."""
+        """Re-install the attention with ``method``'s window. One wider than the queries
+        remembered cannot be filled once more tokens were read: refused in one line."""
         if method.window == self.window:
             return
-        if method.window > self.window and self.position:
+        held = self.attentions[0].queries_held
+        if method.window > held and self.position > held:
             raise CKVError(
-                f"method {method.name} scores with a {method.window}-token window but the document was "
-                f"read with {self.window}: read it again with this method (e.g. /reread) to switch"
+                f"method {method.name} scores with a {method.window}-token window but only the last {held} "
+                "queries of the document were kept: read it again with this method"
             )
         install(self.model, method.window)
+
+    def keep_queries_for(self, methods: list[Method]):
+        """Remember enough queries for each of ``methods``: a document read once can then
+        be compressed by any of them (call before reading)."""
+        widest = max(m.window for m in methods)
+        for attention in self.attentions:
+            attention.kept = max(attention.kept, widest)
 
     def reset(self):
         """Forget the document: empty caches and window queries."""
@@ -96,7 +104,7 @@ class Session:
         """A copy of the caches, window queries and stats, e.g. of a prefilled document."""
         return (
             [c.copy() for c in self.caches],
-            [a.window_queries for a in self.attentions],
+            [a.window_state() for a in self.attentions],
             replace(self.stats),
         )
 
@@ -105,7 +113,7 @@ class Session:
         caches, queries, stats = snapshot
         self.caches = [c.copy() for c in caches]
         for attention, q in zip(self.attentions, queries):
-            attention.set_window_queries(q)
+            attention.restore_window_state(q)
         self.stats = replace(stats)
 
     def answer(
@@ -128,6 +136,11 @@ class Session:
     def kv_rows_bytes(self) -> int:
         """KV bytes of the rows holding tokens (at most :attr:`kv_bytes`)."""
         return sum(c.rows_nbytes for c in self.caches)
+
+    @property
+    def full_bytes(self) -> int:
+        """What a full cache of every token seen so far allocates (256-row steps)."""
+        return self.bytes_per_token * allocated_rows(self.position, EvictingKVCache.step)
 
     @property
     def bytes_per_token(self) -> int:
@@ -170,7 +183,7 @@ class Session:
         mx.eval(logits)
         self.stats.prefill_s = time.perf_counter() - start
         self.stats.prompt_tokens = len(tokens)
-        self.stats.kv_bytes_full = self.bytes_per_token * allocated_rows(self.position, EvictingKVCache.step)
+        self.stats.kv_bytes_full = self.full_bytes
         self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.kv_bytes)
         self.stats.working_budget = working_budget
         return logits
@@ -244,12 +257,12 @@ class Session:
         step = self._step(chunk)
         body, last = tokens[:-1], tokens[-1:]
         for start in range(0, len(body), step):
-            chunk = body[start : start + step]
-            self.make_room(len(chunk))
-            self.model(mx.array([chunk]), cache=self.caches)
+            piece = body[start : start + step]
+            self.make_room(len(piece))
+            self.model(mx.array([piece]), cache=self.caches)
             self._eval_caches()
             if progress:
-                progress(start + len(chunk), len(tokens))
+                progress(start + len(piece), len(tokens))
         self.make_room(1)
         logits = self.model(mx.array([last]), cache=self.caches)[:, -1, :]
         if progress:

@@ -27,6 +27,8 @@ def sweep(
     Cases that share a document share its prefill.
     """
     session = Session(loaded.model, loaded.tokenizer, make_method("full")[0])
+    chosen = {name: make_method(name, profile)[0] for name in methods}
+    session.keep_queries_for(list(chosen.values()))
     document = prefilled = None
     for index, case in enumerate(cases):
         prefix, question = split_prompt(loaded.tokenizer, case.document, case.question, raw)
@@ -34,8 +36,7 @@ def sweep(
             session.reset()
             session.feed(prefix)
             document, prefilled = case.document, session.snapshot()
-        for name in methods:
-            method, _ = make_method(name, profile)
+        for name, method in chosen.items():
             for budget in [None] if not method.compresses else budgets:
                 tokens = session.answer(prefilled, method, budget, question, max_tokens)
                 text = loaded.tokenizer.decode(tokens)

@@ -138,8 +138,10 @@ def test_bytes_per_token_matches_the_cache():
 
 
 def test_working_budget_plan():
-    assert working_budget(1000, 100, 100_000, 64, 32) is None
-    assert working_budget(1001, 100, 100_000, 64, 32) == 1000 - 64
+    # 1,000 tokens read whole allocate 1,024 rows (256-row steps): 102,400 bytes at 100 a row
+    assert working_budget(1000, 100, 102_400, 64, 32) is None
+    assert working_budget(1000, 100, 102_399, 64, 32) == 1023 - 64
+    assert working_budget(768, 100, 76_800, 64, 32) is None
     with pytest.raises(CKVError, match="too small for budget 950 .* raise the limit or lower the budget"):
         working_budget(5000, 100, 100_000, 64, 950)
     with pytest.raises(CKVError, match="method full keeps everything"):

@@ -74,6 +74,21 @@ def test_method_with_a_smaller_window_is_reinstalled_and_selects_like_a_fresh_se
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_snapshot_from_a_wider_window_restores_to_the_method_s_window():
+    model = tiny_model()
+    session = Session(model, TinyTokenizer(), windowed(model, 8))
+    session.prefill(tokens(200))
+    document = session.snapshot()
+    session.method = windowed(model, 4)
+    session.restore(document)  # queries saved under the 8-token window
+    ours = kept_rows(session, 32)
+
+    fresh = Session(tiny_model(), TinyTokenizer(), windowed(model, 4))
+    fresh.prefill(tokens(200))
+    for a, b in zip(ours, kept_rows(fresh, 32)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_method_with_a_wider_window_is_refused_after_reading_and_installed_before():
     model = tiny_model()
     session = Session(model, TinyTokenizer(), windowed(model, 8))
@@ -83,11 +98,12 @@ def test_method_with_a_wider_window_is_refused_after_reading_and_installed_befor
     assert all(a.window_queries.shape[1] == 16 for a in session.attentions)
     session.compress(48)  # a 16-token window keeps its own 16 rows, inside the buffer
 
+    model = tiny_model()  # the attention of the model above remembers 16 queries from now on
     session = Session(model, TinyTokenizer(), windowed(model, 8))
     session.prefill(tokens(200))
     with pytest.raises(CKVError) as error:
         session.method = windowed(model, 16)
-    assert "16-token window" in str(error.value) and "read with 8" in str(error.value)
+    assert "16-token window" in str(error.value) and "only the last 8 queries" in str(error.value)
     assert "\n" not in str(error.value) and session.window == 8
 
 
@@ -153,3 +169,33 @@ def test_repetition_penalty_matches_the_numpy_reference():
     ours = list(session.generate(session.prefill(prompt), 40, repetition_penalty=20.0))
     assert ours == penalised_greedy(tiny_model(), prompt, 40, 20.0)
     assert ours != plain_greedy(tiny_model(), prompt, 40)  # the penalty changed something
+
+
+def selects_like_a_fresh_session(session, method, budget=32):
+    fresh = Session(tiny_model(), TinyTokenizer(), method)
+    fresh.prefill(tokens(200))
+    for a, b in zip(kept_rows(session, budget), kept_rows(fresh, budget)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_narrower_window_and_back_over_one_snapshot():
+    model = tiny_model()
+    session = Session(model, TinyTokenizer(), windowed(model, 8))
+    session.prefill(tokens(200))
+    document = session.snapshot()
+    session.method = windowed(model, 4)
+    session.restore(document)
+    session.compress(32)
+    session.restore(document)
+    session.method = windowed(model, 8)  # the 8 queries read are still there
+    selects_like_a_fresh_session(session, windowed(model, 8))
+
+
+def test_queries_kept_for_every_method_let_a_wider_one_compress_after_reading():
+    model = tiny_model()
+    session = Session(model, TinyTokenizer(), windowed(model, 8))
+    session.keep_queries_for([windowed(model, 8), windowed(model, 16)])
+    session.prefill(tokens(200))
+    assert session.window == 8 and session.attentions[0].queries_held == 16
+    session.method = windowed(model, 16)
+    selects_like_a_fresh_session(session, windowed(model, 16), budget=48)

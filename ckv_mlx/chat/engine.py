@@ -22,7 +22,7 @@ from typing import Callable
 import mlx.core as mx
 
 from ..budgets import parse_budget
-from ..cache import EvictingKVCache, allocated_rows, load_caches, save_caches
+from ..cache import load_caches, save_caches
 from ..conversation import Conversation, KeptCache
 from ..documents import document_hash, read_document
 from ..errors import CKVError
@@ -330,7 +330,8 @@ class ChatEngine:
             return self._emit(Notice(f"method {settings.method}, budget {settings.budget}: used for the next document"))
         budget = self._budget_tokens(settings, len(self._document.prefix), method)
         if self._conversation is None:  # not read yet: read with these settings
-            self.settings, self._session.method = settings, method
+            self._session.method = method
+            self.settings = settings
             return self._emit(Notice(f"method {method.name} at budget {budget} from the first question"))
         if self._session.compressed:
             self._pending = settings
@@ -338,8 +339,12 @@ class ChatEngine:
                 f"the full cache was dropped (policy {settings.policy}): method {settings.method} at budget "
                 f"{settings.budget} needs the document read again; type /reread to do it now "
                 f"({self._session.position:,} tokens)"))
-        self.settings = settings
-        self._session.method, self._conversation.budget = method, budget
+        try:
+            self._session.method = method
+        except CKVError as wider:  # its window needs queries the document was not read with
+            self._pending = settings
+            return self._emit(Notice(f"{wider}; type /reread to do it now"))
+        self.settings, self._conversation.budget = settings, budget
         for note in notes:
             self._emit(Notice(note))
         self._emit(Notice(f"method {method.name} at budget {budget} from the next question"))
@@ -349,6 +354,7 @@ class ChatEngine:
             raise CKVError("no document is open: open one with /doc FILE")
         if self._pending is not None:
             self.settings, self._pending = self._pending, None
+            self._session.reset()  # read anew: any window can be installed
             self._session.method = make_method(self.settings.method, self._profile)[0]
         self._prefill(self._document)
         self._emit(Notice(f"read {self._document.path.name} and {len(self._document.turns)} turns again"))
@@ -377,7 +383,7 @@ class ChatEngine:
             raise CKVError(f"nothing to save yet: {document.path.name} is read with the first question; ask one, then save")
         if not session.consistent:
             raise CKVError("the cache is out of step after an interrupted step; /reread, then save")
-        queries = {f"window.{i}": a.window_queries for i, a in enumerate(session.attentions)}
+        queries = {f"window.{i}": a.window_state() for i, a in enumerate(session.attentions)}
         metadata = {
             "format": SESSION_FORMAT, "model": self._loaded.name, "profile": self._profile_name,
             "settings": asdict(self.settings), "document": str(document.path.resolve()),
@@ -410,7 +416,7 @@ class ChatEngine:
         session.reset()
         session.caches = caches
         for i, attention in enumerate(session.attentions):
-            attention.set_window_queries(queries[f"window.{i}"])
+            attention.restore_window_state(queries[f"window.{i}"])
         stats = session.stats
         stats.prefill_s, stats.prompt_tokens = metadata["prefill_s"], metadata["prompt_tokens"]
         stats.kv_bytes_full = metadata["kv_bytes_full"]
@@ -445,7 +451,7 @@ class ChatEngine:
             document_tokens=len(self._document.prefix) if self._document else 0,
             position=session.position, context_length=self._loaded.context_length,
             kept_bytes=kept.kv_bytes, held_bytes=session.kv_bytes + (conversation.held_bytes if conversation else 0),
-            full_bytes=session.bytes_per_token * allocated_rows(session.position, EvictingKVCache.step),
+            full_bytes=session.full_bytes,
             layer_tokens=kept.layer_tokens, compressed=kept.compressed,
             peak_memory_bytes=mx.get_peak_memory(), prefill_tps=stats.prefill_tps,
             decode_tps=stats.decode_tps,

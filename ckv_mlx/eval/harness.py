@@ -101,6 +101,7 @@ class Harness:
         todo = [(mode, s) for mode in modes for s in settings if f"{sample.key}/{s.key(mode)}" not in done]
         if not todo:
             return
+        self.session.keep_queries_for([s.method for s in settings])
         document, bounded = self._prefill(sample), {}
         full = next(s for s in settings if not s.method.compresses)
         reference = self._full_answer(document, full, sample.questions[0])
@@ -146,8 +147,8 @@ class Harness:
         todo = [(p, s) for p in policies for s in settings if f"{sample.key}/{s.key(p)}/turn1" not in done]
         if not todo:
             return
+        session.keep_queries_for([s.method for s in settings])
         document = self._prefill(sample)
-        per_token = session.kv_bytes / len(sample.document)
         for policy, setting in todo:
             key = f"{sample.key}/{setting.key(policy)}"
             budget = self._budget(sample, setting)
@@ -158,4 +159,4 @@ class Harness:
                 answer = answer_line(conversation.ask(question, self.max_tokens), self.tokenizer, self.max_tokens)
                 yield self._record(sample, setting, answer, scorer, mode="query-aware", policy=policy,
                                    turn=turn, key=f"{key}/turn{turn}", budget_tokens=budget,
-                                   kv_fraction=session.kv_bytes / (per_token * session.position))
+                                   kv_fraction=session.kv_bytes / session.full_bytes)

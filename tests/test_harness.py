@@ -1,0 +1,38 @@
+"""The eval harness over several samples, with methods whose observation windows differ."""
+
+from dataclasses import replace
+
+import mlx.core as mx
+
+from ckv_mlx.eval.harness import Harness, Setting
+from ckv_mlx.eval.tasks import EvalSample
+from ckv_mlx.methods import make_method
+from ckv_mlx.session import Session
+from fakes import fake_profile
+from tiny import TinyTokenizer, plain_greedy, tiny_model
+
+
+class NumberTokenizer(TinyTokenizer):
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def sample(key, seed):
+    mx.random.seed(seed)
+    document, question = mx.random.randint(1, 128, (160,)).tolist(), mx.random.randint(1, 128, (20,)).tolist()
+    return EvalSample(key, "niah", 160, document, [question], [lambda text: {"score": 1.0}])
+
+
+def test_every_sample_runs_every_window_and_full_is_mlx_lm():
+    model = tiny_model()
+    profile = fake_profile(model)
+    profile.defaults = replace(profile.defaults, window=16)
+    wide = make_method("compresskv", profile)[0]
+    settings = [Setting(make_method("full")[0], None), Setting(make_method("snapkv")[0], "32"), Setting(wide, "48")]
+    harness = Harness(Session(model, NumberTokenizer(), wide), NumberTokenizer(), max_tokens=4)
+    for key, seed in (("a", 1), ("b", 2)):
+        s = sample(key, seed)
+        records = list(harness.run(s, settings, ["query-aware", "query-agnostic"], set()))
+        assert [r["method"] for r in records] == ["full", "snapkv", "compresskv"] * 2
+        assert records[0]["answer"] == NumberTokenizer().decode(plain_greedy(model, s.document + s.questions[0], 4))
+        assert all(0 < r["kv_fraction"] < 1 for r in records if r["method"] != "full")
