@@ -60,18 +60,21 @@ def kept_rows(session, budget):
     return [np.array(c.fetch()[0]) for c in session.caches]
 
 
+def selects_like_a_fresh_session(session, method, budget=32):
+    """``session`` compresses to the rows a session built with ``method`` from the start keeps."""
+    fresh = Session(tiny_model(), TinyTokenizer(), method)
+    fresh.prefill(tokens(200))
+    for a, b in zip(kept_rows(session, budget), kept_rows(fresh, budget)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_method_with_a_smaller_window_is_reinstalled_and_selects_like_a_fresh_session():
     model = tiny_model()
     session = Session(model, TinyTokenizer(), windowed(model, 8))
     session.prefill(tokens(200))
     session.method = windowed(model, 4)
     assert session.window == 4 and all(a.window_queries.shape[1] == 4 for a in session.attentions)
-    ours = kept_rows(session, 32)
-
-    fresh = Session(tiny_model(), TinyTokenizer(), windowed(model, 4))
-    fresh.prefill(tokens(200))
-    for a, b in zip(ours, kept_rows(fresh, 32)):
-        np.testing.assert_array_equal(a, b)
+    selects_like_a_fresh_session(session, windowed(model, 4))
 
 
 def test_a_snapshot_from_a_wider_window_restores_to_the_method_s_window():
@@ -81,12 +84,7 @@ def test_a_snapshot_from_a_wider_window_restores_to_the_method_s_window():
     document = session.snapshot()
     session.method = windowed(model, 4)
     session.restore(document)  # queries saved under the 8-token window
-    ours = kept_rows(session, 32)
-
-    fresh = Session(tiny_model(), TinyTokenizer(), windowed(model, 4))
-    fresh.prefill(tokens(200))
-    for a, b in zip(ours, kept_rows(fresh, 32)):
-        np.testing.assert_array_equal(a, b)
+    selects_like_a_fresh_session(session, windowed(model, 4))
 
 
 def test_method_with_a_wider_window_is_refused_after_reading_and_installed_before():
@@ -169,13 +167,6 @@ def test_repetition_penalty_matches_the_numpy_reference():
     ours = list(session.generate(session.prefill(prompt), 40, repetition_penalty=20.0))
     assert ours == penalised_greedy(tiny_model(), prompt, 40, 20.0)
     assert ours != plain_greedy(tiny_model(), prompt, 40)  # the penalty changed something
-
-
-def selects_like_a_fresh_session(session, method, budget=32):
-    fresh = Session(tiny_model(), TinyTokenizer(), method)
-    fresh.prefill(tokens(200))
-    for a, b in zip(kept_rows(session, budget), kept_rows(fresh, budget)):
-        np.testing.assert_array_equal(a, b)
 
 
 def test_a_narrower_window_and_back_over_one_snapshot():
