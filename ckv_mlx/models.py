@@ -67,7 +67,7 @@ class LoadedModel:
 
 def default_precision() -> str:
     """``$CKV_PRECISION``, else ``native`` on a GPU (Metal) and ``float32`` on a CPU,
-    where dequantized float32 weights are about 10x faster than quantized ones."""
+    where dequantized float32 weights read a prompt ~100x faster than bfloat16 quantized ones."""
     chosen = os.environ.get(PRECISION_ENV)
     if chosen:
         return checked_precision(chosen, f"${PRECISION_ENV}")
