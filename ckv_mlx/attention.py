@@ -51,7 +51,11 @@ class WindowAttention(nn.Module):
     def set_window(self, window: int):
         """Score with the latest ``window`` queries; remember at least that many from now on."""
         self.window = window
-        self.kept = max(self.kept, window)
+        self.keep(window)
+
+    def keep(self, queries: int):
+        """Remember at least the latest ``queries`` queries from now on."""
+        self.kept = max(self.kept, queries)
 
     def reset(self):
         self._queries = None

@@ -21,6 +21,7 @@ from mlx_lm.models.cache import _BaseCache
 
 from .errors import CKVError
 
+GROWTH_STEP = 256  # rows a cache grows by before compression, as mlx-lm's KVCache
 REGION_SHARE = 4  # by default a layer's region is a quarter of its budget ...
 MIN_REGION = 8  # ... and at least this many rows
 
@@ -31,7 +32,7 @@ def default_region(budget: int) -> int:
     return max(MIN_REGION, -(-budget // REGION_SHARE))
 
 
-def allocated_rows(tokens: int, step: int = 256) -> int:
+def allocated_rows(tokens: int, step: int = GROWTH_STEP) -> int:
     """Rows a growing cache allocates for ``tokens``: rounded up to whole steps."""
     return -(-tokens // step) * step
 
@@ -43,7 +44,7 @@ class EvictingKVCache(_BaseCache):
     of the layer's budget.
     """
 
-    step = 256
+    step = GROWTH_STEP
 
     def __init__(self, region: int | None = None):
         self.keys = None

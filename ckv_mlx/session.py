@@ -91,7 +91,7 @@ class Session:
         be compressed by any of them (call before reading)."""
         widest = max(m.window for m in methods)
         for attention in self.attentions:
-            attention.kept = max(attention.kept, widest)
+            attention.keep(widest)
 
     def reset(self):
         """Forget the document: empty caches and window queries."""
@@ -140,7 +140,7 @@ class Session:
     @property
     def full_bytes(self) -> int:
         """What a full cache of every token seen so far allocates (256-row steps)."""
-        return self.bytes_per_token * allocated_rows(self.position, EvictingKVCache.step)
+        return self.bytes_per_token * allocated_rows(self.position)
 
     @property
     def bytes_per_token(self) -> int:

@@ -77,16 +77,6 @@ def test_method_with_a_smaller_window_is_reinstalled_and_selects_like_a_fresh_se
     selects_like_a_fresh_session(session, windowed(model, 4))
 
 
-def test_a_snapshot_from_a_wider_window_restores_to_the_method_s_window():
-    model = tiny_model()
-    session = Session(model, TinyTokenizer(), windowed(model, 8))
-    session.prefill(tokens(200))
-    document = session.snapshot()
-    session.method = windowed(model, 4)
-    session.restore(document)  # queries saved under the 8-token window
-    selects_like_a_fresh_session(session, windowed(model, 4))
-
-
 def test_method_with_a_wider_window_is_refused_after_reading_and_installed_before():
     model = tiny_model()
     session = Session(model, TinyTokenizer(), windowed(model, 8))
@@ -175,8 +165,8 @@ def test_a_narrower_window_and_back_over_one_snapshot():
     session.prefill(tokens(200))
     document = session.snapshot()
     session.method = windowed(model, 4)
-    session.restore(document)
-    session.compress(32)
+    session.restore(document)  # queries saved under the 8-token window
+    selects_like_a_fresh_session(session, windowed(model, 4))
     session.restore(document)
     session.method = windowed(model, 8)  # the 8 queries read are still there
     selects_like_a_fresh_session(session, windowed(model, 8))
