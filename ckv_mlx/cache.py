@@ -124,6 +124,14 @@ class EvictingKVCache(_BaseCache):
             twin.keys, twin.values = mx.array(self.keys), mx.array(self.values)
         return twin
 
+    def emptied(self) -> "EvictingKVCache":
+        """A cache at the same position holding no rows (it keeps what one row costs)."""
+        twin = EvictingKVCache(self.region_setting)
+        twin.offset = self.offset
+        if self.keys is not None:
+            twin.keys, twin.values = (mx.zeros((*x.shape[:2], 0, x.shape[3]), x.dtype) for x in (self.keys, self.values))
+        return twin
+
     def fetch(self):
         """The held rows: ``(keys, values)``, each ``[1, kv_heads, length, head_dim]``."""
         return self.keys[..., : self.length, :], self.values[..., : self.length, :]

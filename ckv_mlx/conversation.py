@@ -3,8 +3,10 @@
 * ``first-question`` (the paper): compress with the first question in the window and
   drop the full cache; follow-ups go through the bounded region with re-scoring.
 * ``agnostic``: compress right after the document, before any question.
-* ``per-question``: keep the full cache of document and conversation, compress a copy
-  afresh for each question (best answers, full memory).
+* ``per-question``: keep the full cache of document and conversation, and select afresh
+  from all of it for each question (best answers). The full cache is either on disk (a
+  :class:`~ckv_mlx.disk_cache.DiskFullCache`: memory holds only the selection) or in
+  memory (a compressed copy is made for each question).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 
+from .disk_cache import DiskFullCache
 from .errors import CKVError
 from .session import Session
 
@@ -34,34 +37,51 @@ class KeptCache:
 
 
 class Conversation:
-    """Turns over one prefilled document in ``session``, under ``policy`` and ``budget``."""
+    """Turns over one prefilled document in ``session``, under ``policy`` and ``budget``;
+    ``per-question`` selects from ``full_on_disk`` when given."""
 
-    def __init__(self, session: Session, policy: str, budget: int | None):
+    def __init__(self, session: Session, policy: str, budget: int | None, full_on_disk: DiskFullCache | None = None):
         if policy not in POLICIES:
             raise CKVError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
         self.session, self.policy, self.budget = session, policy, budget
+        self.full_on_disk = full_on_disk if policy == "per-question" else None
         self.turns = 0
         self._full = None
         self._answer_start = 0
-        self.last_answer: KeptCache | None = None  # per-question: the copy the last answer used
+        self._unread: list[int] = []  # on disk: the last answer, read with the next question
+        self._queries: list | None = None  # on disk: the window queries of the last selection
+        self.last_answer: KeptCache | None = None  # in memory: the copy the last answer used
 
     @property
     def held_bytes(self) -> int:
-        """Bytes of the full cache set aside while a ``per-question`` answer runs."""
+        """Bytes of the full cache set aside in memory while a ``per-question`` answer runs."""
         return sum(c.nbytes for c in self._full[0]) if self._full else 0
 
-    def open(self, document: tuple):
-        """Start from a prefilled document (a :meth:`Session.snapshot`)."""
-        self.session.restore(document)
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of the full cache on disk (0 when it is in memory)."""
+        return self.full_on_disk.nbytes if self.full_on_disk else 0
+
+    def open(self, document: tuple | None = None):
+        """Start from a prefilled document: a :meth:`Session.snapshot`, or with the full
+        cache on disk the session as it is (its rows are dropped from memory)."""
         self.turns = 0
+        if self.full_on_disk is not None:
+            self.session.forget_rows()
+            self._queries = [a.window_state() for a in self.session.attentions]
+            return
+        self.session.restore(document)
         if self.policy == "agnostic":
             self.session.compress(self.budget)
 
     def start(self, question: list[int]) -> mx.array:
         """Feed a question and compress as the policy says; the logits of its last token."""
         session = self.session
-        logits = session.feed(question)
-        if self.policy == "per-question":
+        if self.full_on_disk is not None:
+            logits = self._select_from_disk(question)
+        else:
+            logits = session.feed(question)
+        if self.policy == "per-question" and self.full_on_disk is None:
             self._full = session.snapshot()
             session.compress(self.budget)
         elif self.policy == "first-question" and self.turns == 0:
@@ -71,11 +91,26 @@ class Conversation:
         session.stats.generated_tokens, session.stats.decode_s = 0, 0.0  # decode figures are this answer's
         return logits
 
+    def _select_from_disk(self, question: list[int]) -> mx.array:
+        """The last answer and ``question`` read against the full cache on disk, each
+        layer keeping its share of the budget; the window is what it was after the last
+        selection, as if the answer had been read into the full cache (as in memory)."""
+        for attention, queries in zip(self.session.attentions, self._queries):
+            attention.restore_window_state(queries)
+        logits = self.session.reselect(self._unread + question, self.full_on_disk, self.budget)
+        self._unread = []
+        self._queries = [a.window_state() for a in self.session.attentions]
+        return logits
+
     def finish(self, answer: list[int]):
         """Make sure the whole answer is in the cache that the next question builds on:
-        ``per-question`` goes back to its full cache and adds the answer there, keeping
-        the answer's statistics and a record of the compressed copy it used."""
+        ``per-question`` goes back to its full cache and adds the answer there (on disk:
+        with the next question), keeping the answer's statistics and, in memory, a
+        record of the compressed copy it used."""
         session = self.session
+        if self.full_on_disk is not None:
+            self._unread = answer
+            return
         fed = session.position - self._answer_start
         if self.policy == "per-question" and self._full is not None:
             self.last_answer = KeptCache.of(session)

@@ -16,8 +16,10 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .attention import install
 from .cache import EvictingKVCache, allocated_rows
+from .disk_cache import DiskFullCache
 from .errors import CKVError
 from .methods import Method
+from .store import StoreWriter
 
 PREFILL_STEP = 512
 
@@ -38,6 +40,7 @@ class Stats:
     peak_memory_bytes: int = 0
     peak_kv_bytes: int = 0
     working_budget: int | None = None
+    reselect_s: float = 0.0  # the last re-selection from the full cache on disk
 
     @property
     def prefill_tps(self) -> float:
@@ -55,6 +58,7 @@ class Session:
         self.model, self.tokenizer, self._method = model, tokenizer, method
         self.region = region
         self.attentions = install(model, method.window)
+        self._recorder = None
         self.reset()
 
     @property
@@ -164,6 +168,7 @@ class Session:
         working_budget: int | None = None,
         chunk: int = PREFILL_STEP,
         question: list[int] | None = None,
+        store: StoreWriter | None = None,
     ) -> mx.array:
         """Run the whole prompt; return the last token's logits.
 
@@ -173,13 +178,20 @@ class Session:
         no layer ever holds more than its share plus one chunk. Each piece is scored by
         its own last tokens, or, given the ``question`` that will follow the prompt, by
         the question read right after the piece (see :meth:`_read_piece`).
+
+        With ``store``, every layer's rows are also written to it as they are computed,
+        before any eviction: the whole document, even one read in bounded memory.
         """
         mx.reset_peak_memory()
         start = time.perf_counter()
-        if working_budget is None:
-            logits = self.feed(tokens, progress, chunk)
-        else:
-            logits = self._feed_bounded(tokens, working_budget, chunk, progress, question)
+        self._recorder = store
+        try:
+            if working_budget is None:
+                logits = self.feed(tokens, progress, chunk)
+            else:
+                logits = self._feed_bounded(tokens, working_budget, chunk, progress, question)
+        finally:
+            self._recorder = None
         mx.eval(logits)
         self.stats.prefill_s = time.perf_counter() - start
         self.stats.prompt_tokens = len(tokens)
@@ -201,6 +213,7 @@ class Session:
                 if progress:
                     progress(min(start + step, len(body)), len(tokens))
         logits = self.model(mx.array([last]), cache=self.caches)[:, -1, :]
+        self._record(1)
         if progress:
             progress(len(tokens), len(tokens))
         return logits
@@ -223,12 +236,19 @@ class Session:
         that its queries become every layer's window, and drop the probe's rows: the
         next eviction keeps what the question attends to, as if it were asked here."""
         self.model(mx.array([piece]), cache=self.caches)
+        self._record(len(piece))
         if probe:
             self.model(mx.array([probe]), cache=self.caches)
         self._eval_caches()
         self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.kv_bytes)
         for cache in self.caches:
             cache.trim(len(probe))
+
+    def _record(self, rows: int):
+        """While a prefill records, write every layer's latest ``rows`` rows to the store."""
+        if self._recorder is not None:
+            self._eval_caches()
+            self._recorder.append(self.caches, rows)
 
     def _eval_caches(self):
         """Materialise every layer's keys and values, so no lazy graph keeps a
@@ -261,10 +281,12 @@ class Session:
             self.make_room(len(piece))
             self.model(mx.array([piece]), cache=self.caches)
             self._eval_caches()
+            self._record(len(piece))
             if progress:
                 progress(start + len(piece), len(tokens))
         self.make_room(1)
         logits = self.model(mx.array([last]), cache=self.caches)[:, -1, :]
+        self._record(1)
         if progress:
             progress(len(tokens), len(tokens))
         return logits
@@ -311,8 +333,42 @@ class Session:
         self.stats.layer_budgets = budgets
         return budgets
 
-    def _compress_layer(self, layer: int, budget: int):
-        attention, cache = self.attentions[layer], self.caches[layer]
+    def reselect(self, tokens: list[int], full: DiskFullCache, avg_budget: int | None) -> mx.array:
+        """Read ``tokens`` against every row of the full cache on disk and keep each
+        layer's share of ``avg_budget``, one layer at a time: the caches and logits that
+        :meth:`feed` then :meth:`compress` give with the full cache in memory, holding
+        at most one layer's full rows. ``tokens`` join the full cache's rows."""
+        budgets = self.layer_budgets(avg_budget)
+        total = full.tokens + len(tokens)
+        if budgets is not None and total <= avg_budget:
+            budgets = [max(b, total) for b in budgets]
+        start, kept = time.perf_counter(), []
+
+        def keep(layer: int, keys: mx.array, values: mx.array):
+            cache = EvictingKVCache(self.region)
+            cache.state, cache.offset = (keys, values), total
+            if budgets is not None:
+                self._compress_layer(layer, budgets[layer], cache)
+            mx.eval(cache.keys, cache.values)
+            kept.append(cache)
+
+        *body, last = [tokens[i : i + PREFILL_STEP] for i in range(0, len(tokens), PREFILL_STEP)]
+        for piece in body:  # their rows join the full cache; the last piece's window selects
+            full.read(self.model, piece)
+        logits = full.read(self.model, last, keep)
+        self.caches = kept
+        self.stats.reselect_s = time.perf_counter() - start
+        self.stats.kv_bytes_kept, self.stats.kv_rows_kept = self.kv_bytes, self.kv_rows_bytes
+        self.stats.layer_budgets = budgets
+        return logits
+
+    def forget_rows(self):
+        """Free every row held (they are on disk), keeping the position, the window
+        queries and what one row costs."""
+        self.caches = [cache.emptied() for cache in self.caches]
+
+    def _compress_layer(self, layer: int, budget: int, cache: EvictingKVCache | None = None):
+        attention, cache = self.attentions[layer], cache or self.caches[layer]
         keys = cache.fetch()[0][0]
         keep = self.method.keep_indices(
             layer, attention.window_queries, keys, attention.scale, budget

@@ -1,0 +1,95 @@
+"""A conversation's full cache on disk, read one layer at a time.
+
+It is the document's :class:`~ckv_mlx.store.Store` (shared, never changed) followed by
+the conversation's tail (the questions and answers read against the full cache, in a
+private folder removed on :meth:`DiskFullCache.close`). :meth:`DiskFullCache.streamed`
+gives the per-layer caches of one model call: each reads its layer's rows from disk when
+that layer runs, appends the call's new rows to the tail, and hands the whole layer to a
+``keep`` callback (the selection) before the attention uses it. Each layer first
+evaluates its input, so the layer below has finished and its full rows are freed: at
+most one layer's full rows are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+from mlx_lm.models.base import create_causal_mask
+from mlx_lm.models.cache import _BaseCache
+
+from .store import LayerRows, Store
+
+Keep = Callable[[int, mx.array, mx.array], None]
+
+
+class DiskFullCache:
+    """The document's stored rows, then the conversation's, for every layer."""
+
+    def __init__(self, store: Store, scratch: Path):
+        self.store = store
+        folder = Path(scratch) / uuid.uuid4().hex
+        folder.mkdir(parents=True)
+        self.tail = LayerRows(folder, len(store.manifest["layers"]))
+
+    @property
+    def tokens(self) -> int:
+        return self.store.tokens + self.tail.tokens
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk: the document's store and the conversation's tail."""
+        return self.store.nbytes + self.tail.nbytes
+
+    def layer(self, layer: int) -> tuple[mx.array, mx.array]:
+        """Every row of layer ``layer``: the document's, then the conversation's."""
+        stored, tail = self.store.layer(layer), self.tail.read(layer)
+        if tail is None:
+            return stored
+        return tuple(mx.concatenate(pair, axis=2) for pair in zip(stored, tail))
+
+    def streamed(self, keep: Keep | None = None) -> list["StreamedLayer"]:
+        """The caches for one model call (see the module doc)."""
+        return [StreamedLayer(self, layer, keep) for layer in range(len(self.tail.shapes))]
+
+    def read(self, model, tokens: list[int], keep: Keep | None = None) -> mx.array:
+        """Run ``tokens`` through ``model`` against every row, adding theirs to the tail;
+        the logits of the last. An interrupted call takes its rows back out."""
+        try:
+            logits = model(mx.array([tokens]), cache=self.streamed(keep))[:, -1, :]
+            mx.eval(logits)
+        except BaseException:
+            self.tail.truncate()
+            raise
+        self.tail.advance(len(tokens))
+        return logits
+
+    def close(self):
+        """Remove the conversation's tail (the document's store stays)."""
+        shutil.rmtree(self.tail.folder, ignore_errors=True)
+
+
+class StreamedLayer(_BaseCache):
+    """One layer's full cache for one model call, read from disk (see the module doc)."""
+
+    def __init__(self, full: DiskFullCache, layer: int, keep: Keep | None):
+        self.full, self.layer, self.keep = full, layer, keep
+        self.offset = full.tokens
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        mx.eval(keys, values)  # the layers below are done, and their full rows freed
+        stored = self.full.layer(self.layer)
+        self.full.tail.append_layer(self.layer, keys, values)
+        keys, values = (mx.concatenate(pair, axis=2) for pair in zip(stored, (keys, values)))
+        self.offset = keys.shape[2]
+        if self.keep is not None:
+            self.keep(self.layer, keys, values)
+        return keys, values
+
+    def make_mask(self, n: int, return_array: bool = False, window_size=None):
+        if window_size is not None or return_array:
+            return create_causal_mask(n, self.offset, window_size=window_size)
+        return "causal" if n > 1 else None

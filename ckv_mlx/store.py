@@ -1,0 +1,315 @@
+"""The document store: a document's full KV cache on disk, one layer readable alone.
+
+A store is a folder ``<root>/<key>/`` holding, for each layer, ``NNN.keys`` and
+``NNN.values``: the rows in position order as raw ``[rows, kv_heads, head_dim]`` arrays
+in the cache's dtype, plus ``queries.safetensors`` (each layer's window queries at the
+end of the document) and ``manifest.json``. Raw arrays rather than safetensors because a
+store grows chunk by chunk while a document is read, and safetensors puts each tensor's
+size in a header before its data; raw rows append as they come, and one layer is read
+alone (memory-mapped) without touching the others.
+
+The manifest, with each file's size and CRC-32, is written last into a private
+``.tmp-*`` folder, which one rename then publishes: a store being written is never taken
+for a complete one, and when two processes read the same new document the second finds
+the first's store published and drops its own. :func:`open_store` checks every size and
+checksum and removes a store that fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .errors import CKVError
+
+STORE_FORMAT = "ckv-store/1"
+MANIFEST = "manifest.json"
+QUERIES = "queries.safetensors"
+DEFAULT_LIMIT_BYTES = 20 * 2**30  # stores kept on disk before the least recently used go
+
+# MLX dtypes as NumPy can hold their bytes (bfloat16 travels as uint16 and is viewed back).
+_RAW = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}
+_DTYPES = {str(d): d for d in _RAW}
+
+
+class StoreCorrupt(CKVError):
+    """A store on disk does not match its manifest."""
+
+
+def store_root() -> Path:
+    """Where stores live by default: ``stores`` beside the converted models."""
+    from .gguf import cache_dir
+
+    return cache_dir() / "stores"
+
+
+def store_key(model_identity: str, tokens: list[int], mode: dict) -> str:
+    """The store's name: a hash of the format, the model's identity, the document's
+    tokens (so the template, ``--raw`` and any truncation) and how it was read
+    (``mode``: whole, or the bounded prefill's settings, which change the rows)."""
+    blob = json.dumps([STORE_FORMAT, model_identity, mode, tokens], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _layer_files(layer: int) -> tuple[str, str]:
+    return f"{layer:03d}.keys", f"{layer:03d}.values"
+
+
+class LayerRows:
+    """Each layer's key and value rows as raw files in ``folder``, appended chunk by
+    chunk (with running checksums) and read back one layer at a time."""
+
+    def __init__(self, folder: Path, layers: int):
+        self.folder, self.tokens = Path(folder), 0
+        self.shapes: list[tuple[int, int, int] | None] = [None] * layers
+        self.crcs = [[0, 0] for _ in range(layers)]
+        self.dtype: mx.Dtype | None = None
+
+    def append(self, caches, rows: int):
+        """Write the latest ``rows`` rows of every layer's cache (evaluated)."""
+        for layer, cache in enumerate(caches):
+            keys, values = (x[..., cache.length - rows : cache.length, :] for x in cache.fetch())
+            self.append_layer(layer, keys, values)
+        self.tokens += rows
+
+    def append_layer(self, layer: int, keys: mx.array, values: mx.array):
+        """Write one layer's new rows, ``[1, kv_heads, rows, dim]`` each (call
+        :meth:`advance` once every layer has them)."""
+        self.dtype = self.dtype or keys.dtype
+        self.shapes[layer] = (keys.shape[1], keys.shape[3], values.shape[3])
+        for i, (name, x) in enumerate(zip(_layer_files(layer), (keys, values))):
+            data = _raw(x)
+            self.crcs[layer][i] = zlib.crc32(data, self.crcs[layer][i])
+            with open(self.folder / name, "ab") as f:
+                f.write(data)
+
+    def advance(self, rows: int):
+        self.tokens += rows
+
+    def truncate(self):
+        """Cut every file back to :attr:`tokens` rows: an interrupted call's rows go."""
+        for layer, shape in enumerate(self.shapes):
+            for name, dim in zip(_layer_files(layer), shape[1:] if shape else ()):
+                os.truncate(self.folder / name, self.tokens * shape[0] * dim * self.dtype.size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows written."""
+        size = self.dtype.size if self.dtype else 0
+        return sum(self.tokens * h * (k + v) * size for h, k, v in filter(None, self.shapes))
+
+    def read(self, layer: int) -> tuple[mx.array, mx.array] | None:
+        """Layer ``layer``'s rows, ``[1, kv_heads, tokens, dim]`` each; None if none."""
+        if not self.tokens:
+            return None
+        heads, key_dim, value_dim = self.shapes[layer]
+        return tuple(_read_rows(self.folder / name, self.dtype, (self.tokens, heads, dim))
+                     for name, dim in zip(_layer_files(layer), (key_dim, value_dim)))
+
+
+def _raw(x: mx.array) -> np.ndarray:
+    """``[1, heads, rows, dim]`` cache rows as contiguous ``[rows, heads, dim]`` bytes."""
+    if x.dtype not in _RAW:
+        raise CKVError(f"a KV cache in {x.dtype} cannot be stored: use float32, float16 or bfloat16")
+    rows = x[0].transpose(1, 0, 2)
+    return np.ascontiguousarray(np.array(rows.view(mx.uint16) if x.dtype == mx.bfloat16 else rows))
+
+
+def _read_rows(path: Path, dtype: mx.Dtype, shape: tuple[int, int, int]) -> mx.array:
+    rows = mx.array(np.memmap(path, dtype=_RAW[dtype], mode="r", shape=shape))
+    return (rows.view(dtype) if dtype == mx.bfloat16 else rows).transpose(1, 0, 2)[None]
+
+
+class StoreWriter(LayerRows):
+    """Builds a store in a private folder; :meth:`publish` makes it visible at once."""
+
+    def __init__(self, root: Path, key: str, layers: int):
+        root = Path(root)
+        super().__init__(root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}", layers)
+        self.root, self.key = root, key
+        try:
+            self.folder.mkdir(parents=True)
+        except OSError as e:
+            raise _disk_error(root, e) from None
+
+    def append_layer(self, layer: int, keys: mx.array, values: mx.array):
+        try:
+            super().append_layer(layer, keys, values)
+        except OSError as e:
+            self.abort()
+            raise _disk_error(self.root, e) from None
+
+    def publish(self, queries: list[mx.array | None]) -> "Store":
+        """Write the window queries and the manifest, then rename into place. If another
+        process published the same store meanwhile, keep theirs."""
+        try:
+            named = {f"window.{i}": q for i, q in enumerate(queries) if q is not None}
+            mx.save_safetensors(str(self.folder / QUERIES), named)
+            (self.folder / MANIFEST).write_text(json.dumps(self._manifest(), indent=1))
+            _fsync_folder(self.folder)
+            os.rename(self.folder, self.root / self.key)
+        except (OSError, RuntimeError) as e:  # RuntimeError: MLX's own write errors
+            self.abort()
+            if (self.root / self.key / MANIFEST).is_file():
+                return open_store(self.root, self.key)
+            raise _disk_error(self.root, e if isinstance(e, OSError) else OSError(str(e))) from None
+        return open_store(self.root, self.key, verify=False)
+
+    def _manifest(self) -> dict:
+        layers = []
+        for layer, ((heads, key_dim, value_dim), crcs) in enumerate(zip(self.shapes, self.crcs)):
+            files = {name: {"bytes": (self.folder / name).stat().st_size, "crc32": crc}
+                     for name, crc in zip(_layer_files(layer), crcs)}
+            layers.append({"kv_heads": heads, "key_dim": key_dim, "value_dim": value_dim, "files": files})
+        return {"format": STORE_FORMAT, "key": self.key, "tokens": self.tokens, "dtype": str(self.dtype),
+                "layers": layers, "files": {QUERIES: _file_record(self.folder / QUERIES)}}
+
+    def abort(self):
+        """Remove what was written (nothing half-written stays)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "crc32": zlib.crc32(path.read_bytes())}
+
+
+def _fsync_folder(folder: Path):
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+@dataclass
+class Store:
+    """A published store: read one layer's rows, or the window queries."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def tokens(self) -> int:
+        return self.manifest["tokens"]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk."""
+        return sum(f["bytes"] for layer in self.manifest["layers"] for f in layer["files"].values())
+
+    def layer(self, layer: int) -> tuple[mx.array, mx.array]:
+        """Layer ``layer``'s keys and values, ``[1, kv_heads, tokens, dim]`` each."""
+        info, dtype = self.manifest["layers"][layer], _DTYPES[self.manifest["dtype"]]
+        return tuple(_read_rows(self.path / name, dtype, (self.tokens, info["kv_heads"], dim))
+                     for name, dim in zip(_layer_files(layer), (info["key_dim"], info["value_dim"])))
+
+    def queries(self) -> list[mx.array | None]:
+        named = mx.load(str(self.path / QUERIES))
+        return [named.get(f"window.{i}") for i in range(len(self.manifest["layers"]))]
+
+    def touch(self):
+        """Mark as just used (what the least-recently-used limit goes by)."""
+        os.utime(self.path / MANIFEST)
+
+
+def open_store(root: Path, key: str, verify: bool = True) -> Store | None:
+    """The published store ``key`` under ``root``, or None if there is none. With
+    ``verify``, every file's size and checksum is checked: a store that fails is removed
+    and :class:`StoreCorrupt` says so."""
+    path = Path(root) / key
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return _corrupt(path, "its manifest is unreadable")
+    if manifest.get("format") != STORE_FORMAT or manifest.get("key") != key:
+        return _corrupt(path, f"format {manifest.get('format')!r}, expected {STORE_FORMAT}")
+    if verify:
+        for name, record in _records(manifest):
+            problem = _check(path / name, record)
+            if problem:
+                return _corrupt(path, f"{name} {problem}")
+    store = Store(path, manifest)
+    store.touch()
+    return store
+
+
+def _records(manifest: dict):
+    for layer in manifest["layers"]:
+        yield from layer["files"].items()
+    yield from manifest["files"].items()
+
+
+def _check(path: Path, record: dict) -> str | None:
+    try:
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            return f"is {size:,} bytes, not {record['bytes']:,}"
+        crc = 0
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                crc = zlib.crc32(block, crc)
+    except OSError as e:
+        return f"is unreadable ({e.strerror})"
+    return None if crc == record["crc32"] else "fails its checksum"
+
+
+def _corrupt(path: Path, why: str):
+    shutil.rmtree(path, ignore_errors=True)
+    raise StoreCorrupt(f"the stored cache {path.name} was damaged ({why}) and has been removed")
+
+
+def _disk_error(root: Path, error: OSError) -> CKVError:
+    reason = "the disk is full" if error.errno == 28 else (error.strerror or str(error))
+    return CKVError(f"cannot write the document's cache under {root}: {reason}; free space or pass "
+                    "--store-dir with a writable folder (the cache is kept in memory meanwhile)")
+
+
+def list_stores(root: Path) -> list[dict]:
+    """Every published store under ``root``, most recently used first."""
+    found = []
+    for manifest in Path(root).glob(f"*/{MANIFEST}"):
+        try:
+            info = json.loads(manifest.read_text())
+            used = manifest.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        size = sum(r["bytes"] for _, r in _records(info))
+        found.append({"key": manifest.parent.name, "tokens": info.get("tokens"), "bytes": size, "used": used,
+                      "path": manifest.parent})
+    return sorted(found, key=lambda s: -s["used"])
+
+
+def prune(root: Path, limit_bytes: int, keep: str | None = None) -> list[str]:
+    """Remove the least recently used stores until the rest fit in ``limit_bytes``
+    (never ``keep``), and leftovers of writers that died; returns the keys removed."""
+    removed, total = [], 0
+    for store in list_stores(root):
+        total += store["bytes"]
+        if total > limit_bytes and store["key"] != keep:
+            shutil.rmtree(store["path"], ignore_errors=True)
+            removed.append(store["key"])
+            total -= store["bytes"]
+    for tmp in Path(root).glob(".tmp-*"):
+        if not _alive(tmp.name.rsplit("-", 2)[1]):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return removed
+
+
+def _alive(pid: str) -> bool:
+    """Whether process ``pid`` (a writer's, from its folder name) still runs."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True

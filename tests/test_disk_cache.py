@@ -1,0 +1,69 @@
+"""The full cache on disk: every question re-selects from it, and gets what
+``per-question`` with the full cache in memory gets (the reference)."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from ckv_mlx.conversation import Conversation
+from ckv_mlx.disk_cache import DiskFullCache
+from ckv_mlx.methods import METHODS, make_method
+from ckv_mlx.session import Session
+from ckv_mlx.store import StoreWriter
+from fakes import fake_profile
+from tiny import TinyTokenizer, mac_model, tiny_model
+
+mx.random.seed(11)
+DOC = mx.random.randint(1, 128, (150,)).tolist()
+Q1, Q2 = [5, 6, 7, 8], [9, 10, 11]
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+
+
+def session_for(method_name: str, dtype: str) -> Session:
+    """A fresh tiny model (same weights each time) with its own session: window queries
+    live in the model's attention, so the two conversations compared need two models."""
+    model = tiny_model("llama", layers=3) if dtype == "float32" else mac_model("llama", dtype, layers=3)
+    return Session(model, TinyTokenizer(), make_method(method_name, fake_profile(model))[0], region=16)
+
+
+def in_memory(method_name: str, dtype: str, budget) -> Conversation:
+    session = session_for(method_name, dtype)
+    session.prefill(DOC)
+    conversation = Conversation(session, "per-question", budget)
+    conversation.open(session.snapshot())
+    return conversation
+
+
+def on_disk(method_name: str, dtype: str, budget, root) -> Conversation:
+    session = session_for(method_name, dtype)
+    writer = StoreWriter(root, "doc", len(session.caches))
+    session.prefill(DOC, store=writer)
+    store = writer.publish([a.window_state() for a in session.attentions])
+    conversation = Conversation(session, "per-question", budget, DiskFullCache(store, root / "tails"))
+    conversation.open()
+    return conversation
+
+
+def assert_same_selection(disk: Conversation, memory: Conversation, atol: float):
+    for stored, kept in zip(disk.session.caches, memory.session.caches):
+        assert stored.length == kept.length and stored.offset == kept.offset
+        for a, b in zip(stored.fetch(), kept.fetch()):
+            np.testing.assert_allclose(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)), atol=atol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method_name", sorted(METHODS))
+def test_each_question_selects_what_the_full_cache_in_memory_selects(method_name, dtype, tmp_path):
+    budget = None if method_name == "full" else 48
+    memory, disk = in_memory(method_name, dtype, budget), on_disk(method_name, dtype, budget, tmp_path)
+    atol = TOLERANCE[dtype]
+    for question, n in ((Q1, 2), (Q2, 6)):  # the first answer and the second question fill less than the 8-query window
+        expected, got = memory.start(question), disk.start(question)
+        np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(expected.astype(mx.float32)),
+                                   atol=atol * 10, rtol=0)
+        assert_same_selection(disk, memory, atol)
+        answer = list(memory.session.generate(expected, n))
+        assert list(disk.session.generate(got, n)) == answer
+        memory.finish(answer)
+        disk.finish(answer)
+    assert disk.session.kv_bytes < disk.full_on_disk.nbytes or budget is None
