@@ -44,12 +44,19 @@ class DiskFullCache:
         """Bytes on disk: the document's store and the conversation's tail."""
         return self.store.nbytes + self.tail.nbytes
 
-    def layer(self, layer: int) -> tuple[mx.array, mx.array]:
-        """Every row of layer ``layer``: the document's, then the conversation's."""
-        stored, tail = self.store.layer(layer), self.tail.read(layer)
-        if tail is None:
-            return stored
-        return tuple(mx.concatenate(pair, axis=2) for pair in zip(stored, tail))
+    def layer(self, layer: int, room: int = 0) -> tuple[mx.array, mx.array]:
+        """Every row of layer ``layer``, the document's then the conversation's, in
+        buffers with ``room`` rows free at the end, ``[1, kv_heads, tokens + room, dim]``."""
+        sources = [f for f in (self.store.files(layer), self.tail.files(layer)) if f is not None]
+        buffers = []
+        for files in zip(*sources):  # the keys' files, then the values'
+            first = files[0]
+            buffer = mx.zeros((1, first.heads, self.tokens + room, first.dim), first.dtype)
+            at = 0
+            for file in files:
+                buffer, at = file.copy_into(buffer, at), at + file.rows
+            buffers.append(buffer)
+        return buffers[0], buffers[1]
 
     def streamed(self, keep: Keep | None = None) -> list["StreamedLayer"]:
         """The caches for one model call (see the module doc)."""
@@ -81,10 +88,12 @@ class StreamedLayer(_BaseCache):
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         mx.eval(keys, values)  # the layers below are done, and their full rows freed
-        stored = self.full.layer(self.layer)
         self.full.tail.append_layer(self.layer, keys, values)
-        keys, values = (mx.concatenate(pair, axis=2) for pair in zip(stored, (keys, values)))
-        self.offset = keys.shape[2]
+        all_keys, all_values = self.full.layer(self.layer, room=keys.shape[2])
+        all_keys[..., self.offset :, :] = keys
+        all_values[..., self.offset :, :] = values
+        self.offset = all_keys.shape[2]
+        keys, values = all_keys, all_values
         if self.keep is not None:
             self.keep(self.layer, keys, values)
         return keys, values

@@ -35,6 +35,7 @@ STORE_FORMAT = "ckv-store/1"
 MANIFEST = "manifest.json"
 QUERIES = "queries.safetensors"
 DEFAULT_LIMIT_BYTES = 20 * 2**30  # stores kept on disk before the least recently used go
+READ_BLOCK_ROWS = 4096  # rows read from disk at a time
 
 # MLX dtypes as NumPy can hold their bytes (bfloat16 travels as uint16 and is viewed back).
 _RAW = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}
@@ -107,12 +108,12 @@ class LayerRows:
         size = self.dtype.size if self.dtype else 0
         return sum(self.tokens * h * (k + v) * size for h, k, v in filter(None, self.shapes))
 
-    def read(self, layer: int) -> tuple[mx.array, mx.array] | None:
-        """Layer ``layer``'s rows, ``[1, kv_heads, tokens, dim]`` each; None if none."""
+    def files(self, layer: int) -> tuple["RowFile", "RowFile"] | None:
+        """Layer ``layer``'s key and value files; None before any row."""
         if not self.tokens:
             return None
         heads, key_dim, value_dim = self.shapes[layer]
-        return tuple(_read_rows(self.folder / name, self.dtype, (self.tokens, heads, dim))
+        return tuple(RowFile(self.folder / name, self.dtype, self.tokens, heads, dim)
                      for name, dim in zip(_layer_files(layer), (key_dim, value_dim)))
 
 
@@ -124,9 +125,27 @@ def _raw(x: mx.array) -> np.ndarray:
     return np.ascontiguousarray(np.array(rows.view(mx.uint16) if x.dtype == mx.bfloat16 else rows))
 
 
-def _read_rows(path: Path, dtype: mx.Dtype, shape: tuple[int, int, int]) -> mx.array:
-    rows = mx.array(np.memmap(path, dtype=_RAW[dtype], mode="r", shape=shape))
-    return (rows.view(dtype) if dtype == mx.bfloat16 else rows).transpose(1, 0, 2)[None]
+@dataclass(frozen=True)
+class RowFile:
+    """One layer's keys or values on disk: ``rows`` rows of ``heads x dim``."""
+
+    path: Path
+    dtype: mx.Dtype
+    rows: int
+    heads: int
+    dim: int
+
+    def copy_into(self, buffer: mx.array, at: int) -> mx.array:
+        """``buffer`` (``[1, heads, >= at + rows, dim]``) with these rows at ``at``,
+        copied a block at a time, in place: memory grows by one block, not the file."""
+        mapped = np.memmap(self.path, dtype=_RAW[self.dtype], mode="r", shape=(self.rows, self.heads, self.dim))
+        for start in range(0, self.rows, READ_BLOCK_ROWS):
+            block = mx.array(mapped[start : start + READ_BLOCK_ROWS])
+            block = block.view(self.dtype) if self.dtype == mx.bfloat16 else block
+            end = start + block.shape[0]
+            buffer[..., at + start : at + end, :] = block.transpose(1, 0, 2)[None]
+            mx.eval(buffer)
+        return buffer
 
 
 class StoreWriter(LayerRows):
@@ -204,10 +223,10 @@ class Store:
         """Bytes on disk."""
         return sum(f["bytes"] for layer in self.manifest["layers"] for f in layer["files"].values())
 
-    def layer(self, layer: int) -> tuple[mx.array, mx.array]:
-        """Layer ``layer``'s keys and values, ``[1, kv_heads, tokens, dim]`` each."""
+    def files(self, layer: int) -> tuple[RowFile, RowFile]:
+        """Layer ``layer``'s key and value files."""
         info, dtype = self.manifest["layers"][layer], _DTYPES[self.manifest["dtype"]]
-        return tuple(_read_rows(self.path / name, dtype, (self.tokens, info["kv_heads"], dim))
+        return tuple(RowFile(self.path / name, dtype, self.tokens, info["kv_heads"], dim)
                      for name, dim in zip(_layer_files(layer), (info["key_dim"], info["value_dim"])))
 
     def queries(self) -> list[mx.array | None]:

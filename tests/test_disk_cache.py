@@ -9,6 +9,7 @@ from ckv_mlx.conversation import Conversation
 from ckv_mlx.disk_cache import DiskFullCache
 from ckv_mlx.methods import METHODS, make_method
 from ckv_mlx.session import Session
+from ckv_mlx import store
 from ckv_mlx.store import StoreWriter
 from fakes import fake_profile
 from tiny import TinyTokenizer, mac_model, tiny_model
@@ -67,3 +68,24 @@ def test_each_question_selects_what_the_full_cache_in_memory_selects(method_name
         memory.finish(answer)
         disk.finish(answer)
     assert disk.session.kv_bytes < disk.full_on_disk.nbytes or budget is None
+
+
+def test_a_question_holds_at_most_one_layers_full_rows(tmp_path, monkeypatch):
+    """Memory while re-selecting: the kept cache, plus one layer's full rows (read from
+    disk a block at a time), never the whole full cache."""
+    monkeypatch.setattr(store, "READ_BLOCK_ROWS", 128)
+    model = tiny_model("llama", layers=8, heads=4, kv_heads=4, head_dim=32)
+    session = Session(model, TinyTokenizer(), make_method("snapkv")[0], region=16)
+    writer = StoreWriter(tmp_path, "doc", len(session.caches))
+    session.prefill(mx.random.randint(1, 128, (2000,)).tolist(), store=writer)
+    full = DiskFullCache(writer.publish([a.window_state() for a in session.attentions]), tmp_path / "tails")
+    session.forget_rows()
+    mx.clear_cache()
+    held = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(session.reselect(Q1, full, 64))
+    layer_rows = full.nbytes // 8  # keys and values of one layer, 2004 rows
+    block = 2 * 128 * 4 * 32 * 4  # a block read and its transposed copy
+    scoring = layer_rows // 2 + 3 * 4 * 8 * 2004 * 4  # the keys as scored, and window probabilities
+    assert mx.get_peak_memory() - held <= session.kv_bytes + layer_rows + scoring + block
+    assert mx.get_peak_memory() - held < full.nbytes / 3
