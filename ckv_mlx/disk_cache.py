@@ -12,6 +12,7 @@ most one layer's full rows are in memory at a time.
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -21,7 +22,8 @@ import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import _BaseCache
 
-from .store import LayerRows, Store
+from .cache import EvictingKVCache
+from .store import LayerRows, Store, disk_error
 
 Keep = Callable[[int, mx.array, mx.array], None]
 
@@ -31,8 +33,11 @@ class DiskFullCache:
 
     def __init__(self, store: Store, scratch: Path):
         self.store = store
-        folder = Path(scratch) / uuid.uuid4().hex
-        folder.mkdir(parents=True)
+        folder = Path(scratch) / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # the process, for store.prune
+        try:
+            folder.mkdir(parents=True)
+        except OSError as error:
+            raise disk_error(Path(scratch).parent, error) from None
         self.tail = LayerRows(folder, len(store.manifest["layers"]))
 
     @property
@@ -58,6 +63,17 @@ class DiskFullCache:
             buffers.append(buffer)
         return buffers[0], buffers[1]
 
+    def empty_caches(self, region: int | None = None) -> list[EvictingKVCache]:
+        """Caches at the end of what is on disk that hold no rows (a session's state
+        when every row is here), shaped and typed as the stored rows."""
+        caches = []
+        for layer in range(len(self.tail.shapes)):
+            cache = EvictingKVCache(region)
+            cache.keys, cache.values = (mx.zeros((1, f.heads, 0, f.dim), f.dtype) for f in self.store.files(layer))
+            cache.offset = self.tokens
+            caches.append(cache)
+        return caches
+
     def streamed(self, keep: Keep | None = None) -> list["StreamedLayer"]:
         """The caches for one model call (see the module doc)."""
         return [StreamedLayer(self, layer, keep) for layer in range(len(self.tail.shapes))]
@@ -68,6 +84,9 @@ class DiskFullCache:
         try:
             logits = model(mx.array([tokens]), cache=self.streamed(keep))[:, -1, :]
             mx.eval(logits)
+        except OSError as error:
+            self.tail.truncate()
+            raise disk_error(self.tail.folder.parent.parent, error) from None
         except BaseException:
             self.tail.truncate()
             raise

@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import HFValidationError
 from mlx.utils import tree_unflatten
 
 from .errors import CKVError
+from .fingerprint import model_identity
 from .gguf import BUILTIN_MODEL, builtin_model_folder
 
 if TYPE_CHECKING:  # mlx_lm pulls in transformers (~1.5 s): imported only to load a model
@@ -63,6 +64,7 @@ class LoadedModel:
     shape: ModelShape
     context_length: int
     precision: str = "float32"
+    identity: str = ""  # config, weights and precision hashed (see fingerprint.py): what stores are keyed by
 
 
 def default_precision() -> str:
@@ -98,8 +100,9 @@ def load_model(name: str | None = None, precision: str | None = None) -> LoadedM
         model = to_float32(model)
     else:
         model = to_half(model, half_dtype(config))
+    folder = Path(source) if Path(source).is_dir() else _hub_folder(source)
     return LoadedModel(model, tokenizer, name, model_shape(model, name),
-                       int(config.get("max_position_embeddings") or 0), precision)
+                       int(config.get("max_position_embeddings") or 0), precision, model_identity(folder, precision))
 
 
 def half_dtype(config: dict) -> mx.Dtype:
@@ -144,6 +147,12 @@ def check_architecture(config_path: Path, name: str) -> None:
 def _hub_config(repo_id: str) -> Path:
     with _hub_errors(repo_id):
         return Path(hf_hub_download(repo_id, "config.json"))
+
+
+def _hub_folder(repo_id: str) -> Path:
+    """The local snapshot mlx-lm just loaded ``repo_id`` from."""
+    with _hub_errors(repo_id):
+        return Path(snapshot_download(repo_id, local_files_only=True))
 
 
 @contextmanager

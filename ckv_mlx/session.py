@@ -120,6 +120,16 @@ class Session:
             attention.restore_window_state(q)
         self.stats = replace(stats)
 
+    def take_over(self, caches: list[EvictingKVCache], queries: list[mx.array | None]):
+        """Continue from caches and window queries read elsewhere (a saved session, a
+        stored document); statistics start afresh."""
+        if len(caches) != len(self.caches):
+            raise CKVError(f"the cache has {len(caches)} layers, the model {len(self.caches)}")
+        self.reset()
+        self.caches = caches
+        for attention, q in zip(self.attentions, queries):
+            attention.restore_window_state(q)
+
     def answer(
         self, snapshot: tuple, method: Method, budget: int | None, question: list[int], max_tokens: int
     ) -> list[int]:

@@ -17,6 +17,7 @@ checksum and removes a store that fails.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -36,6 +37,8 @@ MANIFEST = "manifest.json"
 QUERIES = "queries.safetensors"
 DEFAULT_LIMIT_BYTES = 20 * 2**30  # stores kept on disk before the least recently used go
 READ_BLOCK_ROWS = 4096  # rows read from disk at a time
+STORE_DIR_ENV = "CKV_STORE_DIR"
+CONVERSATIONS = ".conversations"  # under a store root: the rows of each running conversation, by process
 
 # MLX dtypes as NumPy can hold their bytes (bfloat16 travels as uint16 and is viewed back).
 _RAW = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}
@@ -47,10 +50,11 @@ class StoreCorrupt(CKVError):
 
 
 def store_root() -> Path:
-    """Where stores live by default: ``stores`` beside the converted models."""
+    """Where stores live by default: ``$CKV_STORE_DIR``, else ``stores`` beside the
+    converted models (in ``$XDG_CACHE_HOME/ckv-mlx``)."""
     from .gguf import cache_dir
 
-    return cache_dir() / "stores"
+    return Path(os.environ.get(STORE_DIR_ENV) or cache_dir() / "stores")
 
 
 def store_key(model_identity: str, tokens: list[int], mode: dict) -> str:
@@ -100,7 +104,8 @@ class LayerRows:
         """Cut every file back to :attr:`tokens` rows: an interrupted call's rows go."""
         for layer, shape in enumerate(self.shapes):
             for name, dim in zip(_layer_files(layer), shape[1:] if shape else ()):
-                os.truncate(self.folder / name, self.tokens * shape[0] * dim * self.dtype.size)
+                if (self.folder / name).exists():
+                    os.truncate(self.folder / name, self.tokens * shape[0] * dim * self.dtype.size)
 
     @property
     def nbytes(self) -> int:
@@ -155,21 +160,28 @@ class StoreWriter(LayerRows):
         root = Path(root)
         super().__init__(root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}", layers)
         self.root, self.key = root, key
+        self.error: CKVError | None = None
         try:
             self.folder.mkdir(parents=True)
         except OSError as e:
-            raise _disk_error(root, e) from None
+            raise disk_error(root, e) from None
 
     def append_layer(self, layer: int, keys: mx.array, values: mx.array):
+        """As :class:`LayerRows`; a write that fails (a full disk) removes the folder and
+        is reported by :meth:`publish`, so the reading it records goes on."""
+        if self.error is not None:
+            return
         try:
             super().append_layer(layer, keys, values)
         except OSError as e:
             self.abort()
-            raise _disk_error(self.root, e) from None
+            self.error = disk_error(self.root, e)
 
     def publish(self, queries: list[mx.array | None]) -> "Store":
         """Write the window queries and the manifest, then rename into place. If another
         process published the same store meanwhile, keep theirs."""
+        if self.error is not None:
+            raise self.error
         try:
             named = {f"window.{i}": q for i, q in enumerate(queries) if q is not None}
             mx.save_safetensors(str(self.folder / QUERIES), named)
@@ -180,7 +192,7 @@ class StoreWriter(LayerRows):
             self.abort()
             if (self.root / self.key / MANIFEST).is_file():
                 return open_store(self.root, self.key)
-            raise _disk_error(self.root, e if isinstance(e, OSError) else OSError(str(e))) from None
+            raise disk_error(self.root, e if isinstance(e, OSError) else OSError(str(e))) from None
         return open_store(self.root, self.key, verify=False)
 
     def _manifest(self) -> dict:
@@ -286,10 +298,11 @@ def _corrupt(path: Path, why: str):
     raise StoreCorrupt(f"the stored cache {path.name} was damaged ({why}) and has been removed")
 
 
-def _disk_error(root: Path, error: OSError) -> CKVError:
-    reason = "the disk is full" if error.errno == 28 else (error.strerror or str(error))
-    return CKVError(f"cannot write the document's cache under {root}: {reason}; free space or pass "
-                    "--store-dir with a writable folder (the cache is kept in memory meanwhile)")
+def disk_error(root: Path, error: OSError) -> CKVError:
+    """One line for a store that cannot be written: why, and what to do."""
+    reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    return CKVError(f"cannot write the full cache to {root}: {reason}; free some space or choose a writable "
+                    "folder with --store-dir")
 
 
 def list_stores(root: Path) -> list[dict]:
@@ -320,6 +333,9 @@ def prune(root: Path, limit_bytes: int, keep: str | None = None) -> list[str]:
     for tmp in Path(root).glob(".tmp-*"):
         if not _alive(tmp.name.rsplit("-", 2)[1]):
             shutil.rmtree(tmp, ignore_errors=True)
+    for tail in Path(root).glob(f"{CONVERSATIONS}/*"):
+        if not _alive(tail.name.split("-", 1)[0]):
+            shutil.rmtree(tail, ignore_errors=True)
     return removed
 
 

@@ -13,6 +13,12 @@ def pytest_configure(config):
     ensure_fast_blas(before_exec=capture.stop_global_capturing if capture else None)
 
 
+@pytest.fixture(autouse=True)
+def private_stores(tmp_path_factory, monkeypatch):
+    """Full caches on disk go to a folder of the test's own, never the user's cache."""
+    monkeypatch.setenv("CKV_STORE_DIR", str(tmp_path_factory.mktemp("stores")))
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """The built-in model (loaded once), or skip: its wheel comes with `make setup`."""

@@ -42,6 +42,10 @@ def describe(view: CacheView) -> str:
     ]
     if view.held_bytes > view.kept_bytes:
         lines.append(f"[b]held[/b]      {mib(view.held_bytes)}  (full cache kept)")
+    if view.disk_bytes:
+        lines.append(f"[b]on disk[/b]   {mib(view.disk_bytes)}  (full cache)")
+    if view.reselect_s:
+        lines.append(f"[b]selected[/b]  in {view.reselect_s:.2f} s  (from disk)")
     lines += [
         f"[b]peak mem[/b]  {mib(view.peak_memory_bytes)}",
         f"[b]prompt[/b]    {view.prefill_tps:,.1f} tok/s",

@@ -27,12 +27,14 @@ from ..conversation import Conversation, KeptCache
 from ..documents import document_hash, read_document
 from ..errors import CKVError
 from ..gguf import cache_dir
-from ..memory import plan_prefill
-from ..methods import make_method
+from ..disk_cache import DiskFullCache
+from ..memory import mib, parse_size, plan_prefill
+from ..methods import METHODS, make_method
 from ..models import LoadedModel, load_model
 from ..profiles import resolve_profile
 from ..prompts import TRUNCATE_CHOICES, cut_to_fit, document_prefix, question_tokens
 from ..session import PREFILL_STEP, Session
+from ..store import CONVERSATIONS, DEFAULT_LIMIT_BYTES, StoreCorrupt, StoreWriter, open_store, prune, store_key, store_root
 from .events import (
     Answering, CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed,
     Saved, Status,
@@ -183,6 +185,7 @@ class ChatEngine:
             while (item := self._jobs.get()) is not None and self._run(*item):
                 pass
         finally:
+            self._end_conversation()
             mx.clear_streams()  # MLX must free this thread's streams itself, or exit aborts
 
     def _run(self, job, args) -> bool:
@@ -256,20 +259,38 @@ class ChatEngine:
                           else "a document over the model's context will be refused"))
 
     def _prefill(self, document: _Document, question: list[int] | None = None):
-        """Read ``document`` (and replay its turns) into a fresh cache. A document whose
+        """Read ``document`` (and replay its turns) into a fresh cache.
+
+        With the full cache on disk, a stored read of the same document is reused;
+        otherwise every row read is written to a new store. In memory, a document whose
         full cache exceeds the KV limit is read in chunks scored by ``question`` (or by
         the first turn's); with neither, reading waits for the first question."""
         session, self._phase = self._session, "prefilling"
         session.reset()
-        self._document = self._conversation = None
+        self._end_conversation()
         budget = self._budget_tokens(self.settings, len(document.prefix))
         working, note = plan_prefill(self._loaded.model, len(document.prefix), budget, self.settings.kv_limit, PREFILL_STEP)
-        if note and question is None and document.turns:
+        writer = None
+        if self._full_cache_on_disk():
+            key = store_key(self._loaded.identity, document.prefix, self._read_mode(working))
+            if (full := self._stored(key)) is not None:
+                self._emit(Notice(f"{document.path.name} was read before: its stored cache ({mib(full.nbytes)} on "
+                                  "disk) is used, nothing to read"))
+                session.take_over(full.empty_caches(session.region), full.store.queries())
+                return self._converse(document, budget, full)
+            writer = self._store_writer(key)
+        if note and writer is not None:
+            self._emit(Notice(f"{note}; every row goes to disk, so each question selects from the whole document"))
+        elif note and question is None and document.turns:
             self._emit(Notice(f"{note}, scored by the first question"))
         elif note and question is None:
             self._document = document
             return self._emit(Notice(f"{note}: it will be read with your first question, which chooses what to keep"))
-        question = question or (document.turns[0].question_tokens if document.turns else None)
+        if writer is None:
+            question = question or (document.turns[0].question_tokens if document.turns else None)
+        else:
+            question = None  # stored rows must not depend on a question, so that any can reuse them
+            session.keep_queries_for(self._all_methods())  # any method can be chosen later
         self._emit(Status(f"reading {document.path.name} into the cache"))
         start = time.perf_counter()
 
@@ -279,13 +300,75 @@ class ChatEngine:
             self._emit(Progress(done, total, done / max(time.perf_counter() - start, 1e-9)))
             self._maybe_view()
 
-        session.prefill(document.prefix, progress, working_budget=working, question=question)
-        self._conversation = Conversation(session, self.settings.policy, budget)
-        self._conversation.open(session.snapshot())
+        try:
+            session.prefill(document.prefix, progress, working_budget=working, question=question, store=writer)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        self._converse(document, budget, self._published(writer) if writer else None)
+
+    def _converse(self, document: _Document, budget: int | None, full: DiskFullCache | None):
+        """Start the conversation over the document just read, replaying its turns."""
+        self._conversation = Conversation(self._session, self.settings.policy, budget, full)
+        self._conversation.open(None if full else self._session.snapshot())
         for turn in document.turns:
             self._conversation.start(turn.question_tokens)
             self._conversation.finish(turn.answer_tokens)
         self._document = document
+
+    def _end_conversation(self):
+        """Drop the conversation, and its rows on disk (the document's store stays)."""
+        if self._conversation is not None and self._conversation.full_on_disk is not None:
+            self._conversation.full_on_disk.close()
+        self._document = self._conversation = None
+
+    def _full_cache_on_disk(self) -> bool:
+        return self.settings.policy == "per-question" and self.settings.full_cache == "disk"
+
+    def _store_root(self) -> Path:
+        return Path(self.settings.store_dir).expanduser() if self.settings.store_dir else store_root()
+
+    def _read_mode(self, working: int | None) -> dict:
+        """What, besides the model and the tokens, decides the stored rows: a bounded
+        read's rows depend on what its chunks kept."""
+        if working is None:
+            return {"read": "whole"}
+        return {"read": "bounded", "working_budget": working, "chunk": PREFILL_STEP,
+                "method": self._session.method.name, "profile": self._profile_name}
+
+    def _stored(self, key: str) -> DiskFullCache | None:
+        """The stored document ``key``, if there is a sound one (a damaged one is removed)."""
+        try:
+            store = open_store(self._store_root(), key)
+            return None if store is None else DiskFullCache(store, self._store_root() / CONVERSATIONS)
+        except StoreCorrupt as error:
+            self._emit(Notice(f"{error}; reading the document again"))
+        except CKVError as error:
+            self._emit(Notice(f"{error}; the full cache stays in memory meanwhile"))
+        return None
+
+    def _store_writer(self, key: str) -> StoreWriter | None:
+        try:
+            return StoreWriter(self._store_root(), key, len(self._session.caches))
+        except CKVError as error:
+            self._emit(Notice(f"{error}; the full cache stays in memory meanwhile"))
+            return None
+
+    def _published(self, writer: StoreWriter) -> DiskFullCache | None:
+        """The store just written, made visible; the least recently used beyond the
+        limit go. None (the full cache stays in memory) if the disk refuses."""
+        try:
+            store = writer.publish([a.window_state() for a in self._session.attentions])
+            limit = parse_size(self.settings.store_limit) if self.settings.store_limit else DEFAULT_LIMIT_BYTES
+            prune(self._store_root(), limit, keep=store.path.name)
+            return DiskFullCache(store, self._store_root() / CONVERSATIONS)
+        except CKVError as error:
+            self._emit(Notice(f"{error}; the full cache stays in memory meanwhile"))
+            return None
+
+    def _all_methods(self) -> list:
+        return [make_method(name, self._profile)[0] for name in METHODS]
 
     def _ask(self, question: str):
         document, session = self._document, self._session
@@ -333,7 +416,7 @@ class ChatEngine:
             self._session.method = method
             self.settings = settings
             return self._emit(Notice(f"method {method.name} at budget {budget} from the first question"))
-        if self._session.compressed:
+        if self._session.compressed and self._conversation.full_on_disk is None:
             self._pending = settings
             return self._emit(Notice(
                 f"the full cache was dropped (policy {settings.policy}): method {settings.method} at budget "
@@ -451,7 +534,8 @@ class ChatEngine:
             document_tokens=len(self._document.prefix) if self._document else 0,
             position=session.position, context_length=self._loaded.context_length,
             kept_bytes=kept.kv_bytes, held_bytes=session.kv_bytes + (conversation.held_bytes if conversation else 0),
-            full_bytes=session.full_bytes,
+            full_bytes=session.full_bytes, disk_bytes=conversation.disk_bytes if conversation else 0,
+            reselect_s=stats.reselect_s if conversation and conversation.full_on_disk else None,
             layer_tokens=kept.layer_tokens, compressed=kept.compressed,
             peak_memory_bytes=mx.get_peak_memory(), prefill_tps=stats.prefill_tps,
             decode_tps=stats.decode_tps,

@@ -23,6 +23,9 @@ class ChatSettings:
     kv_limit: str | None = None
     repetition_penalty: float | None = None  # mlx-lm's, over the answer's last 20 tokens; None: off
     truncate: str = "none"  # a document over the context: refused, or cut at the start, middle or end
+    full_cache: str = "disk"  # per-question keeps the full cache on disk (memory holds the selection) or in memory
+    store_dir: str | None = None  # where full caches on disk live; None: stores/ in the user cache folder
+    store_limit: str | None = None  # disk kept for them before the least recently used go; None: 20 GiB
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,8 @@ class Resumed:
 class CacheView:
     """The KV cache now, in plain numbers. ``kept_*``, ``layer_tokens`` and ``compressed``
     describe the cache an answer uses: the one in use, or under ``per-question`` the
-    compressed copy the last answer used; ``held_bytes`` is all KV memory held now."""
+    compressed copy the last answer used; ``held_bytes`` is all KV memory held now and
+    ``disk_bytes`` the full cache on disk, if it is there."""
 
     phase: str = "idle"
     model: str = ""
@@ -124,6 +128,8 @@ class CacheView:
     kept_bytes: int = 0
     held_bytes: int = 0
     full_bytes: int = 0
+    disk_bytes: int = 0  # the full cache on disk (document and conversation)
+    reselect_s: float | None = None  # how long the last selection from disk took
     layer_tokens: list[int] = field(default_factory=list)
     compressed: bool = False
     peak_memory_bytes: int = 0

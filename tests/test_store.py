@@ -1,0 +1,243 @@
+"""The document store on disk: exact rows, atomic publication, and nothing damaged,
+half-written or foreign ever used."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from ckv_mlx.disk_cache import DiskFullCache
+from ckv_mlx.errors import CKVError
+from ckv_mlx.methods import make_method
+from ckv_mlx.session import Session
+from ckv_mlx.store import (
+    CONVERSATIONS, MANIFEST, StoreCorrupt, StoreWriter, list_stores, open_store, prune, store_key,
+)
+from tiny import TinyTokenizer, mac_model, tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = list(range(1, 301))
+
+
+def read_into_store(root, dtype="float32", key="doc", tokens=DOC):
+    model = tiny_model("llama", layers=2) if dtype == "float32" else mac_model("llama", dtype, layers=2)
+    session = Session(model, TinyTokenizer(), make_method("snapkv")[0])
+    writer = StoreWriter(root, key, len(session.caches))
+    session.prefill(tokens, store=writer)
+    return session, writer
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_the_store_holds_every_row_of_the_full_cache_bit_for_bit(tmp_path, dtype):
+    session, writer = read_into_store(tmp_path, dtype)
+    store = writer.publish([a.window_state() for a in session.attentions])
+    full = DiskFullCache(store, tmp_path / CONVERSATIONS)
+    assert full.tokens == len(DOC)
+    bits = mx.uint16 if dtype != "float32" else mx.uint32
+    for layer, cache in enumerate(session.caches):
+        for stored, held in zip(full.layer(layer), cache.fetch()):
+            assert stored.dtype == held.dtype
+            assert np.array_equal(np.array(stored.view(bits)), np.array(held.view(bits)))
+    for stored, held in zip(store.queries(), session.attentions):
+        assert np.array_equal(np.array(stored.view(bits)), np.array(held.window_state().view(bits)))
+    assert store.nbytes == session.kv_rows_bytes
+
+
+def test_a_store_being_written_is_not_there_until_published(tmp_path):
+    session, writer = read_into_store(tmp_path)
+    assert open_store(tmp_path, "doc") is None and list_stores(tmp_path) == []
+    writer.publish([a.window_state() for a in session.attentions])
+    assert [s["key"] for s in list_stores(tmp_path)] == ["doc"]
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def published(tmp_path) -> Path:
+    session, writer = read_into_store(tmp_path)
+    return writer.publish([a.window_state() for a in session.attentions]).path
+
+
+def flip_a_byte(path: Path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def cut_short(path: Path):
+    os.truncate(path, path.stat().st_size - 1)
+
+
+@pytest.mark.parametrize("damage", [flip_a_byte, cut_short])
+@pytest.mark.parametrize("name", ["001.keys", "000.values", "queries.safetensors"])
+def test_a_damaged_store_is_detected_and_removed(tmp_path, damage, name):
+    path = published(tmp_path)
+    damage(path / name)
+    with pytest.raises(StoreCorrupt, match=f"damaged .*{name}.* has been removed"):
+        open_store(tmp_path, "doc")
+    assert not path.exists()
+    assert open_store(tmp_path, "doc") is None  # so the document is read again
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda m: m.update(format="ckv-store/0"), "format 'ckv-store/0'"),
+    (lambda m: m.update(key="another"), "format"),
+    (None, "manifest is unreadable"),
+])
+def test_a_store_of_another_format_or_a_broken_manifest_is_never_used(tmp_path, edit, why):
+    path = published(tmp_path)
+    if edit is None:
+        (path / MANIFEST).write_text('{"format": "ckv-st')
+    else:
+        manifest = json.loads((path / MANIFEST).read_text())
+        edit(manifest)
+        (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(StoreCorrupt, match=why):
+        open_store(tmp_path, "doc")
+    assert not path.exists()
+
+
+def test_the_key_changes_with_the_model_the_tokens_and_how_they_were_read():
+    base = store_key("model-a", DOC, {"read": "whole"})
+    assert base == store_key("model-a", list(DOC), {"read": "whole"})
+    assert len({base, store_key("model-b", DOC, {"read": "whole"}), store_key("model-a", DOC[:-1], {"read": "whole"}),
+                store_key("model-a", DOC, {"read": "bounded", "working_budget": 64})}) == 4
+
+
+def full_disk_writer(tmp_path):
+    """A writer whose first file is /dev/full: every write fails with the kernel's ENOSPC."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    writer = StoreWriter(tmp_path, "doc", 2)
+    (writer.folder / "000.keys").symlink_to("/dev/full")
+    return writer
+
+
+def test_a_full_disk_stops_the_store_not_the_reading(tmp_path):
+    model = tiny_model("llama", layers=2)
+    session = Session(model, TinyTokenizer(), make_method("snapkv")[0])
+    writer = full_disk_writer(tmp_path)
+    logits = session.prefill(DOC, store=writer)  # the document is still read into memory
+    assert session.caches[0].length == len(DOC) and logits.shape[-1] == 128
+    with pytest.raises(CKVError, match=r"^cannot write the full cache to .*: the disk is full; free some space"):
+        writer.publish([a.window_state() for a in session.attentions])
+    assert list(tmp_path.iterdir()) == []  # nothing half-written is left
+
+
+def test_a_full_tmpfs_is_reported_in_one_line(tmp_path):
+    """The same on a real 256 KiB file system, where this machine lets us mount one."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        session, writer = read_into_store(mount, tokens=list(range(1, 1001)))  # 1000 rows x 2 layers: 512 KiB
+        with pytest.raises(CKVError, match="the disk is full"):
+            writer.publish([a.window_state() for a in session.attentions])
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_an_unwritable_folder_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CKVError, match=r"^cannot write the full cache to .*file/stores: .*--store-dir"):
+        StoreWriter(tmp_path / "file" / "stores", "doc", 2)
+
+
+def test_the_second_of_two_writers_keeps_the_first_ones_store(tmp_path):
+    first, first_writer = read_into_store(tmp_path)
+    second, second_writer = read_into_store(tmp_path)
+    first_writer.publish([a.window_state() for a in first.attentions])
+    store = second_writer.publish([a.window_state() for a in second.attentions])
+    assert store.path == tmp_path / "doc" and store.tokens == len(DOC)
+    assert [p.name for p in tmp_path.iterdir()] == ["doc"]
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from ckv_mlx.methods import make_method
+    from ckv_mlx.session import Session
+    from ckv_mlx.store import StoreWriter, open_store
+    from tiny import TinyTokenizer, tiny_model
+    session = Session(tiny_model("llama", layers=2), TinyTokenizer(), make_method("snapkv")[0])
+    writer = StoreWriter({root!r}, "doc", 2)
+    session.prefill(list(range(1, 2001)), store=writer)
+    store = writer.publish([a.window_state() for a in session.attentions])
+    assert open_store({root!r}, "doc") is not None  # checked in full
+    print(store.tokens)
+""")
+
+
+def test_two_processes_reading_the_same_new_document_both_end_with_a_sound_store(tmp_path):
+    script = WRITER.format(tests=str(ROOT / "tests"), root=str(tmp_path))
+    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=300)[0].strip() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0] and outputs == ["2000", "2000"]
+    assert [p.name for p in tmp_path.iterdir()] == ["doc"]
+    assert open_store(tmp_path, "doc").tokens == 2000
+
+
+def test_least_recently_used_stores_go_past_the_limit(tmp_path):
+    for key in ("a", "b", "c"):
+        session, writer = read_into_store(tmp_path, key=key)
+        writer.publish([a.window_state() for a in session.attentions])
+    size = list_stores(tmp_path)[0]["bytes"]
+    os.utime(tmp_path / "a" / MANIFEST, (1, 1))  # a: used longest ago
+    open_store(tmp_path, "b")  # b: used last
+    assert prune(tmp_path, 2 * size + size // 2, keep="c") == ["a"]
+    assert [s["key"] for s in list_stores(tmp_path)] == ["b", "c"]
+
+
+def test_leftovers_of_dead_writers_are_cleared(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = dead.stdout.strip()
+    (tmp_path / f".tmp-doc-{pid}-abcd1234").mkdir()
+    (tmp_path / CONVERSATIONS / f"{pid}-abcd1234").mkdir(parents=True)
+    (tmp_path / f".tmp-doc-{os.getpid()}-abcd1234").mkdir()  # a live writer's: kept
+    prune(tmp_path, 2**30)
+    assert [p.name for p in tmp_path.glob(".tmp-*")] == [f".tmp-doc-{os.getpid()}-abcd1234"]
+    assert list((tmp_path / CONVERSATIONS).iterdir()) == []
+
+
+def test_an_interrupted_question_takes_its_rows_back_off_the_disk(tmp_path):
+    session, writer = read_into_store(tmp_path)
+    full = DiskFullCache(writer.publish([a.window_state() for a in session.attentions]), tmp_path / CONVERSATIONS)
+    session.forget_rows()
+    session.reselect([5, 6, 7], full, 32)
+    sizes = {p.name: p.stat().st_size for p in full.tail.folder.iterdir()}
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    session.attentions[1].tap = interrupt  # the second layer is interrupted after the first wrote its rows
+    with pytest.raises(KeyboardInterrupt):
+        session.reselect([8, 9], full, 32)
+    assert {p.name: p.stat().st_size for p in full.tail.folder.iterdir()} == sizes
+    assert full.tokens == len(DOC) + 3
+
+
+def test_a_full_disk_during_a_question_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
+    session, writer = read_into_store(tmp_path)
+    full = DiskFullCache(writer.publish([a.window_state() for a in session.attentions]), tmp_path / CONVERSATIONS)
+    session.forget_rows()
+    real_open = open
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        if "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk_open)
+    with pytest.raises(CKVError, match="^cannot write the full cache to .*the disk is full"):
+        session.reselect([5, 6, 7], full, 32)
+    monkeypatch.undo()
+    assert full.tokens == len(DOC)
+    session.reselect([5, 6, 7], full, 32)  # once there is room again
+    assert full.tokens == len(DOC) + 3
