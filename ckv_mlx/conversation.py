@@ -108,11 +108,10 @@ class Conversation:
         with the next question), keeping the answer's statistics and, in memory, a
         record of the compressed copy it used."""
         session = self.session
-        if self.full_on_disk is not None:
-            self._unread = answer
-            return
         fed = session.position - self._answer_start
-        if self.policy == "per-question" and self._full is not None:
+        if self.full_on_disk is not None:
+            self._unread = answer  # the selection the next question makes reads it against every row
+        elif self.policy == "per-question" and self._full is not None:
             self.last_answer = KeptCache.of(session)
             stats = session.stats
             session.restore(self._full)

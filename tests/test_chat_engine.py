@@ -316,7 +316,8 @@ def test_a_document_over_the_memory_limit_is_read_in_chunks_with_the_first_quest
     reads = []
     prefill = Session.prefill
     monkeypatch.setattr(Session, "prefill", lambda self, tokens, *a, **kw: reads.append(kw) or prefill(self, tokens, *a, **kw))
-    engine, recorder = start(ChatSettings(method="snapkv", budget="64", max_tokens=3, kv_limit="400KiB"))
+    settings = ChatSettings(method="snapkv", budget="64", max_tokens=3, kv_limit="400KiB", full_cache="memory")
+    engine, recorder = start(settings)
     try:
         engine.open(path)
         ready = recorder.wait(DocumentReady)[0]
@@ -341,7 +342,8 @@ def test_a_document_over_the_memory_limit_is_read_in_chunks_with_the_first_quest
 def test_per_question_panel_keeps_showing_what_the_last_answer_used(doc, tmp_path):
     """After the answer the full cache is back, but the panel shows the compressed copy
     the answer used (bytes, tokens per layer, decode speed) beside what is held."""
-    engine, recorder = start(ChatSettings(method="snapkv", budget="64", policy="per-question", max_tokens=5))
+    engine, recorder = start(ChatSettings(method="snapkv", budget="64", policy="per-question", max_tokens=5,
+                                          full_cache="memory"))
     try:
         engine.open(doc)
         engine.ask("Where are the orchards?")

@@ -1,0 +1,86 @@
+"""ckv-chat with the full cache on disk (the default): the same answers as with it in
+memory, reopening without reading, and every disk failure one line with the chat going on."""
+
+from __future__ import annotations
+
+from ckv_mlx.chat.events import CacheView, ChatSettings, DocumentReady, Notice, Progress, Reply
+from ckv_mlx.session import Session
+from ckv_mlx.store import list_stores
+from test_chat_engine import DOC, doc, start  # noqa: F401 (doc: a fixture)
+
+QUESTIONS = ("Where are the orchards?", "What fruit grows there?", "Which valley?")
+
+
+def chat(path, **settings) -> tuple[list[list[int]], object]:
+    """Ask the questions about ``path``; the answers' tokens and the recorder."""
+    engine, recorder = start(ChatSettings(method="snapkv", budget="48", max_tokens=6, **settings))
+    try:
+        engine.open(path)
+        for question in QUESTIONS:
+            engine.ask(question)
+        recorder.wait(Reply, len(QUESTIONS))
+        answers = [t.answer_tokens for t in engine._document.turns]
+    finally:
+        engine.close()
+    return answers, recorder
+
+
+def notices(recorder) -> str:
+    return "\n".join(n.text for n in recorder.of(Notice))
+
+
+def test_on_disk_the_chat_answers_as_with_the_full_cache_in_memory(doc, tmp_path):
+    in_memory, _ = chat(doc, full_cache="memory")
+    on_disk, recorder = chat(doc, store_dir=str(tmp_path / "stores"))
+    assert on_disk == in_memory and any(on_disk)
+    view = recorder.of(CacheView)[-1]
+    assert view.held_bytes == view.kept_bytes < view.full_bytes  # memory holds the selection only
+    row = 2 * 2 * 16 * 2 * 4  # one token: 2 layers x 2 KV heads x 16, keys and values, float32
+    assert view.disk_bytes == (view.position - len(on_disk[-1])) * row  # all but the last answer, read with the next question
+    assert view.reselect_s > 0
+    assert [s["tokens"] for s in list_stores(tmp_path / "stores")] == [recorder.of(DocumentReady)[0].tokens]
+
+
+def test_a_document_read_before_is_not_read_again(doc, tmp_path):
+    first, recorder = chat(doc, store_dir=str(tmp_path))
+    assert recorder.of(Progress)
+    again, recorder = chat(doc, store_dir=str(tmp_path))
+    assert again == first
+    assert not recorder.of(Progress) and "was read before: its stored cache" in notices(recorder)
+
+
+def test_a_damaged_store_is_removed_and_the_document_read_again(doc, tmp_path):
+    first, _ = chat(doc, store_dir=str(tmp_path))
+    (store,) = list_stores(tmp_path)
+    keys = store["path"] / "001.keys"
+    data = bytearray(keys.read_bytes())
+    data[100] ^= 0xFF
+    keys.write_bytes(bytes(data))
+    again, recorder = chat(doc, store_dir=str(tmp_path))
+    assert again == first and recorder.of(Progress)
+    assert "was damaged (001.keys fails its checksum) and has been removed; reading the document again" in notices(recorder)
+    assert len(list_stores(tmp_path)) == 1  # written anew
+
+
+def test_an_unwritable_store_folder_keeps_the_full_cache_in_memory(doc, tmp_path):
+    (tmp_path / "file").write_text("")
+    in_memory, _ = chat(doc, full_cache="memory")
+    answers, recorder = chat(doc, store_dir=str(tmp_path / "file" / "stores"))
+    assert answers == in_memory
+    assert "cannot write the full cache to" in notices(recorder) and "stays in memory meanwhile" in notices(recorder)
+    assert recorder.of(CacheView)[-1].disk_bytes == 0
+
+
+def test_on_disk_a_long_document_is_read_at_once_and_each_question_selects_from_all_of_it(tmp_path, monkeypatch):
+    path = tmp_path / "long.txt"
+    path.write_text(" ".join([DOC] * 8))
+    reads = []
+    prefill = Session.prefill
+    monkeypatch.setattr(Session, "prefill", lambda self, tokens, *a, **kw: reads.append(kw) or prefill(self, tokens, *a, **kw))
+    answers, recorder = chat(path, kv_limit="400KiB", store_dir=str(tmp_path / "stores"))
+    assert recorder.of(DocumentReady)[0].seconds is not None  # read on opening, with no question
+    assert len(reads) == 1 and reads[0]["question"] is None and reads[0]["working_budget"] > 0
+    assert "every row goes to disk, so each question selects from the whole document" in notices(recorder)
+    (store,) = list_stores(tmp_path / "stores")
+    assert store["tokens"] == recorder.of(DocumentReady)[0].tokens  # every row, not the working budget
+    assert all(view.held_bytes <= 400 * 1024 for view in recorder.of(CacheView))
