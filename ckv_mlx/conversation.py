@@ -102,6 +102,17 @@ class Conversation:
         self._queries = [a.window_state() for a in self.session.attentions]
         return logits
 
+    def disk_state(self) -> tuple[dict, dict[str, mx.array]]:
+        """What selecting from disk needs beyond the caches, to save: the last answer
+        not read yet (JSON-able) and the window queries of the last selection (arrays)."""
+        queries = {f"selection.{i}": q for i, q in enumerate(self._queries) if q is not None}
+        return {"unread": self._unread}, queries
+
+    def resume_disk_state(self, saved: dict, arrays: dict[str, mx.array]):
+        """Go on from what :meth:`disk_state` gave."""
+        self._unread = list(saved["unread"])
+        self._queries = [arrays.get(f"selection.{i}") for i in range(len(self.session.attentions))]
+
     def finish(self, answer: list[int]):
         """Make sure the whole answer is in the cache that the next question builds on:
         ``per-question`` goes back to its full cache and adds the answer there (on disk:

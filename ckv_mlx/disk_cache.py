@@ -52,16 +52,26 @@ class DiskFullCache:
     def layer(self, layer: int, room: int = 0) -> tuple[mx.array, mx.array]:
         """Every row of layer ``layer``, the document's then the conversation's, in
         buffers with ``room`` rows free at the end, ``[1, kv_heads, tokens + room, dim]``."""
-        sources = [f for f in (self.store.files(layer), self.tail.files(layer)) if f is not None]
-        buffers = []
-        for files in zip(*sources):  # the keys' files, then the values'
-            first = files[0]
-            buffer = mx.zeros((1, first.heads, self.tokens + room, first.dim), first.dtype)
-            at = 0
-            for file in files:
-                buffer, at = file.copy_into(buffer, at), at + file.rows
-            buffers.append(buffer)
-        return buffers[0], buffers[1]
+        return _read([self.store.files(layer), self.tail.files(layer)], room)
+
+    def tail_arrays(self) -> dict[str, mx.array]:
+        """The conversation's rows, to save: ``tail.{layer}.keys`` and ``.values``."""
+        arrays = {}
+        for layer in range(len(self.tail.shapes)):
+            if self.tail.files(layer) is not None:
+                keys, values = _read([self.tail.files(layer)])
+                arrays[f"tail.{layer}.keys"], arrays[f"tail.{layer}.values"] = keys, values
+        return arrays
+
+    def restore_tail(self, arrays: dict[str, mx.array]):
+        """Write back the conversation's rows that :meth:`tail_arrays` gave."""
+        rows = 0
+        for layer in range(len(self.tail.shapes)):
+            if f"tail.{layer}.keys" in arrays:
+                keys, values = arrays[f"tail.{layer}.keys"], arrays[f"tail.{layer}.values"]
+                self.tail.append_layer(layer, keys, values)
+                rows = keys.shape[2]
+        self.tail.advance(rows)
 
     def empty_caches(self, region: int | None = None) -> list[EvictingKVCache]:
         """Caches at the end of what is on disk that hold no rows (a session's state
@@ -96,6 +106,21 @@ class DiskFullCache:
     def close(self):
         """Remove the conversation's tail (the document's store stays)."""
         shutil.rmtree(self.tail.folder, ignore_errors=True)
+
+
+def _read(sources: list, room: int = 0) -> tuple[mx.array, mx.array]:
+    """The rows of ``sources`` (``(keys file, values file)`` pairs, or None) one after
+    the other, in buffers with ``room`` rows free at the end."""
+    sources = [pair for pair in sources if pair is not None]
+    buffers = []
+    for files in zip(*sources):  # the keys' files, then the values'
+        rows = sum(f.rows for f in files)
+        buffer = mx.zeros((1, files[0].heads, rows + room, files[0].dim), files[0].dtype)
+        at = 0
+        for file in files:
+            buffer, at = file.copy_into(buffer, at), at + file.rows
+        buffers.append(buffer)
+    return buffers[0], buffers[1]
 
 
 class StreamedLayer(_BaseCache):

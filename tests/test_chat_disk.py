@@ -3,7 +3,10 @@ memory, reopening without reading, and every disk failure one line with the chat
 
 from __future__ import annotations
 
-from ckv_mlx.chat.events import CacheView, ChatSettings, DocumentReady, Notice, Progress, Reply
+import shutil
+
+from ckv_mlx.cache import load_caches
+from ckv_mlx.chat.events import CacheView, ChatSettings, DocumentReady, Notice, Progress, Reply, Resumed, Saved
 from ckv_mlx.session import Session
 from ckv_mlx.store import list_stores
 from test_chat_engine import DOC, doc, start  # noqa: F401 (doc: a fixture)
@@ -84,3 +87,57 @@ def test_on_disk_a_long_document_is_read_at_once_and_each_question_selects_from_
     (store,) = list_stores(tmp_path / "stores")
     assert store["tokens"] == recorder.of(DocumentReady)[0].tokens  # every row, not the working budget
     assert all(view.held_bytes <= 400 * 1024 for view in recorder.of(CacheView))
+
+
+def test_a_saved_session_refers_to_the_store_carries_the_conversation_and_resumes_at_once(doc, tmp_path):
+    settings = ChatSettings(method="snapkv", budget="48", max_tokens=6, store_dir=str(tmp_path / "stores"))
+    engine, recorder = start(settings)
+    try:
+        engine.open(doc)
+        for question in QUESTIONS[:2]:
+            engine.ask(question)
+        recorder.wait(Reply, 2)
+        engine.save(tmp_path / "s.ckv")
+        recorder.wait(Saved)
+        engine.ask(QUESTIONS[2])
+        original = recorder.wait(Reply, 3)[2]
+    finally:
+        engine.close()
+    _, meta, arrays = load_caches(tmp_path / "s.ckv")
+    assert meta["full_cache"]["store"] == list_stores(tmp_path / "stores")[0]["key"]
+    assert {"tail.0.keys", "tail.1.values", "selection.0"} <= set(arrays)
+    engine, recorder = start(ChatSettings())
+    try:
+        engine.resume(tmp_path / "s.ckv")
+        recorder.wait(Resumed)
+        engine.ask(QUESTIONS[2])
+        again = recorder.wait(Reply)[0]
+    finally:
+        engine.close()
+    assert again == original and not recorder.of(Progress)  # nothing read again
+
+
+def test_a_session_whose_store_is_gone_reads_the_document_and_conversation_again(doc, tmp_path):
+    settings = ChatSettings(method="snapkv", budget="48", max_tokens=6, store_dir=str(tmp_path / "stores"))
+    engine, recorder = start(settings)
+    try:
+        engine.open(doc)
+        engine.ask(QUESTIONS[0])
+        recorder.wait(Reply)
+        engine.save(tmp_path / "s.ckv")
+        recorder.wait(Saved)
+        engine.ask(QUESTIONS[1])
+        original = recorder.wait(Reply, 2)[1]
+    finally:
+        engine.close()
+    shutil.rmtree(list_stores(tmp_path / "stores")[0]["path"])
+    engine, recorder = start(ChatSettings())
+    try:
+        engine.resume(tmp_path / "s.ckv")
+        recorder.wait(Resumed)
+        engine.ask(QUESTIONS[1])
+        again = recorder.wait(Reply)[0]
+    finally:
+        engine.close()
+    assert again == original and recorder.of(Progress)
+    assert "is gone (removed past the disk limit, or damaged): reading it and the conversation again" in notices(recorder)

@@ -337,11 +337,13 @@ class ChatEngine:
         return {"read": "bounded", "working_budget": working, "chunk": PREFILL_STEP,
                 "method": self._session.method.name, "profile": self._profile_name}
 
-    def _stored(self, key: str) -> DiskFullCache | None:
-        """The stored document ``key``, if there is a sound one (a damaged one is removed)."""
+    def _stored(self, key: str, root: Path | None = None) -> DiskFullCache | None:
+        """The stored document ``key`` (under ``root``, default the store folder), if
+        there is a sound one (a damaged one is removed)."""
+        root = root or self._store_root()
         try:
-            store = open_store(self._store_root(), key)
-            return None if store is None else DiskFullCache(store, self._store_root() / CONVERSATIONS)
+            store = open_store(root, key)
+            return None if store is None else DiskFullCache(store, root / CONVERSATIONS)
         except StoreCorrupt as error:
             self._emit(Notice(f"{error}; reading the document again"))
         except CKVError as error:
@@ -474,6 +476,12 @@ class ChatEngine:
             "conversation_turns": self._conversation.turns, "prefill_s": session.stats.prefill_s,
             "kv_bytes_full": session.stats.kv_bytes_full, "prompt_tokens": session.stats.prompt_tokens,
         }
+        full = self._conversation.full_on_disk
+        if full is not None:  # the document's store is referred to; the conversation's rows are carried
+            selection, arrays = self._conversation.disk_state()
+            metadata["full_cache"] = {**selection, "store": full.store.path.name, "store_dir": str(full.store.path.parent)}
+            queries.update(arrays)
+            queries.update(full.tail_arrays())
         save_caches(path, session.caches, metadata, queries)
         self._emit(Saved(str(path)))
 
@@ -491,24 +499,43 @@ class ChatEngine:
         if document_hash(text) != metadata["document_hash"]:
             raise CKVError(f"{path}: {document} has changed since the session was saved; "
                            f"open it anew with --doc {document}")
+        on_disk = metadata.get("full_cache")
         self.settings = ChatSettings(**metadata["settings"])
+        if self._full_cache_on_disk() and not on_disk:  # saved with it in memory, or before it could be on disk
+            self.settings = replace(self.settings, full_cache="memory")
         self._ensure_model(metadata["model"])
         session = self._session
-        if len(caches) != len(session.caches):
-            raise CKVError(f"{path}: the cache has {len(caches)} layers, the model {len(session.caches)}")
-        session.reset()
-        session.caches = caches
-        for i, attention in enumerate(session.attentions):
-            attention.restore_window_state(queries[f"window.{i}"])
+        try:
+            session.take_over(caches, [queries[f"window.{i}"] for i in range(len(caches))])
+        except CKVError as error:
+            raise CKVError(f"{path}: {error}") from None
         stats = session.stats
         stats.prefill_s, stats.prompt_tokens = metadata["prefill_s"], metadata["prompt_tokens"]
         stats.kv_bytes_full = metadata["kv_bytes_full"]
         turns = [_Turn(**t) for t in metadata["turns"]]
-        self._document = replace(self._fitted(document, text), turns=turns)
-        budget = self._budget_tokens(self.settings, len(self._document.prefix))
-        self._conversation = Conversation(session, self.settings.policy, budget)
-        self._conversation.turns = metadata["conversation_turns"]
-        self._emit(Resumed(self.settings, str(document), self._document.pairs))
+        document = replace(self._fitted(document, text), turns=turns)
+        budget = self._budget_tokens(self.settings, len(document.prefix))
+        full = self._resumed_full_cache(on_disk, queries) if on_disk else None
+        if on_disk and full is None:
+            self._emit(Notice(f"the stored cache of {document.path.name} is gone (removed past the disk limit, or "
+                              "damaged): reading it and the conversation again"))
+            self._prefill(document)
+        else:
+            self._conversation = Conversation(session, self.settings.policy, budget, full)
+            self._conversation.turns = metadata["conversation_turns"]
+            if full is not None:
+                self._conversation.resume_disk_state(on_disk, queries)
+            self._document = document
+        self._emit(Resumed(self.settings, str(document.path), document.pairs))
+
+    def _resumed_full_cache(self, saved: dict, arrays: dict) -> DiskFullCache | None:
+        """The saved session's full cache on disk: the document's store it refers to, and
+        the conversation's rows it carries; None when the store is gone."""
+        root = Path(saved["store_dir"])
+        full = self._stored(saved["store"], root)
+        if full is not None:
+            full.restore_tail(arrays)
+        return full
 
     def _maybe_view(self, force: bool = False):
         now = time.perf_counter()
