@@ -241,3 +241,20 @@ def test_a_full_disk_during_a_question_is_one_line_and_loses_nothing(tmp_path, m
     assert full.tokens == len(DOC)
     session.reselect([5, 6, 7], full, 32)  # once there is room again
     assert full.tokens == len(DOC) + 3
+
+
+def test_the_stores_cli_lists_prunes_and_clears(tmp_path, capsys):
+    from ckv_mlx.stores import main
+
+    for key in ("a", "b"):
+        session, writer = read_into_store(tmp_path, key=key)
+        writer.publish([a.window_state() for a in session.attentions])
+    assert main(["--dir", str(tmp_path)]) == 0
+    listed = capsys.readouterr().out
+    assert listed.startswith(f"2 stores in {tmp_path}") and "      300 tokens" in listed
+    assert main(["--dir", str(tmp_path), "clear", "nope"]) == 2
+    assert "no store nope" in capsys.readouterr().err
+    assert main(["--dir", str(tmp_path), "prune", "--limit", "1KiB"]) == 0 and len(list_stores(tmp_path)) == 0
+    session, writer = read_into_store(tmp_path, key="c")
+    writer.publish([a.window_state() for a in session.attentions])
+    assert main(["--dir", str(tmp_path), "clear", "c"]) == 0 and list_stores(tmp_path) == []

@@ -36,6 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 512MiB (default: 75%% of a Mac GPU's recommended "
                    "working set, or of MLX's memory limit on a CPU, less the weights); a document whose full cache "
                    "exceeds it is read in chunks that compress as they go")
+    p.add_argument("--full-cache", choices=("disk", "memory"), default="disk", help="where per-question keeps the "
+                   "document's full cache: on disk, memory holding only what each question selects (default), or in memory")
+    p.add_argument("--store-dir", help="where full caches on disk live (default: $CKV_STORE_DIR, else "
+                   "stores/ in $XDG_CACHE_HOME/ckv-mlx); a document read before is not read again")
+    p.add_argument("--store-limit", help="disk for stored full caches before the least recently used go (default 20GiB)")
     p.add_argument("--resume", type=Path, help="a session saved with Ctrl+S: restore it without a new prefill")
     p.add_argument("--session", type=Path, help="where Ctrl+S saves the session (default: DOC.ckv here)")
     return p.parse_args(argv)
@@ -55,6 +60,7 @@ def main(argv=None) -> int:
 
     try:
         args.kv_limit and parse_size(args.kv_limit)
+        args.store_limit and parse_size(args.store_limit)
     except CKVError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -65,7 +71,8 @@ def main(argv=None) -> int:
 
     settings = ChatSettings(model=args.model, precision=args.precision, profile=args.profile, method=args.method,
                             budget=args.budget, policy=args.policy, max_tokens=args.max_tokens, kv_limit=args.kv_limit,
-                            repetition_penalty=args.repetition_penalty, truncate=args.truncate)
+                            repetition_penalty=args.repetition_penalty, truncate=args.truncate,
+                            full_cache=args.full_cache, store_dir=args.store_dir, store_limit=args.store_limit)
     app = ChatApp(lambda emit: ChatEngine(settings, emit), settings, doc=args.doc, resume=args.resume,
                   session=args.session)
     with quiet_libraries(log_path()):  # nothing but Textual may write to the terminal
