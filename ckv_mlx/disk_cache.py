@@ -23,7 +23,11 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import _BaseCache
 
 from .cache import EvictingKVCache
-from .store import LayerRows, Store, disk_error
+from .errors import CKVError
+from .memory import mib
+from .store import (
+    CONVERSATIONS, DEFAULT_LIMIT_BYTES, LayerRows, Store, StoreCorrupt, StoreWriter, disk_error, open_store, prune,
+)
 
 Keep = Callable[[int, mx.array, mx.array], None]
 
@@ -146,3 +150,49 @@ class StreamedLayer(_BaseCache):
         if window_size is not None or return_array:
             return create_causal_mask(n, self.offset, window_size=window_size)
         return "causal" if n > 1 else None
+
+
+def stored_full_cache(root: Path, key: str, notify: Callable[[str], None]) -> DiskFullCache | None:
+    """The stored document ``key`` under ``root`` if there is a sound one; a damaged one
+    is removed, and that (or a folder that refuses the conversation's rows) is told."""
+    try:
+        store = open_store(root, key)
+        return None if store is None else DiskFullCache(store, root / CONVERSATIONS)
+    except StoreCorrupt as error:
+        notify(f"{error}; reading the document again")
+    except CKVError as error:
+        notify(f"{error}; the full cache stays in memory meanwhile")
+    return None
+
+
+def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[StoreWriter | None], None],
+                  notify: Callable[[str], None], limit_bytes: int = DEFAULT_LIMIT_BYTES) -> DiskFullCache | None:
+    """The full cache on disk of the document ``name`` for ``session``: the stored one
+    when there is one (the session then stands at its end, nothing read), else what
+    ``read(writer)`` reads into ``session``, stored as it goes. When the disk refuses,
+    ``read`` still runs (told why), without a store: None, the full cache in memory."""
+    full = stored_full_cache(root, key, notify)
+    if full is not None:
+        notify(f"{name} was read before: its stored cache ({mib(full.nbytes)} on disk) is used, nothing to read")
+        session.take_over(full.empty_caches(session.region), full.store.queries())
+        return full
+    try:
+        writer = StoreWriter(root, key, len(session.caches))
+    except CKVError as error:
+        notify(f"{error}; the full cache stays in memory meanwhile")
+        writer = None
+    try:
+        read(writer)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is None:
+        return None
+    try:
+        store = writer.publish([a.window_state() for a in session.attentions])
+        prune(root, limit_bytes, keep=store.path.name)
+        return DiskFullCache(store, root / CONVERSATIONS)
+    except CKVError as error:
+        notify(f"{error}; the full cache stays in memory meanwhile")
+        return None

@@ -27,14 +27,14 @@ from ..conversation import Conversation, KeptCache
 from ..documents import document_hash, read_document
 from ..errors import CKVError
 from ..gguf import cache_dir
-from ..disk_cache import DiskFullCache
+from ..disk_cache import DiskFullCache, read_or_reuse, stored_full_cache
 from ..memory import mib, parse_size, plan_prefill
 from ..methods import METHODS, make_method
 from ..models import LoadedModel, load_model
 from ..profiles import resolve_profile
 from ..prompts import TRUNCATE_CHOICES, cut_to_fit, document_prefix, question_tokens
 from ..session import PREFILL_STEP, Session
-from ..store import CONVERSATIONS, DEFAULT_LIMIT_BYTES, StoreCorrupt, StoreWriter, open_store, prune, store_key, store_root
+from ..store import DEFAULT_LIMIT_BYTES, StoreWriter, store_key, store_root
 from .events import (
     Answering, CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed,
     Saved, Status,
@@ -270,27 +270,31 @@ class ChatEngine:
         self._end_conversation()
         budget = self._budget_tokens(self.settings, len(document.prefix))
         working, note = plan_prefill(self._loaded.model, len(document.prefix), budget, self.settings.kv_limit, PREFILL_STEP)
-        writer = None
         if self._full_cache_on_disk():
+            if note:
+                self._emit(Notice(f"{note}; every row goes to disk, so each question selects from the whole document"))
             key = store_key(self._loaded.identity, document.prefix, self._read_mode(working))
-            if (full := self._stored(key)) is not None:
-                self._emit(Notice(f"{document.path.name} was read before: its stored cache ({mib(full.nbytes)} on "
-                                  "disk) is used, nothing to read"))
-                session.take_over(full.empty_caches(session.region), full.store.queries())
-                return self._converse(document, budget, full)
-            writer = self._store_writer(key)
-        if note and writer is not None:
-            self._emit(Notice(f"{note}; every row goes to disk, so each question selects from the whole document"))
-        elif note and question is None and document.turns:
+            limit = parse_size(self.settings.store_limit) if self.settings.store_limit else DEFAULT_LIMIT_BYTES
+            full = read_or_reuse(session, self._store_root(), key, document.path.name,
+                                 lambda writer: self._read(document, working, None, writer),
+                                 lambda text: self._emit(Notice(text)), limit)
+            return self._converse(document, budget, full)
+        if note and question is None and document.turns:
             self._emit(Notice(f"{note}, scored by the first question"))
         elif note and question is None:
             self._document = document
             return self._emit(Notice(f"{note}: it will be read with your first question, which chooses what to keep"))
-        if writer is None:
-            question = question or (document.turns[0].question_tokens if document.turns else None)
-        else:
-            question = None  # stored rows must not depend on a question, so that any can reuse them
-            session.keep_queries_for(self._all_methods())  # any method can be chosen later
+        self._read(document, working, question or (document.turns[0].question_tokens if document.turns else None))
+        self._converse(document, budget, None)
+
+    def _read(self, document: _Document, working: int | None, question: list[int] | None,
+              store: StoreWriter | None = None):
+        """Prefill the document, showing progress; into ``store`` too when given (then
+        no question scores the chunks, so that the stored rows suit any question, and
+        queries are kept for any method's window)."""
+        session = self._session
+        if store is not None:
+            session.keep_queries_for([make_method(name, self._profile)[0] for name in METHODS])
         self._emit(Status(f"reading {document.path.name} into the cache"))
         start = time.perf_counter()
 
@@ -300,13 +304,7 @@ class ChatEngine:
             self._emit(Progress(done, total, done / max(time.perf_counter() - start, 1e-9)))
             self._maybe_view()
 
-        try:
-            session.prefill(document.prefix, progress, working_budget=working, question=question, store=writer)
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            raise
-        self._converse(document, budget, self._published(writer) if writer else None)
+        session.prefill(document.prefix, progress, working_budget=working, question=question, store=store)
 
     def _converse(self, document: _Document, budget: int | None, full: DiskFullCache | None):
         """Start the conversation over the document just read, replaying its turns."""
@@ -336,41 +334,6 @@ class ChatEngine:
             return {"read": "whole"}
         return {"read": "bounded", "working_budget": working, "chunk": PREFILL_STEP,
                 "method": self._session.method.name, "profile": self._profile_name}
-
-    def _stored(self, key: str, root: Path | None = None) -> DiskFullCache | None:
-        """The stored document ``key`` (under ``root``, default the store folder), if
-        there is a sound one (a damaged one is removed)."""
-        root = root or self._store_root()
-        try:
-            store = open_store(root, key)
-            return None if store is None else DiskFullCache(store, root / CONVERSATIONS)
-        except StoreCorrupt as error:
-            self._emit(Notice(f"{error}; reading the document again"))
-        except CKVError as error:
-            self._emit(Notice(f"{error}; the full cache stays in memory meanwhile"))
-        return None
-
-    def _store_writer(self, key: str) -> StoreWriter | None:
-        try:
-            return StoreWriter(self._store_root(), key, len(self._session.caches))
-        except CKVError as error:
-            self._emit(Notice(f"{error}; the full cache stays in memory meanwhile"))
-            return None
-
-    def _published(self, writer: StoreWriter) -> DiskFullCache | None:
-        """The store just written, made visible; the least recently used beyond the
-        limit go. None (the full cache stays in memory) if the disk refuses."""
-        try:
-            store = writer.publish([a.window_state() for a in self._session.attentions])
-            limit = parse_size(self.settings.store_limit) if self.settings.store_limit else DEFAULT_LIMIT_BYTES
-            prune(self._store_root(), limit, keep=store.path.name)
-            return DiskFullCache(store, self._store_root() / CONVERSATIONS)
-        except CKVError as error:
-            self._emit(Notice(f"{error}; the full cache stays in memory meanwhile"))
-            return None
-
-    def _all_methods(self) -> list:
-        return [make_method(name, self._profile)[0] for name in METHODS]
 
     def _ask(self, question: str):
         document, session = self._document, self._session
@@ -531,8 +494,7 @@ class ChatEngine:
     def _resumed_full_cache(self, saved: dict, arrays: dict) -> DiskFullCache | None:
         """The saved session's full cache on disk: the document's store it refers to, and
         the conversation's rows it carries; None when the store is gone."""
-        root = Path(saved["store_dir"])
-        full = self._stored(saved["store"], root)
+        full = stored_full_cache(Path(saved["store_dir"]), saved["store"], lambda text: self._emit(Notice(text)))
         if full is not None:
             full.restore_tail(arrays)
         return full
