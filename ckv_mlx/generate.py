@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from .blas import ensure_fast_blas, warn_if_slow_blas
@@ -45,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "working set, or of MLX's memory limit on a CPU, less the weights); a prompt whose full cache "
                    "exceeds it is read in chunks that compress as they go")
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_STEP, help=f"tokens per prefill chunk (default {PREFILL_STEP})")
+    p.add_argument("--store-dir", help="where documents' full caches are stored on disk (default: $CKV_STORE_DIR, "
+                   "else stores/ in $XDG_CACHE_HOME/ckv-mlx): a document read before is not read again")
+    p.add_argument("--no-store", action="store_true", help="neither reuse nor store the document's full cache on disk")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
     return p.parse_args(argv)
 
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from .methods import make_method
     from .models import load_model
     from .profiles import resolve_profile
-    from .prompts import prompt_tokens, question_tail
+    from .prompts import document_prefix, prompt_tokens, question_tail
     from .session import Session
 
     if args.max_tokens < 1:
@@ -100,10 +104,15 @@ def run(args: argparse.Namespace) -> int:
     for note in notes + method_notes + [memory_note] * bool(memory_note):
         print(f"note: {note}", file=sys.stderr)
 
-    progress = _progress if sys.stderr.isatty() else None
-    question = question_tail(loaded.tokenizer, tokens, args.prompt or DEFAULT_PROMPT, args.raw) if working else None
-    logits = session.prefill(tokens, progress, working_budget=working, chunk=args.prefill_chunk, question=question)
-    session.compress(budget)
+    stores = document and method.compresses and not args.no_store  # a full cache in memory needs no store
+    prefix = document_prefix(loaded.tokenizer, document, args.raw) if stores else []
+    if prefix and tokens[: len(prefix)] == prefix and len(tokens) > len(prefix):
+        logits = _via_store(session, loaded, args, tokens, len(prefix), budget, working)
+    else:
+        progress = _progress if sys.stderr.isatty() else None
+        question = question_tail(loaded.tokenizer, tokens, args.prompt or DEFAULT_PROMPT, args.raw) if working else None
+        logits = session.prefill(tokens, progress, working_budget=working, chunk=args.prefill_chunk, question=question)
+        session.compress(budget)
     text, interrupted = _stream(session, logits, loaded.tokenizer, args)
     report = _report(session, loaded, args, budget, profile_path, text, interrupted)
     out = sys.stderr if args.json else sys.stdout
@@ -111,6 +120,41 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
     return 130 if interrupted else 0
+
+
+def _via_store(session, loaded, args, tokens: list[int], split: int, budget, working):
+    """Prompt logits with the document's full cache on disk: reused when stored, else
+    read and stored; then the question selects from every row (as compressing the
+    whole prompt in memory would)."""
+    from .disk_cache import read_or_reuse
+    from .store import store_key, store_root
+
+    document, question = tokens[:split], tokens[split:]
+    mode = {"read": "whole"} if working is None else {
+        "read": "bounded", "working_budget": working, "chunk": args.prefill_chunk, "method": session.method.name,
+        "profile": str(args.profile) if args.profile else None}
+    root = Path(args.store_dir).expanduser() if args.store_dir else store_root()
+    progress = _progress if sys.stderr.isatty() else None
+    read_now = []
+
+    def read(writer):
+        read_now.append(True)
+        session.prefill(document, progress, working_budget=working, chunk=args.prefill_chunk, store=writer)
+
+    start = time.perf_counter()
+    full = read_or_reuse(session, root, store_key(loaded.identity, document, mode), "the document", read,
+                         lambda text: print(f"note: {text}", file=sys.stderr))
+    if full is None:  # the disk refused: the document is in memory
+        logits = session.feed(question)
+        session.compress(budget)
+    else:
+        session.forget_rows()
+        logits = session.reselect(question, full, budget)
+        full.close()
+        session.stats.disk_bytes, session.stats.store_reused = full.store.nbytes, not read_now
+    stats = session.stats
+    stats.prefill_s, stats.prompt_tokens, stats.kv_bytes_full = time.perf_counter() - start, len(tokens), session.full_bytes
+    return logits
 
 
 def _progress(done: int, total: int):
@@ -158,6 +202,8 @@ def _report(session, loaded, args, budget, profile_path, text, interrupted) -> d
         "decode_tps": s.decode_tps,
         "compress_s": s.compress_s,
         "peak_memory_bytes": s.peak_memory_bytes,
+        "disk_bytes": s.disk_bytes,
+        "store_reused": s.store_reused,
         "profile": str(profile_path) if profile_path is not None else None,
         "interrupted": interrupted,
     }
@@ -173,6 +219,9 @@ def _summary(r: dict) -> str:
         + (f" ({100 * r['kv_ratio']:.1f} %; rows holding tokens {r['kv_rows_kept'] / mib:.2f} MiB)"
            if r["kv_ratio"] is not None else ""),
     ]
+    if r["disk_bytes"]:
+        lines.append(f"full cache       {r['disk_bytes'] / mib:.2f} MiB on disk"
+                     + (" (stored before: nothing read)" if r["store_reused"] else " (stored for next time)"))
     if r["working_budget"]:
         lines.append(f"prefill cache    at most {r['peak_kv_bytes'] / mib:.2f} MiB (chunked, {r['working_budget']} tokens per layer between chunks)")
     if r["layer_budgets"]:

@@ -40,10 +40,10 @@ def chat_messages(document: str, turns: list[tuple[str, str]], question: str) ->
     return messages
 
 
-def document_prefix(tokenizer, document: str) -> list[int]:
-    """The chat-prompt tokens that every first question about ``document`` starts with:
-    what to prefill before any question is known."""
-    a, b = (render(tokenizer, document, q, raw=False) for q in ("A?", "B?"))
+def document_prefix(tokenizer, document: str, raw: bool = False) -> list[int]:
+    """The prompt tokens that every first question about ``document`` starts with:
+    what to prefill before any question is known (and what a stored cache holds)."""
+    a, b = (render(tokenizer, document, q, raw) for q in ("A?", "B?"))
     return a[: _shared(a, b)]
 
 

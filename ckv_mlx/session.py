@@ -41,6 +41,8 @@ class Stats:
     peak_kv_bytes: int = 0
     working_budget: int | None = None
     reselect_s: float = 0.0  # the last re-selection from the full cache on disk
+    disk_bytes: int = 0  # the full cache on disk, when it is there
+    store_reused: bool = False  # the document's stored cache was used: nothing read
 
     @property
     def prefill_tps(self) -> float:

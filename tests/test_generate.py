@@ -7,7 +7,8 @@ import pytest
 from ckv_mlx.errors import CKVError
 from ckv_mlx.generate import main
 from ckv_mlx.models import load_model
-from ckv_mlx.prompts import prompt_tokens, question_tail, render
+from ckv_mlx.prompts import document_prefix, prompt_tokens, question_tail, render
+from ckv_mlx.store import list_stores
 from reference_data import reference_file
 
 DOC = "Mara keeps bees on the roof of the old mill. The mill stands by the river Lune. " * 12
@@ -254,3 +255,24 @@ def test_split_prompt_shares_the_document_prefix(tokenizer, raw):
     assert prefix + question == render(tokenizer, DOC, "Where does Mara keep bees?", raw)
     other, _ = split_prompt(tokenizer, DOC, "What river?", raw)
     assert prefix == other and len(prefix) > 100 and question
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_document_read_before_is_not_read_again_and_answers_the_same(tmp_path, capsys, doc, tokenizer, raw):
+    stores = tmp_path / "stores"
+    prompt = "Question: Where does Mara keep bees? Answer: Mara keeps bees" if raw else "Where does Mara keep bees?"
+    args = ["--doc", doc, "--prompt", prompt, "--method", "snapkv", "--budget", "64",
+            "--max-tokens", "8", "--json", "--store-dir", stores] + ["--raw"] * raw
+    reports, notes = [], []
+    for extra in ([], [], ["--no-store"]):
+        code, out, err = run(capsys, *args, *extra)
+        assert code == 0
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+        notes.append(err)
+    first, again, in_memory = reports
+    assert not first["store_reused"] and again["store_reused"]
+    assert "note: the document was read before: its stored cache" in notes[1] and "read before" not in notes[0]
+    assert first["disk_bytes"] == again["disk_bytes"] == len(document_prefix(tokenizer, DOC, raw)) * ROW
+    assert first["text"] == again["text"] == in_memory["text"] and first["text"]
+    assert first["kv_bytes_kept"] == again["kv_bytes_kept"] == in_memory["kv_bytes_kept"]
+    assert in_memory["disk_bytes"] == 0 and len(list_stores(stores)) == 1
