@@ -51,6 +51,7 @@ class Conversation:
         self._unread: list[int] = []  # on disk: the last answer, read with the next question
         self._queries: list | None = None  # on disk: the window queries of the last selection
         self.last_answer: KeptCache | None = None  # in memory: the copy the last answer used
+        self.kv_ram_bytes = 0  # KV in memory for the last question: selection + full cache set aside (+ one layer read)
 
     @property
     def held_bytes(self) -> int:
@@ -87,6 +88,7 @@ class Conversation:
         elif self.policy == "first-question" and self.turns == 0:
             session.compress(self.budget)
         self.turns += 1
+        self.kv_ram_bytes = session.kv_bytes + self.held_bytes + (self.full_on_disk.layer_bytes if self.full_on_disk else 0)
         self._answer_start = session.position
         session.stats.generated_tokens, session.stats.decode_s = 0, 0.0  # decode figures are this answer's
         return logits
@@ -97,6 +99,7 @@ class Conversation:
         selection, as if the answer had been read into the full cache (as in memory)."""
         for attention, queries in zip(self.session.attentions, self._queries):
             attention.restore_window_state(queries)
+        self.session.forget_rows()  # the last selection goes first: it is all on disk
         logits = self.session.reselect(self._unread + question, self.full_on_disk, self.budget)
         self._unread = []
         self._queries = [a.window_state() for a in self.session.attentions]

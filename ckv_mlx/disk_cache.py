@@ -53,6 +53,12 @@ class DiskFullCache:
         """Bytes on disk: the document's store and the conversation's tail."""
         return self.store.nbytes + self.tail.nbytes
 
+    @property
+    def layer_bytes(self) -> int:
+        """Bytes of the largest layer's rows: what a selection holds of the full cache."""
+        return max(sum(f.rows * f.heads * f.dim * f.dtype.size for pair in (self.store.files(layer), self.tail.files(layer))
+                       if pair for f in pair) for layer in range(len(self.tail.shapes)))
+
     def layer(self, layer: int, room: int = 0) -> tuple[mx.array, mx.array]:
         """Every row of layer ``layer``, the document's then the conversation's, in
         buffers with ``room`` rows free at the end, ``[1, kv_heads, tokens + room, dim]``."""

@@ -30,8 +30,20 @@ def test_every_setting_has_a_record(evaluated):
     # 2 samples x 2 modes x (full + 2 methods x 2 budgets)
     assert len(single) == 2 * 2 * 5
     follow = [r for r in records if r["task"] == "followup"]
-    assert len(follow) == 3 * 5 * 2  # policies x settings x turns
-    assert {r["policy"] for r in follow} == {"first-question", "agnostic", "per-question"}
+    assert len(follow) == 4 * 5 * 2  # policies x settings x turns
+    assert {r["policy"] for r in follow} == {"first-question", "agnostic", "per-question", "per-question-disk"}
+
+
+def test_on_disk_follow_ups_answer_as_in_memory_holding_less(evaluated):
+    _, _, records = evaluated
+    follow = {(r["method"], r["budget"], r["turn"], r["policy"]): r for r in records if r["task"] == "followup"}
+    for (method, budget, turn, policy), disk in follow.items():
+        if policy != "per-question-disk":
+            continue
+        memory = follow[(method, budget, turn, "per-question")]
+        assert disk["answer"] == memory["answer"]
+        if method != "full":
+            assert disk["kv_ram_bytes"] < memory["kv_ram_bytes"]
 
 
 def test_full_answer_is_plain_mlx_lm_greedy(evaluated, default_model):

@@ -35,9 +35,8 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from ..conversation import POLICIES
     from ..methods import METHODS
-    from .harness import MODES
+    from .harness import FOLLOWUP_POLICIES, MODES
 
     p = argparse.ArgumentParser(prog="python -m ckv_mlx.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="mlx-lm model folder or hub id (default: built-in SmolLM2-135M-Instruct)")
@@ -53,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", type=_list, default=list(METHODS), help="comma-separated (default: all)")
     p.add_argument("--budgets", type=_list, default=DEFAULT_BUDGETS, help="tokens per layer or %% of the prompt (default 32,64,128,256)")
     p.add_argument("--modes", type=_list, default=list(MODES), help="query-aware, query-agnostic (default both)")
-    p.add_argument("--policies", type=_list, default=list(POLICIES), help="multi-turn policies for followup (default all)")
+    p.add_argument("--policies", type=_list, default=list(FOLLOWUP_POLICIES),
+                   help="multi-turn policies for followup (default all; per-question-disk: per-question with the full cache on disk)")
     p.add_argument("--max-tokens", type=int, default=12, help="answer tokens (default 12; answers stop at a newline)")
     p.add_argument("--working-budget", type=int, help="read each document in chunks that compress as they go, keeping "
                    "this many tokens per layer between chunks (the bounded-memory prefill); default: full prefill")
@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
     p.add_argument("--restart", action="store_true", help="discard earlier records in OUT and start over")
     args = p.parse_args(argv)
-    _check(args, METHODS, MODES, POLICIES)
+    _check(args, METHODS, MODES, FOLLOWUP_POLICIES)
     return args
 
 

@@ -8,18 +8,24 @@ compressed cache: top-1 agreement and mean KL(full || method) per answer token.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import mlx.core as mx
 
 from ..budgets import parse_budget
-from ..conversation import Conversation, answer_line
+from ..conversation import POLICIES, Conversation, answer_line
+from ..disk_cache import DiskFullCache
 from ..methods import Method
 from ..session import PREFILL_STEP, Session
+from ..store import CONVERSATIONS, StoreWriter
 from .tasks import EvalSample
 
 MODES = {"query-aware": "first-question", "query-agnostic": "agnostic"}
+DISK_POLICY = "per-question-disk"  # per-question with the full cache on disk
+FOLLOWUP_POLICIES = (*POLICIES, DISK_POLICY)
 
 
 @dataclass(frozen=True)
@@ -149,14 +155,38 @@ class Harness:
             return
         session.keep_queries_for([s.method for s in settings])
         document = self._prefill(sample)
-        for policy, setting in todo:
-            key = f"{sample.key}/{setting.key(policy)}"
-            budget = self._budget(sample, setting)
-            session.method = setting.method
-            conversation = Conversation(session, policy, budget)
+        with tempfile.TemporaryDirectory(prefix="ckv-eval-") as root:
+            store = _stored(document, Path(root)) if DISK_POLICY in policies else None
+            for policy, setting in todo:
+                key = f"{sample.key}/{setting.key(policy)}"
+                budget = self._budget(sample, setting)
+                session.method = setting.method
+                conversation = self._conversation(policy, budget, document, store, Path(root))
+                for turn, (question, scorer) in enumerate(zip(sample.questions, sample.scorers), 1):
+                    answer = answer_line(conversation.ask(question, self.max_tokens), self.tokenizer, self.max_tokens)
+                    yield self._record(sample, setting, answer, scorer, mode="query-aware", policy=policy,
+                                       turn=turn, key=f"{key}/turn{turn}", budget_tokens=budget,
+                                       kv_fraction=session.kv_bytes / session.full_bytes,
+                                       kv_ram_bytes=conversation.kv_ram_bytes)
+                if conversation.full_on_disk is not None:
+                    conversation.full_on_disk.close()
+
+    def _conversation(self, policy: str, budget, document: tuple, store, root: Path) -> Conversation:
+        """A conversation over the prefilled ``document``; ``per-question-disk`` selects
+        from its ``store`` on disk (the in-memory rows are dropped)."""
+        if policy != DISK_POLICY:
+            conversation = Conversation(self.session, policy, budget)
             conversation.open(document)
-            for turn, (question, scorer) in enumerate(zip(sample.questions, sample.scorers), 1):
-                answer = answer_line(conversation.ask(question, self.max_tokens), self.tokenizer, self.max_tokens)
-                yield self._record(sample, setting, answer, scorer, mode="query-aware", policy=policy,
-                                   turn=turn, key=f"{key}/turn{turn}", budget_tokens=budget,
-                                   kv_fraction=session.kv_bytes / session.full_bytes)
+            return conversation
+        self.session.restore(document)
+        conversation = Conversation(self.session, "per-question", budget, DiskFullCache(store, root / CONVERSATIONS))
+        conversation.open()
+        return conversation
+
+
+def _stored(document: tuple, root: Path):
+    """The prefilled ``document`` (a snapshot) written to a store under ``root``."""
+    caches, queries, _ = document
+    writer = StoreWriter(root, "document", len(caches))
+    writer.append(caches, caches[0].length)
+    return writer.publish(queries)
