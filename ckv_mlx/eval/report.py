@@ -129,9 +129,13 @@ def followup_table(records) -> str:
             for b in budgets:
                 turns = [_cell([r for r in mine if r["turn"] == t], method, b, "score") for t in (1, 2)]
                 cells.append(f"{_pct(turns[0])} / {_pct(turns[1])}")
-            memory = _pct(_cell([r for r in mine if r["turn"] == 2], method, budgets[-1] if budgets else None, "kv_fraction"))
-            rows.append([policy, method] + cells + [memory])
-    return _table(["policy", "method"] + budgets + [f"KV kept after turn 2, % ({budgets[-1] if budgets else '-'})"], rows)
+            last = [r for r in mine if r["turn"] == 2], method, budgets[-1] if budgets else None
+            held = _cell(*last, "kv_ram_bytes")
+            rows.append([policy, method] + cells + [_pct(_cell(*last, "kv_fraction")),
+                                                   "-" if held is None else f"{held / 2**20:.2f}"])
+    last = budgets[-1] if budgets else "-"
+    return _table(["policy", "method"] + budgets + [f"KV kept after turn 2, % ({last})",
+                                                  f"KV in memory for turn 2, MiB ({last})"], rows)
 
 
 def heatmap(records, method, budget, path, metric="score", mode="query-aware"):
