@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import _BaseCache
 
-from .cache import EvictingKVCache
+from .cache import EvictingKVCache, allocated_rows
 from .errors import CKVError
 from .memory import mib
 from .store import (
@@ -91,6 +91,16 @@ class DiskFullCache:
             cache = EvictingKVCache(region)
             cache.keys, cache.values = (mx.zeros((1, f.heads, 0, f.dim), f.dtype) for f in self.store.files(layer))
             cache.offset = self.tokens
+            caches.append(cache)
+        return caches
+
+    def full_caches(self, region: int | None = None) -> list[EvictingKVCache]:
+        """Every row back in memory, allocated as reading the document would allocate it."""
+        caches = []
+        for layer in range(len(self.tail.shapes)):
+            cache = EvictingKVCache(region)
+            keys, values = self.layer(layer, room=allocated_rows(self.tokens) - self.tokens)
+            cache.keys, cache.values, cache.length, cache.offset = keys, values, self.tokens, self.tokens
             caches.append(cache)
         return caches
 

@@ -36,3 +36,16 @@ def test_every_sample_runs_every_window_and_full_is_mlx_lm():
         assert [r["method"] for r in records] == ["full", "snapkv", "compresskv"] * 2
         assert records[0]["answer"] == NumberTokenizer().decode(plain_greedy(model, s.document + s.questions[0], 4))
         assert all(0 < r["kv_fraction"] < 1 for r in records if r["method"] != "full")
+
+
+def test_a_stored_document_is_not_read_again_and_gives_the_same_records(tmp_path):
+    model = tiny_model()
+    settings = [Setting(make_method("full")[0], None), Setting(make_method("snapkv")[0], "32")]
+    notes = []
+    runs = []
+    for _ in range(2):
+        harness = Harness(Session(model, NumberTokenizer(), settings[1].method), NumberTokenizer(), max_tokens=4,
+                          stores=tmp_path, identity="tiny", notify=notes.append)
+        runs.append(list(harness.run(sample("a", 1), settings, ["query-aware", "query-agnostic"], set())))
+    assert runs[0] == runs[1]
+    assert len(notes) == 1 and notes[0].startswith("a's document was read before: its stored cache")

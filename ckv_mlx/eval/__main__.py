@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --working-budget, query-aware: score each chunk by the question read right after it "
                    "(default, as generate and ckv-chat do), or by the chunk's own last tokens (no question known)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the teacher-forced fidelity measurement")
+    p.add_argument("--store-dir", type=Path, help="where documents' full caches are stored on disk (default: "
+                   "$CKV_STORE_DIR, else stores/ in the user cache): a document read before is not read again")
+    p.add_argument("--no-store", action="store_true", help="neither reuse nor store documents' full caches")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
     p.add_argument("--restart", action="store_true", help="discard earlier records in OUT and start over")
     args = p.parse_args(argv)
@@ -159,6 +162,7 @@ def run(args, argv) -> int:
     from ..profiles import resolve_profile
     from ..runlog import RunLog
     from ..session import Session
+    from ..store import store_root
     from . import report
     from .harness import Harness
 
@@ -176,9 +180,11 @@ def run(args, argv) -> int:
     samples = _samples(args, loaded)
     log = RunLog(args.out / "records.jsonl", _identity(args, loaded, profile), args.restart)
     session = Session(loaded.model, loaded.tokenizer, methods[0])
+    stores = None if args.no_store else (args.store_dir or store_root())
     harness = Harness(session, loaded.tokenizer, args.max_tokens, fidelity=not args.no_fidelity,
                       working_budget=args.working_budget, chunk=args.prefill_chunk,
-                      chunk_question=args.chunk_scoring == "question")
+                      chunk_question=args.chunk_scoring == "question", stores=stores, identity=loaded.identity,
+                      notify=lambda text: print(f"note: {text}", file=sys.stderr))
     print(f"eval of {loaded.name}: {len(samples)} samples x {len(settings)} settings; records in {log.path}",
           file=sys.stderr)
     interrupted = False

@@ -17,10 +17,10 @@ import mlx.core as mx
 
 from ..budgets import parse_budget
 from ..conversation import POLICIES, Conversation, answer_line
-from ..disk_cache import DiskFullCache
+from ..disk_cache import DiskFullCache, read_or_reuse
 from ..methods import Method
 from ..session import PREFILL_STEP, Session
-from ..store import CONVERSATIONS, StoreWriter
+from ..store import CONVERSATIONS, StoreWriter, store_key
 from .tasks import EvalSample
 
 MODES = {"query-aware": "first-question", "query-agnostic": "agnostic"}
@@ -50,10 +50,12 @@ class Harness:
     """Runs samples through one session; yields one record per answer."""
 
     def __init__(self, session: Session, tokenizer, max_tokens: int, fidelity: bool = True,
-                 working_budget: int | None = None, chunk: int = PREFILL_STEP, chunk_question: bool = True):
+                 working_budget: int | None = None, chunk: int = PREFILL_STEP, chunk_question: bool = True,
+                 stores: Path | None = None, identity: str = "", notify=lambda text: None):
         self.session, self.tokenizer = session, tokenizer
         self.max_tokens, self.fidelity = max_tokens, fidelity
         self.working_budget, self.chunk, self.chunk_question = working_budget, chunk, chunk_question
+        self.stores, self.identity, self.notify = stores, identity, notify  # documents' full caches on disk
 
     def _answer(self, logits) -> list[int]:
         return answer_line(self.session.generate(logits, self.max_tokens), self.tokenizer, self.max_tokens)
@@ -68,10 +70,27 @@ class Harness:
         }
 
     def _prefill(self, sample: EvalSample) -> tuple:
-        """Read the sample's document once; the snapshot every setting starts from."""
-        self.session.reset()
-        self.session.feed(sample.document)
-        return self.session.snapshot()
+        """Read the sample's document once (or take its stored full cache from disk); the
+        snapshot every setting starts from."""
+        session = self.session
+        session.reset()
+        if self.stores is None:
+            session.feed(sample.document)
+            return session.snapshot()
+        widest = session.attentions[0].kept
+        key = store_key(self.identity, sample.document, {"read": "whole"})
+        full = read_or_reuse(session, self.stores, key, f"{sample.key}'s document",
+                             lambda writer: session.prefill(sample.document, store=writer), self.notify)
+        if full is not None and not session.caches[0].length:  # stored: every row back from disk
+            if session.attentions[0].queries_held < min(widest, len(sample.document)):
+                self.notify(f"{sample.key}: its stored window queries are too few for these methods: reading it")
+                session.reset()
+                session.feed(sample.document)
+            else:
+                session.caches = full.full_caches(session.region)
+        if full is not None:
+            full.close()
+        return session.snapshot()
 
     def _bounded_prefill(self, sample: EvalSample, method: Method, question: list[int] | None) -> tuple:
         """The document read in chunks that ``method`` compresses to the working budget
