@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from ckv_mlx.blas import ensure_fast_blas
+from report_files import write_report
 
 TARGETS = {
     "prefill_overhead": 0.03,  # window scoring adds at most 3 % to prefill time
@@ -275,11 +276,8 @@ def check_targets(results: dict, budgets: list[int]) -> dict:
 
 
 def write(results: dict, args):
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "bench.md").write_text(table(results, args.budgets) + "\n")
+    write_report(args.out, "bench", results, table(results, args.budgets))
     plot(results, args.budgets, args.out / "bench.png")
-    print(table(results, args.budgets))
 
 
 def table(results: dict, budgets: list[int]) -> str:

@@ -17,13 +17,13 @@ first token). Writes OUT/disk_chat.json and OUT/disk_chat.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ckv_mlx.blas import ensure_fast_blas
+from report_files import write_report
 
 QUESTIONS = ["\nQuestion: What is this text about? Answer:", "\nQuestion: Who wrote it? Answer:",
              "\nQuestion: What is the main argument? Answer:"]
@@ -139,10 +139,7 @@ def main(argv=None) -> int:
             print(f"{length} tokens done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["targets"] = check_targets(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "disk_chat.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "disk_chat.md").write_text(table(results) + "\n")
-    print(table(results))
+    write_report(args.out, "disk_chat", results, table(results))
     return 0
 
 

@@ -15,12 +15,12 @@ OUT/region.json and OUT/region.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from ckv_mlx.blas import ensure_fast_blas
+from report_files import write_report
 
 QUESTION = "\nQuestion: What is this text about? Answer: This text is about"
 
@@ -111,10 +111,7 @@ def main(argv=None) -> int:
                 print(f"{length} tokens, budget {budget}, region {region or 'default'}: {row}", file=sys.stderr)
     result = {"model": loaded.name, "method": method.name, "answer_tokens": args.answer_tokens,
               "seconds": round(time.perf_counter() - started, 1), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "region.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "region.md").write_text(table(result) + "\n")
-    print(table(result))
+    write_report(args.out, "region", result, table(result))
     return 0
 
 

@@ -14,12 +14,12 @@ and OUT/repetition.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from ckv_mlx.blas import ensure_fast_blas
+from report_files import write_report
 
 QUESTIONS = [
     ("Who is the chief executive officer?", "Helena Marsh"),
@@ -86,10 +86,7 @@ def main(argv=None) -> int:
     result = {"model": loaded.name, "doc": str(args.doc), "method": method.name, "budget": budget,
               "prompt_tokens": len(splits[0][0]), "max_tokens": args.max_tokens,
               "seconds": round(time.perf_counter() - start, 1), "records": records}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "repetition.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "repetition.md").write_text(table(result) + "\n")
-    print(table(result))
+    write_report(args.out, "repetition", result, table(result))
     return 0
 
 

@@ -89,55 +89,47 @@ def test_on_disk_a_long_document_is_read_at_once_and_each_question_selects_from_
     assert all(view.held_bytes <= 400 * 1024 for view in recorder.of(CacheView))
 
 
-def test_a_saved_session_refers_to_the_store_carries_the_conversation_and_resumes_at_once(doc, tmp_path):
+def saved_then_asked(doc, tmp_path, before: int) -> Reply:
+    """Ask ``before`` questions with the full cache on disk, save to s.ckv, ask the next:
+    its reply."""
     settings = ChatSettings(method="snapkv", budget="48", max_tokens=6, store_dir=str(tmp_path / "stores"))
     engine, recorder = start(settings)
     try:
         engine.open(doc)
-        for question in QUESTIONS[:2]:
+        for question in QUESTIONS[:before]:
             engine.ask(question)
-        recorder.wait(Reply, 2)
+        recorder.wait(Reply, before)
         engine.save(tmp_path / "s.ckv")
         recorder.wait(Saved)
-        engine.ask(QUESTIONS[2])
-        original = recorder.wait(Reply, 3)[2]
+        engine.ask(QUESTIONS[before])
+        return recorder.wait(Reply, before + 1)[before]
     finally:
         engine.close()
+
+
+def resumed_then_asked(path, question: str) -> tuple[Reply, object]:
+    engine, recorder = start(ChatSettings())
+    try:
+        engine.resume(path)
+        recorder.wait(Resumed)
+        engine.ask(question)
+        return recorder.wait(Reply)[0], recorder
+    finally:
+        engine.close()
+
+
+def test_a_saved_session_refers_to_the_store_carries_the_conversation_and_resumes_at_once(doc, tmp_path):
+    original = saved_then_asked(doc, tmp_path, 2)
     _, meta, arrays = load_caches(tmp_path / "s.ckv")
     assert meta["full_cache"]["store"] == list_stores(tmp_path / "stores")[0]["key"]
     assert {"tail.0.keys", "tail.1.values", "selection.0"} <= set(arrays)
-    engine, recorder = start(ChatSettings())
-    try:
-        engine.resume(tmp_path / "s.ckv")
-        recorder.wait(Resumed)
-        engine.ask(QUESTIONS[2])
-        again = recorder.wait(Reply)[0]
-    finally:
-        engine.close()
+    again, recorder = resumed_then_asked(tmp_path / "s.ckv", QUESTIONS[2])
     assert again == original and not recorder.of(Progress)  # nothing read again
 
 
 def test_a_session_whose_store_is_gone_reads_the_document_and_conversation_again(doc, tmp_path):
-    settings = ChatSettings(method="snapkv", budget="48", max_tokens=6, store_dir=str(tmp_path / "stores"))
-    engine, recorder = start(settings)
-    try:
-        engine.open(doc)
-        engine.ask(QUESTIONS[0])
-        recorder.wait(Reply)
-        engine.save(tmp_path / "s.ckv")
-        recorder.wait(Saved)
-        engine.ask(QUESTIONS[1])
-        original = recorder.wait(Reply, 2)[1]
-    finally:
-        engine.close()
+    original = saved_then_asked(doc, tmp_path, 1)
     shutil.rmtree(list_stores(tmp_path / "stores")[0]["path"])
-    engine, recorder = start(ChatSettings())
-    try:
-        engine.resume(tmp_path / "s.ckv")
-        recorder.wait(Resumed)
-        engine.ask(QUESTIONS[1])
-        again = recorder.wait(Reply)[0]
-    finally:
-        engine.close()
+    again, recorder = resumed_then_asked(tmp_path / "s.ckv", QUESTIONS[1])
     assert again == original and recorder.of(Progress)
     assert "is gone (removed past the disk limit, or damaged): reading it and the conversation again" in notices(recorder)
