@@ -19,7 +19,7 @@ from .cache import EvictingKVCache, allocated_rows
 from .disk_cache import DiskFullCache
 from .errors import CKVError
 from .methods import Method
-from .store import StoreWriter
+from .store import STORED_QUERIES, StoreWriter
 
 PREFILL_STEP = 512
 
@@ -197,6 +197,9 @@ class Session:
         mx.reset_peak_memory()
         start = time.perf_counter()
         self._recorder = store
+        if store is not None:  # the store's window queries must serve any method later
+            for attention in self.attentions:
+                attention.keep(STORED_QUERIES)
         try:
             if working_budget is None:
                 logits = self.feed(tokens, progress, chunk)

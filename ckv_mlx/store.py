@@ -37,6 +37,7 @@ MANIFEST = "manifest.json"
 QUERIES = "queries.safetensors"
 DEFAULT_LIMIT_BYTES = 20 * 2**30  # stores kept on disk before the least recently used go
 READ_BLOCK_ROWS = 4096  # rows read from disk at a time
+STORED_QUERIES = 64  # window queries a store keeps per layer: enough for any method chosen later
 STORE_DIR_ENV = "CKV_STORE_DIR"
 CONVERSATIONS = ".conversations"  # under a store root: the rows of each running conversation, by process
 

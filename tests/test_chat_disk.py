@@ -3,10 +3,13 @@ memory, reopening without reading, and every disk failure one line with the chat
 
 from __future__ import annotations
 
+import errno
 import shutil
 
 from ckv_mlx.cache import load_caches
-from ckv_mlx.chat.events import CacheView, ChatSettings, DocumentReady, Notice, Progress, Reply, Resumed, Saved
+from ckv_mlx.chat.events import (
+    CacheView, ChatSettings, DocumentReady, Failure, Notice, Progress, Reply, Resumed, Saved,
+)
 from ckv_mlx.session import Session
 from ckv_mlx.store import list_stores
 from test_chat_engine import DOC, doc, start  # noqa: F401 (doc: a fixture)
@@ -133,3 +136,31 @@ def test_a_session_whose_store_is_gone_reads_the_document_and_conversation_again
     again, recorder = resumed_then_asked(tmp_path / "s.ckv", QUESTIONS[1])
     assert again == original and recorder.of(Progress)
     assert "is gone (removed past the disk limit, or damaged): reading it and the conversation again" in notices(recorder)
+
+
+def test_a_full_disk_during_a_question_fails_in_one_line_and_the_chat_goes_on(doc, tmp_path, monkeypatch):
+    expected, _ = chat(doc, full_cache="memory")
+    engine, recorder = start(ChatSettings(method="snapkv", budget="48", max_tokens=6, store_dir=str(tmp_path)))
+    real_open = open
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        if "a" in mode and ".conversations" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    try:
+        engine.open(doc)
+        engine.ask(QUESTIONS[0])
+        recorder.wait(Reply)
+        monkeypatch.setattr("builtins.open", full_disk_open)
+        engine.ask(QUESTIONS[1])
+        failure = recorder.wait(Failure)[0]
+        monkeypatch.undo()
+        for question in QUESTIONS[1:]:
+            engine.ask(question)
+        recorder.wait(Reply, 3)
+        answers = [t.answer_tokens for t in engine._document.turns]
+    finally:
+        engine.close()
+    assert failure.text.startswith("cannot write the full cache to") and "the disk is full" in failure.text
+    assert answers == expected  # the failed question was taken back whole

@@ -29,7 +29,7 @@ from ..errors import CKVError
 from ..gguf import cache_dir
 from ..disk_cache import DiskFullCache, read_or_reuse, stored_full_cache
 from ..memory import mib, parse_size, plan_prefill
-from ..methods import METHODS, make_method
+from ..methods import make_method
 from ..models import LoadedModel, load_model
 from ..profiles import resolve_profile
 from ..prompts import TRUNCATE_CHOICES, cut_to_fit, document_prefix, question_tokens
@@ -290,11 +290,8 @@ class ChatEngine:
     def _read(self, document: _Document, working: int | None, question: list[int] | None,
               store: StoreWriter | None = None):
         """Prefill the document, showing progress; into ``store`` too when given (then
-        no question scores the chunks, so that the stored rows suit any question, and
-        queries are kept for any method's window)."""
+        no question scores the chunks, so that the stored rows suit any question)."""
         session = self._session
-        if store is not None:
-            session.keep_queries_for([make_method(name, self._profile)[0] for name in METHODS])
         self._emit(Status(f"reading {document.path.name} into the cache"))
         start = time.perf_counter()
 
@@ -351,6 +348,7 @@ class ChatEngine:
         detokenizer = self._loaded.tokenizer.detokenizer
         detokenizer.reset()
         answer: list[int] = []
+        asked = self._conversation.turns
         try:
             settings = self.settings
             for token in self._conversation.ask(tokens, settings.max_tokens, self._stop.is_set, settings.repetition_penalty):
@@ -361,7 +359,8 @@ class ChatEngine:
         finally:
             detokenizer.finalize()
             self._send_segment(detokenizer)
-            document.turns.append(_Turn(question, detokenizer.text, tokens, answer))
+            if self._conversation.turns > asked:  # the question was read (its selection did not fail)
+                document.turns.append(_Turn(question, detokenizer.text, tokens, answer))
         self._emit(Reply(detokenizer.text, self._stop.is_set()))
 
     def _send_segment(self, detokenizer):
