@@ -247,8 +247,11 @@ class Store:
         return [named.get(f"window.{i}") for i in range(len(self.manifest["layers"]))]
 
     def touch(self):
-        """Mark as just used (what the least-recently-used limit goes by)."""
-        os.utime(self.path / MANIFEST)
+        """Mark as just used (what the least-recently-used limit goes by), if the folder lets us."""
+        try:
+            os.utime(self.path / MANIFEST)
+        except OSError:
+            pass
 
 
 def open_store(root: Path, key: str, verify: bool = True) -> Store | None:
