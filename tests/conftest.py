@@ -1,10 +1,14 @@
 import os
+import tempfile
 
 import pytest
 
 from ckv_mlx.blas import ensure_fast_blas
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Full caches on disk never go to the user's cache: a folder for the whole run (module
+# fixtures), and one of each test's own (private_stores).
+os.environ["CKV_STORE_DIR"] = tempfile.mkdtemp(prefix="ckv-test-stores-")
 
 
 def pytest_configure(config):
