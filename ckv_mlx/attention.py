@@ -36,17 +36,24 @@ class WindowAttention(nn.Module):
         self.window = window  # the latest queries that score
         self.kept = window  # the latest queries remembered: the widest window installed so far
         self.tap = None
-        self._queries = None
+        self._pieces: list[mx.array] = []  # the latest queries, oldest first, joined only when read
+        self._held = 0
 
     @property
     def window_queries(self) -> mx.array:
         """The latest post-RoPE queries that score, ``[n_heads, <= window, head_dim]``."""
-        return self._queries[0, :, -self.window :, :]
+        return self.remembered()[0, :, -self.window :, :]
 
     @property
     def queries_held(self) -> int:
         """How many of the latest queries are remembered (at most :attr:`kept`)."""
-        return 0 if self._queries is None else self._queries.shape[2]
+        return self._held
+
+    def remembered(self) -> mx.array | None:
+        """Every query remembered, ``[1, n_heads, queries_held, head_dim]`` (e.g. to save)."""
+        if len(self._pieces) > 1:
+            self._pieces = [mx.concatenate(self._pieces, axis=2)]
+        return self._pieces[0] if self._pieces else None
 
     def set_window(self, window: int):
         """Score with the latest ``window`` queries; remember at least that many from now on."""
@@ -58,14 +65,16 @@ class WindowAttention(nn.Module):
         self.kept = max(self.kept, queries)
 
     def reset(self):
-        self._queries = None
+        self._pieces, self._held = [], 0
 
-    def window_state(self):
-        """Every query remembered, for :meth:`restore_window_state` (cheap: a reference)."""
-        return self._queries
+    def window_state(self) -> tuple:
+        """What is remembered, for :meth:`restore_window_state` (cheap: references)."""
+        return tuple(self._pieces)
 
-    def restore_window_state(self, state):
-        self._queries = state
+    def restore_window_state(self, state: tuple | mx.array | None):
+        """Go back to a :meth:`window_state`, or to queries saved as one array."""
+        pieces = [] if state is None else [state] if isinstance(state, mx.array) else list(state)
+        self._pieces, self._held = pieces, sum(p.shape[2] for p in pieces)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         b, n, _ = x.shape
@@ -93,9 +102,18 @@ class WindowAttention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
 
     def _remember(self, queries: mx.array):
-        if self._queries is not None and queries.shape[2] < self.kept:
-            queries = mx.concatenate([self._queries, queries], axis=2)
-        self._queries = queries[:, :, -self.kept :, :]
+        """Keep the latest :attr:`kept` queries; a decode step appends its one query to a
+        list (no copy: joining waits until the queries are read)."""
+        if queries.shape[2] >= self.kept:  # a copy: a view would keep the whole chunk's queries alive
+            self._pieces, self._held = [mx.contiguous(queries[:, :, -self.kept :, :])], self.kept
+            return
+        self._pieces.append(queries)
+        self._held += queries.shape[2]
+        while self._held - self._pieces[0].shape[2] >= self.kept:
+            self._held -= self._pieces.pop(0).shape[2]
+        if self._held > self.kept:  # part of the oldest piece is one too many
+            self._pieces[0] = mx.contiguous(self._pieces[0][:, :, self._held - self.kept :, :])
+            self._held = self.kept
 
 
 def architecture(model: nn.Module) -> str:

@@ -108,7 +108,7 @@ class Conversation:
     def disk_state(self) -> tuple[dict, dict[str, mx.array]]:
         """What selecting from disk needs beyond the caches, to save: the last answer
         not read yet (JSON-able) and the window queries of the last selection (arrays)."""
-        queries = {f"selection.{i}": q for i, q in enumerate(self._queries) if q is not None}
+        queries = {f"selection.{i}": mx.concatenate(state, axis=2) for i, state in enumerate(self._queries) if state}
         return {"unread": self._unread}, queries
 
     def resume_disk_state(self, saved: dict, arrays: dict[str, mx.array]):

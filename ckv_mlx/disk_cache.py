@@ -206,7 +206,7 @@ def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[Stor
     if writer is None:
         return None
     try:
-        store = writer.publish([a.window_state() for a in session.attentions])
+        store = writer.publish(session.remembered_queries())
         prune(root, limit_bytes, keep=store.path.name)
         return DiskFullCache(store, root / CONVERSATIONS)
     except CKVError as error:

@@ -122,6 +122,10 @@ class Session:
             attention.restore_window_state(q)
         self.stats = replace(stats)
 
+    def remembered_queries(self) -> list[mx.array | None]:
+        """Every layer's remembered window queries as one array each (to save or store)."""
+        return [a.remembered() for a in self.attentions]
+
     def take_over(self, caches: list[EvictingKVCache], queries: list[mx.array | None]):
         """Continue from caches and window queries read elsewhere (a saved session, a
         stored document); statistics start afresh."""

@@ -185,6 +185,6 @@ def test_compression_frees_the_full_cache(name):
     gc.collect()
     mx.clear_cache()
     held = mx.get_active_memory() - before
-    window = sum(a.window_state().nbytes for a in session.attentions)
+    window = sum(a.remembered().nbytes for a in session.attentions)
     # the replaced full buffers would add a quarter of `full` (values) or more
     assert held <= session.kv_bytes + window + logits.nbytes + full // 20

@@ -39,7 +39,7 @@ def on_disk(method_name: str, dtype: str, budget, root) -> Conversation:
     session = session_for(method_name, dtype)
     writer = StoreWriter(root, "doc", len(session.caches))
     session.prefill(DOC, store=writer)
-    store = writer.publish([a.window_state() for a in session.attentions])
+    store = writer.publish(session.remembered_queries())
     conversation = Conversation(session, "per-question", budget, DiskFullCache(store, root / "tails"))
     conversation.open()
     return conversation
@@ -78,7 +78,7 @@ def test_a_question_holds_at_most_one_layers_full_rows(tmp_path, monkeypatch):
     session = Session(model, TinyTokenizer(), make_method("snapkv")[0], region=16)
     writer = StoreWriter(tmp_path, "doc", len(session.caches))
     session.prefill(mx.random.randint(1, 128, (2000,)).tolist(), store=writer)
-    full = DiskFullCache(writer.publish([a.window_state() for a in session.attentions]), tmp_path / "tails")
+    full = DiskFullCache(writer.publish(session.remembered_queries()), tmp_path / "tails")
     session.forget_rows()
     mx.clear_cache()
     held = mx.get_active_memory()

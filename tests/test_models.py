@@ -15,6 +15,7 @@ from tokenizers.models import WordLevel
 
 from ckv_mlx import gguf, models
 from ckv_mlx.errors import CKVError
+from ckv_mlx.fingerprint import model_identity
 from ckv_mlx.models import (
     DEFAULT_MODEL, SUPPORTED_ARCHITECTURES, load_model, model_shape, to_float32,
 )
@@ -204,10 +205,12 @@ def test_hub_id_downloads_through_huggingface_hub(tmp_path, monkeypatch):
     asked = []
     monkeypatch.setattr(models, "hf_hub_download", lambda repo_id, filename: asked.append(repo_id) or str(folder / filename))
     monkeypatch.setattr(mlx_lm.utils, "snapshot_download", lambda repo_id, **kw: asked.append(repo_id) or str(folder))
+    monkeypatch.setattr(models, "snapshot_download", lambda repo_id, **kw: asked.append(kw) or str(folder))
 
     loaded = load_model("mlx-community/Tiny-Llama-4bit")
 
-    assert asked == ["mlx-community/Tiny-Llama-4bit"] * 2
+    assert asked == ["mlx-community/Tiny-Llama-4bit"] * 2 + [{"local_files_only": True}]  # then its identity
+    assert loaded.identity == model_identity(folder, "float32")
     assert loaded.name == "mlx-community/Tiny-Llama-4bit" and loaded.context_length == 2048
     assert mx.allclose(loaded.model(TOKENS), model(TOKENS), atol=1e-5).item()
 
@@ -284,3 +287,20 @@ def test_builtin_folder_answers_paris_quantized(monkeypatch):
     loaded = models.LoadedModel(model, tokenizer, DEFAULT_MODEL,
                                 model_shape(model, DEFAULT_MODEL), 8192)
     assert "Paris" in ask(loaded, "What is the capital of France?", max_tokens=8)
+
+
+def test_the_identity_changes_with_weights_config_and_precision_and_is_remembered(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKV_CACHE_DIR", str(tmp_path / "cache"))
+    model = tiny_model("llama", heads=4, kv_heads=2, head_dim=16)
+    config = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
+              "vocab_size": 128, "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": True}
+    write_folder(tmp_path / "a", model, config)
+    first = model_identity(tmp_path / "a", "float32")
+    assert (tmp_path / "cache" / "weights-checksums.json").is_file()
+    assert model_identity(tmp_path / "a", "float32") == first
+    assert model_identity(tmp_path / "a", "native") != first
+    write_folder(tmp_path / "b", tiny_model("llama", heads=4, kv_heads=2, head_dim=16, seed=1), config)
+    assert model_identity(tmp_path / "b", "float32") != first  # other weights, same config
+    write_folder(tmp_path / "c", model, {**config, "rope_theta": 500000.0})
+    assert model_identity(tmp_path / "c", "float32") != first  # same weights, other config

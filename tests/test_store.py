@@ -37,7 +37,7 @@ def read_into_store(root, dtype="float32", key="doc", tokens=DOC):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_the_store_holds_every_row_of_the_full_cache_bit_for_bit(tmp_path, dtype):
     session, writer = read_into_store(tmp_path, dtype)
-    store = writer.publish([a.window_state() for a in session.attentions])
+    store = writer.publish(session.remembered_queries())
     full = DiskFullCache(store, tmp_path / CONVERSATIONS)
     assert full.tokens == len(DOC)
     bits = mx.uint16 if dtype != "float32" else mx.uint32
@@ -46,21 +46,21 @@ def test_the_store_holds_every_row_of_the_full_cache_bit_for_bit(tmp_path, dtype
             assert stored.dtype == held.dtype
             assert np.array_equal(np.array(stored.view(bits)), np.array(held.view(bits)))
     for stored, held in zip(store.queries(), session.attentions):
-        assert np.array_equal(np.array(stored.view(bits)), np.array(held.window_state().view(bits)))
+        assert np.array_equal(np.array(stored.view(bits)), np.array(held.remembered().view(bits)))
     assert store.nbytes == session.kv_rows_bytes
 
 
 def test_a_store_being_written_is_not_there_until_published(tmp_path):
     session, writer = read_into_store(tmp_path)
     assert open_store(tmp_path, "doc") is None and list_stores(tmp_path) == []
-    writer.publish([a.window_state() for a in session.attentions])
+    writer.publish(session.remembered_queries())
     assert [s["key"] for s in list_stores(tmp_path)] == ["doc"]
     assert not list(tmp_path.glob(".tmp-*"))
 
 
 def published(tmp_path) -> Path:
     session, writer = read_into_store(tmp_path)
-    return writer.publish([a.window_state() for a in session.attentions]).path
+    return writer.publish(session.remembered_queries()).path
 
 
 def flip_a_byte(path: Path):
@@ -125,7 +125,7 @@ def test_a_full_disk_stops_the_store_not_the_reading(tmp_path):
     logits = session.prefill(DOC, store=writer)  # the document is still read into memory
     assert session.caches[0].length == len(DOC) and logits.shape[-1] == 128
     with pytest.raises(CKVError, match=r"^cannot write the full cache to .*: the disk is full; free some space"):
-        writer.publish([a.window_state() for a in session.attentions])
+        writer.publish(session.remembered_queries())
     assert list(tmp_path.iterdir()) == []  # nothing half-written is left
 
 
@@ -138,7 +138,7 @@ def test_a_full_tmpfs_is_reported_in_one_line(tmp_path):
     try:
         session, writer = read_into_store(mount, tokens=list(range(1, 1001)))  # 1000 rows x 2 layers: 512 KiB
         with pytest.raises(CKVError, match="the disk is full"):
-            writer.publish([a.window_state() for a in session.attentions])
+            writer.publish(session.remembered_queries())
         assert list(mount.iterdir()) == []
     finally:
         subprocess.run(["umount", str(mount)], check=True)
@@ -153,8 +153,8 @@ def test_an_unwritable_folder_is_one_line(tmp_path):
 def test_the_second_of_two_writers_keeps_the_first_ones_store(tmp_path):
     first, first_writer = read_into_store(tmp_path)
     second, second_writer = read_into_store(tmp_path)
-    first_writer.publish([a.window_state() for a in first.attentions])
-    store = second_writer.publish([a.window_state() for a in second.attentions])
+    first_writer.publish(first.remembered_queries())
+    store = second_writer.publish(second.remembered_queries())
     assert store.path == tmp_path / "doc" and store.tokens == len(DOC)
     assert [p.name for p in tmp_path.iterdir()] == ["doc"]
 
@@ -169,7 +169,7 @@ WRITER = textwrap.dedent("""
     session = Session(tiny_model("llama", layers=2), TinyTokenizer(), make_method("snapkv")[0])
     writer = StoreWriter({root!r}, "doc", 2)
     session.prefill(list(range(1, 2001)), store=writer)
-    store = writer.publish([a.window_state() for a in session.attentions])
+    store = writer.publish(session.remembered_queries())
     assert open_store({root!r}, "doc") is not None  # checked in full
     print(store.tokens)
 """)
@@ -187,7 +187,7 @@ def test_two_processes_reading_the_same_new_document_both_end_with_a_sound_store
 def test_least_recently_used_stores_go_past_the_limit(tmp_path):
     for key in ("a", "b", "c"):
         session, writer = read_into_store(tmp_path, key=key)
-        writer.publish([a.window_state() for a in session.attentions])
+        writer.publish(session.remembered_queries())
     size = list_stores(tmp_path)[0]["bytes"]
     os.utime(tmp_path / "a" / MANIFEST, (1, 1))  # a: used longest ago
     open_store(tmp_path, "b")  # b: used last
@@ -208,7 +208,7 @@ def test_leftovers_of_dead_writers_are_cleared(tmp_path):
 
 def test_an_interrupted_question_takes_its_rows_back_off_the_disk(tmp_path):
     session, writer = read_into_store(tmp_path)
-    full = DiskFullCache(writer.publish([a.window_state() for a in session.attentions]), tmp_path / CONVERSATIONS)
+    full = DiskFullCache(writer.publish(session.remembered_queries()), tmp_path / CONVERSATIONS)
     session.forget_rows()
     session.reselect([5, 6, 7], full, 32)
     sizes = {p.name: p.stat().st_size for p in full.tail.folder.iterdir()}
@@ -225,7 +225,7 @@ def test_an_interrupted_question_takes_its_rows_back_off_the_disk(tmp_path):
 
 def test_a_full_disk_during_a_question_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
     session, writer = read_into_store(tmp_path)
-    full = DiskFullCache(writer.publish([a.window_state() for a in session.attentions]), tmp_path / CONVERSATIONS)
+    full = DiskFullCache(writer.publish(session.remembered_queries()), tmp_path / CONVERSATIONS)
     session.forget_rows()
     real_open = open
 
@@ -248,7 +248,7 @@ def test_the_stores_cli_lists_prunes_and_clears(tmp_path, capsys):
 
     for key in ("a", "b"):
         session, writer = read_into_store(tmp_path, key=key)
-        writer.publish([a.window_state() for a in session.attentions])
+        writer.publish(session.remembered_queries())
     assert main(["--dir", str(tmp_path)]) == 0
     listed = capsys.readouterr().out
     assert listed.startswith(f"2 stores in {tmp_path}") and "      300 tokens" in listed
@@ -256,5 +256,5 @@ def test_the_stores_cli_lists_prunes_and_clears(tmp_path, capsys):
     assert "no store nope" in capsys.readouterr().err
     assert main(["--dir", str(tmp_path), "prune", "--limit", "1KiB"]) == 0 and len(list_stores(tmp_path)) == 0
     session, writer = read_into_store(tmp_path, key="c")
-    writer.publish([a.window_state() for a in session.attentions])
+    writer.publish(session.remembered_queries())
     assert main(["--dir", str(tmp_path), "clear", "c"]) == 0 and list_stores(tmp_path) == []

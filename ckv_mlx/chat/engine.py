@@ -430,7 +430,7 @@ class ChatEngine:
             raise CKVError(f"nothing to save yet: {document.path.name} is read with the first question; ask one, then save")
         if not session.consistent:
             raise CKVError("the cache is out of step after an interrupted step; /reread, then save")
-        queries = {f"window.{i}": a.window_state() for i, a in enumerate(session.attentions)}
+        queries = {f"window.{i}": q for i, q in enumerate(session.remembered_queries()) if q is not None}
         metadata = {
             "format": SESSION_FORMAT, "model": self._loaded.name, "profile": self._profile_name,
             "settings": asdict(self.settings), "document": str(document.path.resolve()),
@@ -468,7 +468,7 @@ class ChatEngine:
         self._ensure_model(metadata["model"])
         session = self._session
         try:
-            session.take_over(caches, [queries[f"window.{i}"] for i in range(len(caches))])
+            session.take_over(caches, [queries.get(f"window.{i}") for i in range(len(caches))])
         except CKVError as error:
             raise CKVError(f"{path}: {error}") from None
         stats = session.stats
