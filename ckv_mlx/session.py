@@ -211,7 +211,7 @@ class Session:
                 logits = self._feed_bounded(tokens, working_budget, chunk, progress, question)
         finally:
             self._recorder = None
-        mx.eval(logits)
+        mx.eval(logits, [a.window_state() for a in self.attentions])
         self.stats.prefill_s = time.perf_counter() - start
         self.stats.prompt_tokens = len(tokens)
         self.stats.kv_bytes_full = self.full_bytes
@@ -270,9 +270,9 @@ class Session:
             self._recorder.append(self.caches, rows)
 
     def _eval_caches(self):
-        """Materialise every layer's keys and values, so no lazy graph keeps a
-        replaced (e.g. full, pre-compression) buffer alive."""
-        mx.eval([(c.keys, c.values) for c in self.caches])
+        """Materialise every layer's keys, values and window queries, so no lazy graph
+        keeps a replaced (e.g. full, pre-compression) buffer or a chunk's queries alive."""
+        mx.eval([(c.keys, c.values) for c in self.caches], [a.window_state() for a in self.attentions])
 
     def _evict_to(self, budgets: list[int]):
         """Cut every layer longer than its budget, one at a time (bounded transients)."""
@@ -375,6 +375,7 @@ class Session:
         for piece in body:  # their rows join the full cache; the last piece's window selects
             full.read(self.model, piece)
         logits = full.read(self.model, last, keep)
+        mx.eval([a.window_state() for a in self.attentions])
         self.caches = kept
         self.stats.reselect_s = time.perf_counter() - start
         self.stats.kv_bytes_kept, self.stats.kv_rows_kept = self.kv_bytes, self.kv_rows_bytes
