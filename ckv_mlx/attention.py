@@ -116,6 +116,11 @@ class WindowAttention(nn.Module):
             self._held = self.kept
 
 
+def joined(state: tuple) -> mx.array | None:
+    """The queries of a :meth:`WindowAttention.window_state` as one array (to save)."""
+    return mx.concatenate(list(state), axis=2) if state else None
+
+
 def architecture(model: nn.Module) -> str:
     """The model's mlx-lm architecture name, refusing unsupported ones."""
     arch = getattr(model, "model_type", None) or getattr(model.args, "model_type", "")

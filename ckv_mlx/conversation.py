@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 
+from .attention import joined
 from .disk_cache import DiskFullCache
 from .errors import CKVError
 from .session import Session
@@ -108,7 +109,7 @@ class Conversation:
     def disk_state(self) -> tuple[dict, dict[str, mx.array]]:
         """What selecting from disk needs beyond the caches, to save: the last answer
         not read yet (JSON-able) and the window queries of the last selection (arrays)."""
-        queries = {f"selection.{i}": mx.concatenate(state, axis=2) for i, state in enumerate(self._queries) if state}
+        queries = {f"selection.{i}": joined(state) for i, state in enumerate(self._queries) if state}
         return {"unread": self._unread}, queries
 
     def resume_disk_state(self, saved: dict, arrays: dict[str, mx.array]):

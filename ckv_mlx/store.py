@@ -183,6 +183,8 @@ class StoreWriter(LayerRows):
         process published the same store meanwhile, keep theirs."""
         if self.error is not None:
             raise self.error
+        if not all(q is None or isinstance(q, mx.array) for q in queries):
+            raise TypeError("publish takes one array of window queries per layer (Session.remembered_queries)")
         try:
             named = {f"window.{i}": q for i, q in enumerate(queries) if q is not None}
             mx.save_safetensors(str(self.folder / QUERIES), named)

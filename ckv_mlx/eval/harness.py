@@ -15,6 +15,7 @@ from typing import Iterator
 
 import mlx.core as mx
 
+from ..attention import joined
 from ..budgets import parse_budget
 from ..conversation import POLICIES, Conversation, answer_line
 from ..disk_cache import DiskFullCache, read_or_reuse
@@ -205,7 +206,7 @@ class Harness:
 
 def _stored(document: tuple, root: Path):
     """The prefilled ``document`` (a snapshot) written to a store under ``root``."""
-    caches, queries, _ = document
+    caches, states, _ = document
     writer = StoreWriter(root, "document", len(caches))
     writer.append(caches, caches[0].length)
-    return writer.publish(queries)
+    return writer.publish([joined(state) for state in states])
