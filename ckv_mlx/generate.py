@@ -127,12 +127,10 @@ def _via_store(session, loaded, args, tokens: list[int], split: int, budget, wor
     read and stored; then the question selects from every row (as compressing the
     whole prompt in memory would)."""
     from .disk_cache import read_or_reuse
-    from .store import store_key, store_root
+    from .store import read_mode, store_key, store_root
 
     document, question = tokens[:split], tokens[split:]
-    mode = {"read": "whole"} if working is None else {
-        "read": "bounded", "working_budget": working, "chunk": args.prefill_chunk, "method": session.method.name,
-        "profile": str(args.profile) if args.profile else None}
+    mode = read_mode(working, args.prefill_chunk, session.method.name, str(args.profile) if args.profile else None)
     root = Path(args.store_dir).expanduser() if args.store_dir else store_root()
     progress = _progress if sys.stderr.isatty() else None
     read_now = []

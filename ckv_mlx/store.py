@@ -58,6 +58,14 @@ def store_root() -> Path:
     return Path(os.environ.get(STORE_DIR_ENV) or cache_dir() / "stores")
 
 
+def read_mode(working_budget: int | None = None, chunk: int = 0, method: str = "", profile: str | None = None) -> dict:
+    """How a document was read, as its store key holds it: whole, or in bounded chunks,
+    whose stored rows depend on what the chunks kept (budget, chunk, method, profile)."""
+    if working_budget is None:
+        return {"read": "whole"}
+    return {"read": "bounded", "working_budget": working_budget, "chunk": chunk, "method": method, "profile": profile}
+
+
 def store_key(model_identity: str, tokens: list[int], mode: dict) -> str:
     """The store's name: a hash of the format, the model's identity, the document's
     tokens (so the template, ``--raw`` and any truncation) and how it was read

@@ -69,7 +69,7 @@ def measure(loaded, method, tokens: list[int], questions: list[list[int]], args,
     from ckv_mlx.conversation import Conversation
     from ckv_mlx.disk_cache import read_or_reuse
     from ckv_mlx.session import PREFILL_STEP, Session
-    from ckv_mlx.store import store_key
+    from ckv_mlx.store import read_mode, store_key
 
     row = {"tokens": len(tokens)}
     session = Session(loaded.model, loaded.tokenizer, method)
@@ -84,7 +84,7 @@ def measure(loaded, method, tokens: list[int], questions: list[list[int]], args,
     fed = [questions[0]] + [[0] * args.answer_tokens + q for q in questions[1:]]  # what each selection reads
     extra = [transients(session, f) for f in fed]
 
-    key = store_key(loaded.identity, tokens, {"read": "whole"})
+    key = store_key(loaded.identity, tokens, read_mode())
     session.reset()
     start = time.perf_counter()
     full = read_or_reuse(session, root, key, "document", lambda w: session.prefill(tokens, store=w), print)

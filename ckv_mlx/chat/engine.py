@@ -34,7 +34,7 @@ from ..models import LoadedModel, load_model
 from ..profiles import resolve_profile
 from ..prompts import TRUNCATE_CHOICES, cut_to_fit, document_prefix, question_tokens
 from ..session import PREFILL_STEP, Session
-from ..store import DEFAULT_LIMIT_BYTES, StoreWriter, store_key, store_root
+from ..store import DEFAULT_LIMIT_BYTES, StoreWriter, read_mode, store_key, store_root
 from .events import (
     Answering, CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed,
     Saved, Status,
@@ -273,7 +273,8 @@ class ChatEngine:
         if self._full_cache_on_disk():
             if note:
                 self._emit(Notice(f"{note}; every row goes to disk, so each question selects from the whole document"))
-            key = store_key(self._loaded.identity, document.prefix, self._read_mode(working))
+            mode = read_mode(working, PREFILL_STEP, session.method.name, self._profile_name)
+            key = store_key(self._loaded.identity, document.prefix, mode)
             limit = parse_size(self.settings.store_limit) if self.settings.store_limit else DEFAULT_LIMIT_BYTES
             full = read_or_reuse(session, self._store_root(), key, document.path.name,
                                  lambda writer: self._read(document, working, None, writer),
@@ -323,14 +324,6 @@ class ChatEngine:
 
     def _store_root(self) -> Path:
         return Path(self.settings.store_dir).expanduser() if self.settings.store_dir else store_root()
-
-    def _read_mode(self, working: int | None) -> dict:
-        """What, besides the model and the tokens, decides the stored rows: a bounded
-        read's rows depend on what its chunks kept."""
-        if working is None:
-            return {"read": "whole"}
-        return {"read": "bounded", "working_budget": working, "chunk": PREFILL_STEP,
-                "method": self._session.method.name, "profile": self._profile_name}
 
     def _ask(self, question: str):
         document, session = self._document, self._session

@@ -21,7 +21,7 @@ from ..conversation import POLICIES, Conversation, answer_line
 from ..disk_cache import DiskFullCache, read_or_reuse
 from ..methods import Method
 from ..session import PREFILL_STEP, Session
-from ..store import CONVERSATIONS, StoreWriter, store_key
+from ..store import CONVERSATIONS, StoreWriter, read_mode, store_key
 from .tasks import EvalSample
 
 MODES = {"query-aware": "first-question", "query-agnostic": "agnostic"}
@@ -79,7 +79,7 @@ class Harness:
             session.feed(sample.document)
             return session.snapshot()
         widest = session.attentions[0].kept
-        key = store_key(self.identity, sample.document, {"read": "whole"})
+        key = store_key(self.identity, sample.document, read_mode())
         full = read_or_reuse(session, self.stores, key, f"{sample.key}'s document",
                              lambda writer: session.prefill(sample.document, store=writer), self.notify)
         if full is not None and not session.caches[0].length:  # stored: every row back from disk
