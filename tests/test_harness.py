@@ -3,6 +3,7 @@
 from dataclasses import replace
 
 import mlx.core as mx
+import pytest
 
 from ckv_mlx.eval.harness import Harness, Setting
 from ckv_mlx.eval.tasks import EvalSample
@@ -49,3 +50,21 @@ def test_a_stored_document_is_not_read_again_and_gives_the_same_records(tmp_path
         runs.append(list(harness.run(sample("a", 1), settings, ["query-aware", "query-agnostic"], set())))
     assert runs[0] == runs[1]
     assert len(notes) == 1 and notes[0].startswith("a's document was read before: its stored cache")
+
+
+def test_disk_follow_ups_select_from_the_documents_store_not_a_copy(tmp_path, monkeypatch):
+    import ckv_mlx.eval.harness as harness_module
+
+    model = tiny_model()
+    settings = [Setting(make_method("snapkv")[0], "32")]
+    s = replace(sample("a", 1), task="followup", questions=[[5, 6, 7], [8, 9]], scorers=[lambda t: {"score": 1.0}] * 2)
+    runs = {}
+    for stores in (None, tmp_path):
+        if stores is not None:
+            monkeypatch.setattr(harness_module, "_stored", lambda *a: pytest.fail("a second store was written"))
+        harness = Harness(Session(model, NumberTokenizer(), settings[0].method), NumberTokenizer(), max_tokens=4,
+                          stores=stores, identity="tiny", notify=lambda line: None)
+        runs[stores] = list(harness.followups(s, settings, ["per-question", "per-question-disk"], set()))
+    assert [r["answer"] for r in runs[None]] == [r["answer"] for r in runs[tmp_path]]
+    by_policy = {(r["policy"], r["turn"]): r["answer"] for r in runs[tmp_path]}
+    assert by_policy[("per-question", 2)] == by_policy[("per-question-disk", 2)]

@@ -21,7 +21,7 @@ from ..conversation import POLICIES, Conversation, answer_line
 from ..disk_cache import DiskFullCache, read_or_reuse
 from ..methods import Method
 from ..session import PREFILL_STEP, Session
-from ..store import CONVERSATIONS, StoreWriter, read_mode, store_key
+from ..store import CONVERSATIONS, Store, StoreWriter, read_mode, store_key
 from .tasks import EvalSample
 
 MODES = {"query-aware": "first-question", "query-agnostic": "agnostic"}
@@ -70,14 +70,15 @@ class Harness:
             "policy": None, "turn": 1, "top1": None, "kl": None, **scorer(text), **extra,
         }
 
-    def _prefill(self, sample: EvalSample) -> tuple:
-        """Read the sample's document once (or take its stored full cache from disk); the
-        snapshot every setting starts from."""
+    def _prefill(self, sample: EvalSample) -> tuple[tuple, Store | None]:
+        """Read the sample's document once (or take its stored full cache from disk): the
+        snapshot every setting starts from, and the store that holds it (None without
+        stores, or when the disk refused)."""
         session = self.session
         session.reset()
         if self.stores is None:
             session.feed(sample.document)
-            return session.snapshot()
+            return session.snapshot(), None
         widest = session.attentions[0].kept
         key = store_key(self.identity, sample.document, read_mode())
         full = read_or_reuse(session, self.stores, key, f"{sample.key}'s document",
@@ -89,9 +90,10 @@ class Harness:
                 session.feed(sample.document)
             else:
                 session.caches = full.full_caches(session.region)
-        if full is not None:
-            full.close()
-        return session.snapshot()
+        if full is None:
+            return session.snapshot(), None
+        full.close()
+        return session.snapshot(), full.store
 
     def _bounded_prefill(self, sample: EvalSample, method: Method, question: list[int] | None) -> tuple:
         """The document read in chunks that ``method`` compresses to the working budget
@@ -128,7 +130,7 @@ class Harness:
         if not todo:
             return
         self.session.keep_queries_for([s.method for s in settings])
-        document, bounded = self._prefill(sample), {}
+        (document, _), bounded = self._prefill(sample), {}
         full = next(s for s in settings if not s.method.compresses)
         reference = self._full_answer(document, full, sample.questions[0])
         for mode, setting in todo:
@@ -174,9 +176,10 @@ class Harness:
         if not todo:
             return
         session.keep_queries_for([s.method for s in settings])
-        document = self._prefill(sample)
+        document, store = self._prefill(sample)
         with tempfile.TemporaryDirectory(prefix="ckv-eval-") as root:
-            store = _stored(document, Path(root)) if DISK_POLICY in policies else None
+            if store is None and DISK_POLICY in policies:  # no stores kept: one for this sample alone
+                store = _stored(document, Path(root))
             for policy, setting in todo:
                 key = f"{sample.key}/{setting.key(policy)}"
                 budget = self._budget(sample, setting)
