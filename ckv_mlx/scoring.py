@@ -9,25 +9,21 @@ from __future__ import annotations
 import mlx.core as mx
 
 
-def window_probs(
-    window_queries: mx.array, keys: mx.array, heads: list[int], scale: float
-) -> mx.array:
-    """Softmax attention of the chosen query heads' window rows over all keys.
+SCORE_BLOCK = 512  # keys scored at once: scoring allocates [query heads, window, SCORE_BLOCK] float32
 
-    Returns ``[len(heads), w, N]`` float32. Window row ``r`` sees every prefix key and
-    the window keys up to its own position (causal inside the window).
-    """
-    n_query_heads, w, dim = window_queries.shape
-    kv_heads = keys.shape[0]
-    grouped = window_queries.astype(mx.float32).reshape(kv_heads, -1, w, dim) * scale
-    k = keys.astype(mx.float32)[:, None]
-    logits = (grouped @ k.swapaxes(-1, -2)).reshape(n_query_heads, w, -1)[mx.array(heads)]
-    n = keys.shape[1]
-    rows = mx.arange(w)[:, None]
-    cols = mx.arange(n)[None, :]
-    visible = cols <= (n - w) + rows
-    logits = mx.where(visible, logits, -mx.inf)
-    return mx.softmax(logits, axis=-1, precise=True)
+
+def _block_logits(queries: mx.array, keys: mx.array, heads: mx.array, start: int, stop: int) -> mx.array:
+    """Float32 logits ``[len(heads), w, stop - start]`` of the window rows (``queries``,
+    ``[kv_heads, group, w, d]``, already scaled) over ``keys[:, start:stop]``, the chosen
+    ``heads`` only; window row ``r`` sees every prefix key and the window keys up to its
+    own position (causal inside the window)."""
+    n, w = keys.shape[1], queries.shape[2]
+    block = keys[:, None, start:stop].astype(mx.float32)
+    logits = (queries @ block.swapaxes(-1, -2)).reshape(-1, w, stop - start)[heads]
+    if stop <= n - w:
+        return logits
+    visible = mx.arange(start, stop)[None, :] <= (n - w) + mx.arange(w)[:, None]
+    return mx.where(visible, logits, -mx.inf)
 
 
 def pool(scores: mx.array, kernel: int, pooling: str = "avg") -> mx.array:
@@ -61,14 +57,28 @@ def head_scores(
     kernel: int,
     pooling: str,
 ) -> mx.array:
-    """Pooled importance of every prefix position, one row per chosen query head.
+    """Pooled importance of every prefix position, one row per chosen query head: each
+    window row's softmax attention over all keys, summed over the window rows, the
+    window's own columns dropped, pooled: ``[len(heads), N - w]`` float32.
 
-    Sums the window rows of :func:`window_probs`, drops the window's own columns and
-    pools: ``[len(heads), N - w]``.
+    Computed ``SCORE_BLOCK`` keys at a time in two passes (each row's log-normaliser,
+    then the probabilities), so memory does not grow with N beyond the result.
     """
-    w = window_queries.shape[1]
-    probs = window_probs(window_queries, keys, heads, scale)
-    prefix = probs.sum(axis=1)[:, : keys.shape[1] - w]
+    _, w, dim = window_queries.shape
+    n, kv_heads = keys.shape[1], keys.shape[0]
+    queries = window_queries.astype(mx.float32).reshape(kv_heads, -1, w, dim) * scale
+    heads = mx.array(heads)
+    normaliser = None
+    for start in range(0, n, SCORE_BLOCK):
+        part = mx.logsumexp(_block_logits(queries, keys, heads, start, min(start + SCORE_BLOCK, n)), axis=-1)
+        normaliser = part if normaliser is None else mx.logaddexp(normaliser, part)
+        mx.eval(normaliser)
+    sums = []
+    for start in range(0, n - w, SCORE_BLOCK):
+        logits = _block_logits(queries, keys, heads, start, min(start + SCORE_BLOCK, n - w))
+        sums.append(mx.exp(logits - normaliser[..., None]).sum(axis=1))
+        mx.eval(sums[-1])
+    prefix = mx.concatenate(sums, axis=-1) if sums else mx.zeros((heads.size, 0))
     return pool(prefix, kernel, pooling)
 
 
