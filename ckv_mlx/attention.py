@@ -1,47 +1,51 @@
-"""The GQA attention port: mlx-lm's attention that also keeps the window queries.
+"""The window queries of mlx-lm's own attention, seen where it attends.
 
-It reuses the model's own projections, norms and RoPE, so parameter names and outputs
-are unchanged; the only addition is the last ``window`` post-RoPE queries, which
-scoring needs and ``mx.fast.scaled_dot_product_attention`` never exposes.
+Every mlx-lm attention module ends in ``base.scaled_dot_product_attention(queries, keys,
+values, cache, scale, mask, sinks=None)`` with its layer's cache. :func:`observe` puts a
+pass-through in that name's place in the model's modules: a call whose cache is one of
+ours (it carries its layer's :class:`LayerWindow` as ``window``) has its queries
+remembered first, exactly as the attention uses them (post-RoPE, after any scaling),
+with the scale and attention sinks it attends with. Any other call, plain mlx-lm's, is
+left alone. The model itself, its parameters and its outputs are never changed.
 """
 
 from __future__ import annotations
 
+import sys
+
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models import base
 
 from .errors import CKVError
-from .models import SUPPORTED_ARCHITECTURES
 from .profiles import Defaults
 
+SDPA = "scaled_dot_product_attention"
+_mlx_lm_sdpa = base.scaled_dot_product_attention
 
-class WindowAttention(nn.Module):
-    """Grouped-query attention that remembers its latest ``window`` queries.
 
-    ``tap``, when set, sees every call's post-RoPE queries, cached keys and values and
-    per-head output ``[b, n_heads, n, head_dim]`` (before ``o_proj``) and returns the
+class LayerWindow:
+    """The latest ``window`` queries of one layer, and what its attention scores with.
+
+    ``tap``, when set, sees every call's queries, cached keys and values and per-head
+    output ``[b, n_heads, n, head_dim]`` (before the output projection) and returns the
     output to use: the profiler records attention with it, the ablation masks heads.
     """
 
-    def __init__(self, base: nn.Module, window: int = Defaults.window):
-        super().__init__()
-        self.n_heads = base.n_heads
-        self.n_kv_heads = base.n_kv_heads
-        self.scale = base.scale
-        self.q_proj, self.k_proj = base.q_proj, base.k_proj
-        self.v_proj, self.o_proj = base.v_proj, base.o_proj
-        self.q_norm = getattr(base, "q_norm", None)
-        self.k_norm = getattr(base, "k_norm", None)
-        self.rope = base.rope
+    def __init__(self, attention: nn.Module, window: int = Defaults.window):
+        self.o_proj = attention.o_proj  # what a tap applies to per-head outputs
         self.window = window  # the latest queries that score
         self.kept = window  # the latest queries remembered: the widest window installed so far
         self.tap = None
+        self.scale: float | None = None  # set by the first call, as are the heads and sinks
+        self.sinks: mx.array | None = None
+        self.n_heads = self.n_kv_heads = 0
         self._pieces: list[mx.array] = []  # the latest queries, oldest first, joined only when read
         self._held = 0
 
     @property
     def window_queries(self) -> mx.array:
-        """The latest post-RoPE queries that score, ``[n_heads, <= window, head_dim]``."""
+        """The latest queries that score, ``[n_heads, <= window, head_dim]``."""
         return self.remembered()[0, :, -self.window :, :]
 
     @property
@@ -76,30 +80,13 @@ class WindowAttention(nn.Module):
         pieces = [] if state is None else [state] if isinstance(state, mx.array) else list(state)
         self._pieces, self._held = pieces, sum(p.shape[2] for p in pieces)
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        b, n, _ = x.shape
-        queries = self.q_proj(x).reshape(b, n, self.n_heads, -1)
-        keys = self.k_proj(x).reshape(b, n, self.n_kv_heads, -1)
-        values = self.v_proj(x).reshape(b, n, self.n_kv_heads, -1)
-        if self.q_norm is not None:
-            queries, keys = self.q_norm(queries), self.k_norm(keys)
-        queries = queries.transpose(0, 2, 1, 3)
-        keys = keys.transpose(0, 2, 1, 3)
-        values = values.transpose(0, 2, 1, 3)
-
-        offset = 0 if cache is None else cache.offset
-        queries = self.rope(queries, offset=offset)
-        keys = self.rope(keys, offset=offset)
+    def attend(self, queries, keys, values, cache, scale, mask, sinks) -> mx.array:
+        """mlx-lm's attention of this layer, its queries remembered on the way."""
+        self.scale, self.sinks = scale, sinks
+        self.n_heads, self.n_kv_heads = queries.shape[1], keys.shape[1]
         self._remember(queries)
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
-
-        out = mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=self.scale, mask=mask
-        )
-        if self.tap is not None:
-            out = self.tap(self, queries, keys, values, out)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
+        out = _mlx_lm_sdpa(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+        return out if self.tap is None else self.tap(self, queries, keys, values, out)
 
     def _remember(self, queries: mx.array):
         """Keep the latest :attr:`kept` queries; a decode step appends its one query to a
@@ -116,32 +103,29 @@ class WindowAttention(nn.Module):
             self._held = self.kept
 
 
+def observed_sdpa(queries, keys, values, cache, scale, mask=None, sinks=None):
+    """mlx-lm's ``scaled_dot_product_attention``, seen by our caches' layer windows."""
+    window = getattr(cache, "window", None)
+    if window is None:
+        return _mlx_lm_sdpa(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+    out = window.attend(queries, keys, values, cache, scale, mask, sinks)
+    if hasattr(cache, "attended"):  # e.g. a layer read from disk, selecting once its window is new
+        cache.attended()
+    return out
+
+
 def joined(state: tuple) -> mx.array | None:
-    """The queries of a :meth:`WindowAttention.window_state` as one array (to save)."""
+    """The queries of a :meth:`LayerWindow.window_state` as one array (to save)."""
     return mx.concatenate(list(state), axis=2) if state else None
 
 
-def architecture(model: nn.Module) -> str:
-    """The model's mlx-lm architecture name, refusing unsupported ones."""
-    arch = getattr(model, "model_type", None) or getattr(model.args, "model_type", "")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise CKVError(
-            f"model architecture {arch!r} is not supported: use a "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} model"
-        )
-    if any(getattr(layer, "use_sliding", False) for layer in model.layers):
-        raise CKVError("models with sliding-window layers are not supported yet")
-    return arch
-
-
-def install(model: nn.Module, window: int = Defaults.window) -> list[WindowAttention]:
-    """Swap every layer's attention for :class:`WindowAttention` (idempotent).
-
-    Returns the attention modules, one per layer.
-    """
-    architecture(model)
-    for layer in model.layers:
-        if not isinstance(layer.self_attn, WindowAttention):
-            layer.self_attn = WindowAttention(layer.self_attn, window)
-        layer.self_attn.set_window(window)
-    return [layer.self_attn for layer in model.layers]
+def observe(attentions: list[nn.Module], window: int = Defaults.window) -> list[LayerWindow]:
+    """One :class:`LayerWindow` per attention module in ``attentions`` (the layers whose
+    cache compresses), their modules' attention calls made visible (idempotent)."""
+    for attention in attentions:
+        module = sys.modules[type(attention).__module__]
+        if getattr(module, SDPA, None) not in (_mlx_lm_sdpa, observed_sdpa):
+            raise CKVError(f"{type(attention).__name__} ({module.__name__}) does not attend through mlx-lm's "
+                           f"{SDPA}: its window queries cannot be seen")
+        setattr(module, SDPA, observed_sdpa)
+    return [LayerWindow(attention, window) for attention in attentions]

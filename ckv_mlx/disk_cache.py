@@ -4,8 +4,9 @@ It is the document's :class:`~ckv_mlx.store.Store` (shared, never changed) follo
 the conversation's tail (the questions and answers read against the full cache, in a
 private folder removed on :meth:`DiskFullCache.close`). :meth:`DiskFullCache.streamed`
 gives the per-layer caches of one model call: each reads its layer's rows from disk when
-that layer runs, appends the call's new rows to the tail, and hands the whole layer to a
-``keep`` callback (the selection) before the attention uses it. Each layer first
+that layer runs, appends the call's new rows to the tail, and once the attention has
+seen the call's queries hands the whole layer to a ``keep`` callback (the selection).
+Each layer first
 evaluates its input, so the layer below has finished and its full rows are freed: at
 most one layer's full rows are in memory at a time.
 """
@@ -104,15 +105,16 @@ class DiskFullCache:
             caches.append(cache)
         return caches
 
-    def streamed(self, keep: Keep | None = None) -> list["StreamedLayer"]:
-        """The caches for one model call (see the module doc)."""
-        return [StreamedLayer(self, layer, keep) for layer in range(len(self.tail.shapes))]
+    def streamed(self, windows: list, keep: Keep | None = None) -> list["StreamedLayer"]:
+        """The caches for one model call (see the module doc), each showing its layer's
+        window (``attention.LayerWindow``) the queries."""
+        return [StreamedLayer(self, layer, window, keep) for layer, window in enumerate(windows)]
 
-    def read(self, model, tokens: list[int], keep: Keep | None = None) -> mx.array:
+    def read(self, model, tokens: list[int], windows: list, keep: Keep | None = None) -> mx.array:
         """Run ``tokens`` through ``model`` against every row, adding theirs to the tail;
         the logits of the last. An interrupted call takes its rows back out."""
         try:
-            logits = model(mx.array([tokens]), cache=self.streamed(keep))[:, -1, :]
+            logits = model(mx.array([tokens]), cache=self.streamed(windows, keep))[:, -1, :]
             mx.eval(logits)
         except OSError as error:
             self.tail.truncate()
@@ -146,9 +148,10 @@ def _read(sources: list, room: int = 0) -> tuple[mx.array, mx.array]:
 class StreamedLayer(_BaseCache):
     """One layer's full cache for one model call, read from disk (see the module doc)."""
 
-    def __init__(self, full: DiskFullCache, layer: int, keep: Keep | None):
-        self.full, self.layer, self.keep = full, layer, keep
+    def __init__(self, full: DiskFullCache, layer: int, window, keep: Keep | None):
+        self.full, self.layer, self.window, self.keep = full, layer, window, keep
         self.offset = full.tokens
+        self._rows = None
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         mx.eval(keys, values)  # the layers below are done, and their full rows freed
@@ -157,10 +160,14 @@ class StreamedLayer(_BaseCache):
         all_keys[..., self.offset :, :] = keys
         all_values[..., self.offset :, :] = values
         self.offset = all_keys.shape[2]
-        keys, values = all_keys, all_values
+        self._rows = all_keys, all_values
+        return all_keys, all_values
+
+    def attended(self):
+        """Once the layer's window holds the new queries: keep what the method selects."""
         if self.keep is not None:
-            self.keep(self.layer, keys, values)
-        return keys, values
+            self.keep(self.layer, *self._rows)
+        self._rows = None
 
     def make_mask(self, n: int, return_array: bool = False, window_size=None):
         if window_size is not None or return_array:

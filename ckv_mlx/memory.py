@@ -12,9 +12,11 @@ import re
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
 
 from .cache import allocated_rows
 from .errors import CKVError
+from .families import compressible_layers
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
          "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30}
@@ -42,15 +44,12 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def kv_bytes_per_token(model: nn.Module) -> int:
-    """Bytes one token adds to the full cache over all layers (keys and values), in the
-    dtype the model computes its keys in."""
-    probe = model.model.embed_tokens(mx.array([[0]]))
-    total = 0
-    for layer in model.layers:
-        attention = layer.self_attn
-        keys = attention.k_proj(probe)
-        total += 2 * keys.shape[-1] * keys.dtype.size
-    return total
+    """Bytes one token adds to the full cache over the layers that compress (keys and
+    values), in the dtype the model computes its keys in: one token read by mlx-lm."""
+    caches = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=caches)
+    return sum((caches[i].keys.nbytes + caches[i].values.nbytes) // caches[i].keys.shape[2]
+               for i in compressible_layers(model))
 
 
 def memory_budget() -> int:

@@ -16,6 +16,7 @@ from huggingface_hub.errors import HFValidationError
 from mlx.utils import tree_unflatten
 
 from .errors import CKVError
+from .families import check_config_file, text_model
 from .fingerprint import model_identity
 from .gguf import BUILTIN_MODEL, builtin_model_folder
 
@@ -47,7 +48,6 @@ class ModelShape:
         )
 
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_MODEL = BUILTIN_MODEL
 PRECISIONS = ("float32", "native")
 PRECISION_ENV = "CKV_PRECISION"
@@ -128,20 +128,10 @@ def _checked_source(name: str) -> str:
     elif Path(name).is_dir():
         folder = Path(name)
     else:
-        check_architecture(_hub_config(name), name)
+        check_config_file(_hub_config(name), name)
         return name
-    check_architecture(folder / "config.json", name)
+    check_config_file(folder / "config.json", name)
     return str(folder)
-
-
-def check_architecture(config_path: Path, name: str) -> None:
-    """Refuse a model whose config.json names an architecture the method does not port."""
-    if not config_path.is_file():
-        raise CKVError(f"{name}: no config.json found; pass an mlx-lm model folder")
-    model_type = json.loads(config_path.read_text()).get("model_type")
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise CKVError(f"{name}: architecture {model_type!r} is not supported; "
-                       f"use one of: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
 def _hub_config(repo_id: str) -> Path:
@@ -215,8 +205,8 @@ def _refuse_quantized_left(model: nn.Module) -> None:
 
 
 def model_shape(model: nn.Module, name: str) -> ModelShape:
-    """The attention geometry of an mlx-lm model, read from its args."""
-    args = model.args
+    """The attention geometry of an mlx-lm model, read from its (text model's) args."""
+    args = text_model(model).args
     heads = args.num_attention_heads
     return ModelShape(
         name=name,

@@ -14,10 +14,11 @@ from typing import Callable, Iterator
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .attention import install
+from .attention import observe
 from .cache import EvictingKVCache, allocated_rows
 from .disk_cache import DiskFullCache
 from .errors import CKVError
+from .families import attention_modules
 from .methods import Method
 from .store import STORED_QUERIES, StoreWriter
 
@@ -59,9 +60,23 @@ class Session:
     def __init__(self, model, tokenizer, method: Method, region: int | None = None):
         self.model, self.tokenizer, self._method = model, tokenizer, method
         self.region = region
-        self.attentions = install(model, method.window)
+        self.attentions = observe(attention_modules(model), method.window)
         self._recorder = None
         self.reset()
+        mx.eval(model(mx.array([[0]]), cache=self.caches))  # each window sees how its layer attends
+        self.reset()
+
+    @property
+    def caches(self) -> list[EvictingKVCache]:
+        """Every layer's cache, in the model's order."""
+        return self._caches
+
+    @caches.setter
+    def caches(self, caches: list[EvictingKVCache]):
+        """Take ``caches`` as the model's: each one shows its layer's window the queries."""
+        for cache, window in zip(caches, self.attentions):
+            cache.window = window
+        self._caches = caches
 
     @property
     def method(self) -> Method:
@@ -80,7 +95,7 @@ class Session:
         return self.attentions[0].window
 
     def _use_window(self, method: Method):
-        """Re-install the attention with ``method``'s window. One wider than the queries
+        """Score with ``method``'s window from now on. One wider than the queries
         remembered cannot be filled once more tokens were read: refused in one line."""
         if method.window == self.window:
             return
@@ -90,7 +105,8 @@ class Session:
                 f"method {method.name} scores with a {method.window}-token window but only the last {held} "
                 "queries of the document were kept: read it again with this method"
             )
-        install(self.model, method.window)
+        for attention in self.attentions:
+            attention.set_window(method.window)
 
     def keep_queries_for(self, methods: list[Method]):
         """Remember enough queries for each of ``methods``: a document read once can then
@@ -373,8 +389,8 @@ class Session:
 
         *body, last = [tokens[i : i + PREFILL_STEP] for i in range(0, len(tokens), PREFILL_STEP)]
         for piece in body:  # their rows join the full cache; the last piece's window selects
-            full.read(self.model, piece)
-        logits = full.read(self.model, last, keep)
+            full.read(self.model, piece, self.attentions)
+        logits = full.read(self.model, last, self.attentions, keep)
         mx.eval([a.window_state() for a in self.attentions])
         self.caches = kept
         self.stats.reselect_s = time.perf_counter() - start

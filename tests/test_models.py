@@ -16,8 +16,9 @@ from tokenizers.models import WordLevel
 from ckv_mlx import gguf, models
 from ckv_mlx.errors import CKVError
 from ckv_mlx.fingerprint import model_identity
+from ckv_mlx.families import SUPPORTED
 from ckv_mlx.models import (
-    DEFAULT_MODEL, SUPPORTED_ARCHITECTURES, load_model, model_shape, to_float32,
+    DEFAULT_MODEL, load_model, model_shape, to_float32,
 )
 from tiny import tiny_model
 
@@ -57,7 +58,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
         load_model(str(tmp_path))
     message = str(error.value)
     assert "'gpt2'" in message and "\n" not in message
-    assert all(arch in message for arch in SUPPORTED_ARCHITECTURES)
+    assert all(arch in message for arch in SUPPORTED)
 
 
 def test_folder_without_config_is_refused(tmp_path):
