@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import random
 
-from ckv_mlx.models import ModelShape
+from ckv_mlx.models import ModelShape, model_shape
 from ckv_mlx.profiles import Defaults, Profile, Provenance
 
 
 def tiny_shape(model, name: str = "tiny") -> ModelShape:
-    attn = model.layers[0].self_attn
-    head_dim = attn.q_proj.weight.shape[0] // attn.n_heads
-    return ModelShape(name, model.model_type, len(model.layers), attn.n_heads, attn.n_kv_heads, head_dim)
+    return model_shape(model, name)
 
 
 def fake_profile(model, seed: int = 0, name: str = "tiny") -> Profile:

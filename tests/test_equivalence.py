@@ -6,7 +6,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ckv_mlx.methods import METHODS, make_method
 from ckv_mlx.session import Session
-from tiny import TinyTokenizer, tiny_model
+from tiny import FAMILIES, TinyTokenizer, tiny_model
 from fakes import fake_profile
 
 STEPS = 20
@@ -21,7 +21,7 @@ def plain_logits(model, prompt, forced):
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", FAMILIES)
 @pytest.mark.parametrize("name", list(METHODS))
 def test_budget_at_least_prompt_matches_plain_mlx_lm(arch, name):
     mx.random.seed(1)

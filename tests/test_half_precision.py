@@ -15,7 +15,7 @@ from ckv_mlx.profile.srh import head_scores
 from ckv_mlx.session import Session
 from ckv_mlx.taps import SpanRecorder, tapped
 from fakes import fake_profile
-from tiny import HALF, TinyTokenizer, mac_model, masked_plain_logits, plain_greedy
+from tiny import FAMILIES, HALF, TinyTokenizer, mac_model, masked_plain_logits, plain_greedy
 
 DTYPES = list(HALF)
 ATOL = {"bfloat16": 0.1, "float16": 0.02}  # logits of order 1: a few ulps of the dtype
@@ -39,7 +39,7 @@ def close(a, b, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", FAMILIES)
 @pytest.mark.parametrize("name", list(METHODS))
 def test_nothing_to_evict_matches_plain_mlx_lm(name, arch, dtype):
     prompt, forced = tokens(48), tokens(10, seed=2)

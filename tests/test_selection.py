@@ -10,7 +10,7 @@ from ckv_mlx.methods import CompressKV, CompressKVGQA, PyramidKV, SnapKV, Stream
 from ckv_mlx.session import Session
 from fakes import fake_profile
 from reference_data import reference_file
-from tiny import TinyTokenizer, tiny_model
+from tiny import FAMILIES, TinyTokenizer, tiny_model
 
 
 
@@ -94,9 +94,10 @@ def session_selection(model, method, prompt_len, budget, seed=0):
     return inputs, kept, budgets
 
 
+@pytest.mark.parametrize("arch", FAMILIES)
 @pytest.mark.parametrize("name", ["compresskv", "compresskv-gqa", "snapkv"])
-def test_session_selects_like_numpy_on_a_tiny_model(name):
-    model = tiny_model("llama", layers=3, heads=6, kv_heads=2)
+def test_session_selects_like_numpy_on_a_tiny_model(name, arch):
+    model = tiny_model(arch, layers=3, heads=6, kv_heads=2)
     profile = fake_profile(model)
     method, _ = make_method(name, profile)
     inputs, kept, budgets = session_selection(model, method, 150, 40)

@@ -8,7 +8,17 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-MODULES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+MODULES = {"mistral": "llama"}  # model_type -> mlx-lm module, where they differ
+FAMILY_ARGS = {  # what each family needs beside the common arguments, small
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "moe_intermediate_size": 32, "norm_topk_prob": True},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "phi3": {"partial_rotary_factor": 0.5},  # RoPE on half of each head
+    "smollm3": {"no_rope_layer_interval": 2},  # every 2nd layer without RoPE
+    "ministral3": {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default", "llama_4_scaling_beta": 0.1,
+                                       "original_max_position_embeddings": 16}},  # query scaling past 16 tokens
+}
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", *FAMILY_ARGS, "mistral3")
 
 
 def tiny_model(
@@ -20,8 +30,8 @@ def tiny_model(
     vocab: int = 128,
     seed: int = 0,
 ):
-    """A float32 model with random weights; ``hidden = heads * head_dim``."""
-    module = importlib.import_module(f"mlx_lm.models.{MODULES[arch]}")
+    """A float32 model with random weights, built from mlx-lm's own ``Model`` and
+    ``ModelArgs``; ``hidden = heads * head_dim``. ``mistral3`` wraps a ``ministral3``."""
     config = {
         "model_type": arch,
         "hidden_size": heads * head_dim,
@@ -35,7 +45,11 @@ def tiny_model(
         "rope_theta": 10000.0,
         "max_position_embeddings": 4096,
         "tie_word_embeddings": True,
+        **FAMILY_ARGS.get(arch, {}),
     }
+    if arch == "mistral3":
+        config = {"model_type": arch, "text_config": {**config, **FAMILY_ARGS["ministral3"], "model_type": "ministral3"}}
+    module = importlib.import_module(f"mlx_lm.models.{MODULES.get(arch, arch)}")
     mx.random.seed(seed)
     model = module.Model(module.ModelArgs.from_dict(config))
     mx.eval(model.parameters())
