@@ -194,6 +194,11 @@ def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[Stor
     when there is one (the session then stands at its end, nothing read), else what
     ``read(writer)`` reads into ``session``, stored as it goes. When the disk refuses,
     ``read`` still runs (told why), without a store: None, the full cache in memory."""
+    if session.others:
+        notify(f"{name}: this model's sliding-window and recurrent layers are not stored on disk yet; "
+               "its full cache stays in memory")
+        read(None)
+        return None
     full = stored_full_cache(root, key, notify)
     if full is not None:
         notify(f"{name} was read before: its stored cache ({mib(full.nbytes)} on disk) is used, nothing to read")

@@ -24,6 +24,9 @@ SUPPORTED = (
     "ministral3", "mistral3",  # GQA with llama-4 query scaling; mistral3 wraps it (or llama) as text
     "phi3",  # fused qkv projection, partial RoPE
     "smollm3",  # llama with RoPE left out of every 4th layer (NoPE)
+    "gemma3_text", "gemma3",  # 5 of 6 layers a 512-token sliding window; gemma3 wraps it as text
+    "gpt_oss",  # sliding and full layers alternating, learned attention sinks, MoE
+    "qwen3_next", "qwen3_5",  # linear attention (GatedDeltaNet) with full attention every 4th layer
 )
 REFUSED = {  # what is known not to compress here, and why
     "deepseek_v2": "multi-head latent attention (MLA)", "deepseek_v3": "multi-head latent attention (MLA)",
@@ -61,11 +64,10 @@ def compressible_layers(model: nn.Module) -> list[int]:
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The attention module of every layer of ``model``, once its family is checked:
-    refused in one line if it is not supported or has layers that do not compress."""
+    """The attention module of every layer that compresses, once the family is checked:
+    refused in one line if it is not supported or no layer compresses."""
     check_config({"model_type": getattr(model, "model_type", None) or model.args.model_type}, "the model")
     layers = compressible_layers(model)
-    if len(layers) != len(model.layers):
-        raise CKVError(f"{len(model.layers) - len(layers)} of the model's {len(model.layers)} layers keep a "
-                       "sliding-window or recurrent cache; models that mix layer kinds are not supported yet")
-    return [layer.self_attn for layer in model.layers]
+    if not layers:
+        raise CKVError("no layer of this model keeps a growing KV cache: there is nothing to compress")
+    return [model.layers[i].self_attn for i in layers]

@@ -30,15 +30,17 @@ class Method:
         return budgets.uniform(n_layers, avg_budget)
 
     def keep_indices(
-        self, layer: int, window_queries: mx.array, keys: mx.array, scale: float, budget: int
+        self, layer: int, window_queries: mx.array, keys: mx.array, scale: float, budget: int,
+        sinks: mx.array | None = None,
     ) -> mx.array:
-        """Rows of ``keys`` (``[kv_heads, N, d]``) to keep, sorted; all when N <= budget."""
+        """Rows of ``keys`` (``[kv_heads, N, d]``) to keep, sorted; all when N <= budget.
+        ``sinks``: the layer's learned attention-sink logit per query head, if it has them."""
         n = keys.shape[1]
         if n <= budget:
             return mx.arange(n)[None]
-        return keep_top(self.scores(layer, window_queries, keys, scale), budget, self.window)
+        return keep_top(self.scores(layer, window_queries, keys, scale, sinks), budget, self.window)
 
-    def scores(self, layer: int, window_queries, keys, scale) -> mx.array:
+    def scores(self, layer: int, window_queries, keys, scale, sinks=None) -> mx.array:
         raise NotImplementedError
 
 
@@ -58,7 +60,7 @@ class StreamingLLM(Method):
         super().__init__(**kwargs)
         self.sinks = sinks
 
-    def keep_indices(self, layer, window_queries, keys, scale, budget):
+    def keep_indices(self, layer, window_queries, keys, scale, budget, sinks=None):
         n = keys.shape[1]
         if n <= budget:
             return mx.arange(n)[None]
@@ -72,9 +74,9 @@ class SnapKV(Method):
 
     name = "snapkv"
 
-    def scores(self, layer, window_queries, keys, scale):
+    def scores(self, layer, window_queries, keys, scale, sinks=None):
         heads = list(range(window_queries.shape[0]))
-        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling)
+        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling, sinks)
         kv_heads = keys.shape[0]
         return group_mean(per_head, heads, len(heads) // kv_heads, kv_heads)
 
@@ -103,9 +105,9 @@ class CompressKV(Method):
             return budgets.uniform(n_layers, avg_budget)
         return budgets.error_aware(self.profile.layer_errors, avg_budget)
 
-    def scores(self, layer, window_queries, keys, scale):
+    def scores(self, layer, window_queries, keys, scale, sinks=None):
         heads = self.profile.srh_heads(layer)
-        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling)
+        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling, sinks)
         return per_head.mean(axis=0, keepdims=True)
 
 
@@ -115,9 +117,9 @@ class CompressKVGQA(CompressKV):
 
     name = "compresskv-gqa"
 
-    def scores(self, layer, window_queries, keys, scale):
+    def scores(self, layer, window_queries, keys, scale, sinks=None):
         heads = self.profile.srh_heads(layer)
-        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling)
+        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling, sinks)
         kv_heads = keys.shape[0]
         return group_mean(per_head, heads, window_queries.shape[0] // kv_heads, kv_heads)
 

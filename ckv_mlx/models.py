@@ -16,7 +16,7 @@ from huggingface_hub.errors import HFValidationError
 from mlx.utils import tree_unflatten
 
 from .errors import CKVError
-from .families import check_config_file, text_model
+from .families import check_config_file, compressible_layers, text_model
 from .fingerprint import model_identity
 from .gguf import BUILTIN_MODEL, builtin_model_folder
 
@@ -205,13 +205,14 @@ def _refuse_quantized_left(model: nn.Module) -> None:
 
 
 def model_shape(model: nn.Module, name: str) -> ModelShape:
-    """The attention geometry of an mlx-lm model, read from its (text model's) args."""
+    """The attention geometry of an mlx-lm model, read from its (text model's) args;
+    ``layers`` counts the layers that compress (what a profile describes)."""
     args = text_model(model).args
     heads = args.num_attention_heads
     return ModelShape(
         name=name,
         architecture=args.model_type,
-        layers=args.num_hidden_layers,
+        layers=len(compressible_layers(model)),
         query_heads=heads,
         kv_heads=getattr(args, "num_key_value_heads", None) or heads,
         head_dim=getattr(args, "head_dim", None) or args.hidden_size // heads,

@@ -56,10 +56,13 @@ def head_scores(
     scale: float,
     kernel: int,
     pooling: str,
+    sinks: mx.array | None = None,
 ) -> mx.array:
     """Pooled importance of every prefix position, one row per chosen query head: each
     window row's softmax attention over all keys, summed over the window rows, the
-    window's own columns dropped, pooled: ``[len(heads), N - w]`` float32.
+    window's own columns dropped, pooled: ``[len(heads), N - w]`` float32. A layer with
+    learned attention ``sinks`` (one logit per query head, as gpt-oss) gives each head's
+    sink its share of the softmax, as its attention does.
 
     Computed ``SCORE_BLOCK`` keys at a time in two passes (each row's log-normaliser,
     then the probabilities), so memory does not grow with N beyond the result.
@@ -68,7 +71,7 @@ def head_scores(
     n, kv_heads = keys.shape[1], keys.shape[0]
     queries = window_queries.astype(mx.float32).reshape(kv_heads, -1, w, dim) * scale
     heads = mx.array(heads)
-    normaliser = None
+    normaliser = None if sinks is None else mx.broadcast_to(sinks.astype(mx.float32)[heads][:, None], (heads.size, w))
     for start in range(0, n, SCORE_BLOCK):
         part = mx.logsumexp(_block_logits(queries, keys, heads, start, min(start + SCORE_BLOCK, n)), axis=-1)
         normaliser = part if normaliser is None else mx.logaddexp(normaliser, part)

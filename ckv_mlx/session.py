@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -19,6 +19,7 @@ from .cache import EvictingKVCache, allocated_rows
 from .disk_cache import DiskFullCache
 from .errors import CKVError
 from .families import attention_modules
+from .layer_caches import all_trimmable, arrays, copied, fresh_others, nbytes
 from .methods import Method
 from .store import STORED_QUERIES, StoreWriter
 
@@ -54,6 +55,15 @@ class Stats:
         return self.generated_tokens / self.decode_s if self.decode_s else 0.0
 
 
+class Snapshot(NamedTuple):
+    """Everything a session holds of what it read (see :meth:`Session.snapshot`)."""
+
+    caches: list[EvictingKVCache]
+    queries: list[tuple]  # each layer's window state
+    stats: Stats
+    others: dict  # copies of mlx-lm's own caches, by layer
+
+
 class Session:
     """A model with evicting caches and one compression method."""
 
@@ -63,13 +73,19 @@ class Session:
         self.attentions = observe(attention_modules(model), method.window)
         self._recorder = None
         self.reset()
-        mx.eval(model(mx.array([[0]]), cache=self.caches))  # each window sees how its layer attends
+        mx.eval(model(mx.array([[0]]), cache=self.model_caches()))  # each window sees how its layer attends
         self.reset()
 
     @property
     def caches(self) -> list[EvictingKVCache]:
-        """Every layer's cache, in the model's order."""
+        """The caches of the layers that compress, in the model's order."""
         return self._caches
+
+    def model_caches(self, caches: list | None = None) -> list:
+        """What the model reads through: ``caches`` (default :attr:`caches`) at the layers
+        that compress, mlx-lm's own caches (:attr:`others`) at the rest."""
+        caches = iter(self.caches if caches is None else caches)
+        return [self.others[i] if i in self.others else next(caches) for i in range(len(self.caches) + len(self.others))]
 
     @caches.setter
     def caches(self, caches: list[EvictingKVCache]):
@@ -118,25 +134,23 @@ class Session:
     def reset(self):
         """Forget the document: empty caches and window queries."""
         self.caches = [EvictingKVCache(self.region) for _ in self.attentions]
+        self.others = fresh_others(self.model)  # the layers that do not compress, by index
         for attention in self.attentions:
             attention.reset()
         self.stats = Stats()
 
-    def snapshot(self) -> tuple:
+    def snapshot(self) -> Snapshot:
         """A copy of the caches, window queries and stats, e.g. of a prefilled document."""
-        return (
-            [c.copy() for c in self.caches],
-            [a.window_state() for a in self.attentions],
-            replace(self.stats),
-        )
+        return Snapshot([c.copy() for c in self.caches], [a.window_state() for a in self.attentions],
+                        replace(self.stats), {i: copied(c) for i, c in self.others.items()})
 
-    def restore(self, snapshot: tuple):
+    def restore(self, snapshot: Snapshot):
         """Go back to a :meth:`snapshot`; it can be restored again later."""
-        caches, queries, stats = snapshot
-        self.caches = [c.copy() for c in caches]
-        for attention, q in zip(self.attentions, queries):
+        self.caches = [c.copy() for c in snapshot.caches]
+        self.others = {i: copied(c) for i, c in snapshot.others.items()}
+        for attention, q in zip(self.attentions, snapshot.queries):
             attention.restore_window_state(q)
-        self.stats = replace(stats)
+        self.stats = replace(snapshot.stats)
 
     def remembered_queries(self) -> list[mx.array | None]:
         """Every layer's remembered window queries as one array each (to save or store)."""
@@ -145,6 +159,9 @@ class Session:
     def take_over(self, caches: list[EvictingKVCache], queries: list[mx.array | None]):
         """Continue from caches and window queries read elsewhere (a saved session, a
         stored document); statistics start afresh."""
+        if self.others:
+            raise CKVError("caches saved or stored for a model with sliding-window or recurrent layers "
+                           "cannot be taken up yet: read the document again")
         if len(caches) != len(self.caches):
             raise CKVError(f"the cache has {len(caches)} layers, the model {len(self.caches)}")
         self.reset()
@@ -165,28 +182,30 @@ class Session:
 
     @property
     def kv_bytes(self) -> int:
-        """KV bytes allocated now, over all layers."""
-        return sum(c.nbytes for c in self.caches)
+        """KV bytes allocated now, over all layers (mlx-lm's own caches included)."""
+        return sum(c.nbytes for c in self.caches) + sum(nbytes(c) for c in self.others.values())
 
     @property
     def kv_rows_bytes(self) -> int:
         """KV bytes of the rows holding tokens (at most :attr:`kv_bytes`)."""
-        return sum(c.rows_nbytes for c in self.caches)
+        return sum(c.rows_nbytes for c in self.caches) + sum(nbytes(c) for c in self.others.values())
 
     @property
     def full_bytes(self) -> int:
-        """What a full cache of every token seen so far allocates (256-row steps)."""
-        return self.bytes_per_token * allocated_rows(self.position)
+        """What a full cache of every token seen so far allocates (256-row steps), beside
+        what the layers that do not compress hold."""
+        return self.bytes_per_token * allocated_rows(self.position) + sum(nbytes(c) for c in self.others.values())
 
     @property
     def bytes_per_token(self) -> int:
-        """What one more token costs a full cache, over all layers."""
+        """What one more token costs a full cache, over the layers that compress."""
         return sum(c.row_bytes for c in self.caches)
 
     @property
     def consistent(self) -> bool:
         """Whether every layer has seen the same tokens (an interrupt mid-step breaks it)."""
-        return len({c.offset for c in self.caches}) == 1
+        others = [c.offset for c in self.others.values() if hasattr(c, "offset")]
+        return len({c.offset for c in self.caches} | set(others)) == 1
 
     @property
     def position(self) -> int:
@@ -247,7 +266,7 @@ class Session:
                 self._evict_to(budgets)
                 if progress:
                     progress(min(start + step, len(body)), len(tokens))
-        logits = self.model(mx.array([last]), cache=self.caches)[:, -1, :]
+        logits = self.model(mx.array([last]), cache=self.model_caches())[:, -1, :]
         self._record(1)
         if progress:
             progress(len(tokens), len(tokens))
@@ -270,14 +289,17 @@ class Session:
         """Append ``piece``, then read ``probe`` (the question, at most half a chunk) so
         that its queries become every layer's window, and drop the probe's rows: the
         next eviction keeps what the question attends to, as if it were asked here."""
-        self.model(mx.array([piece]), cache=self.caches)
+        self.model(mx.array([piece]), cache=self.model_caches())
         self._record(len(piece))
+        before = {i: copied(c) for i, c in self.others.items()} if probe else None  # mlx-lm may not trim them
         if probe:
-            self.model(mx.array([probe]), cache=self.caches)
+            self.model(mx.array([probe]), cache=self.model_caches())
         self._eval_caches()
         self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.kv_bytes)
         for cache in self.caches:
             cache.trim(len(probe))
+        if before is not None:
+            self.others = before
 
     def _record(self, rows: int):
         """While a prefill records, write every layer's latest ``rows`` rows to the store."""
@@ -288,7 +310,8 @@ class Session:
     def _eval_caches(self):
         """Materialise every layer's keys, values and window queries, so no lazy graph
         keeps a replaced (e.g. full, pre-compression) buffer or a chunk's queries alive."""
-        mx.eval([(c.keys, c.values) for c in self.caches], [a.window_state() for a in self.attentions])
+        mx.eval([(c.keys, c.values) for c in self.caches], [a.window_state() for a in self.attentions],
+                [arrays(c) for c in self.others.values()])
 
     def _evict_to(self, budgets: list[int]):
         """Cut every layer longer than its budget, one at a time (bounded transients)."""
@@ -314,13 +337,13 @@ class Session:
         for start in range(0, len(body), step):
             piece = body[start : start + step]
             self.make_room(len(piece))
-            self.model(mx.array([piece]), cache=self.caches)
+            self.model(mx.array([piece]), cache=self.model_caches())
             self._eval_caches()
             self._record(len(piece))
             if progress:
                 progress(start + len(piece), len(tokens))
         self.make_room(1)
-        logits = self.model(mx.array([last]), cache=self.caches)[:, -1, :]
+        logits = self.model(mx.array([last]), cache=self.model_caches())[:, -1, :]
         self._record(1)
         if progress:
             progress(len(tokens), len(tokens))
@@ -407,7 +430,7 @@ class Session:
         attention, cache = self.attentions[layer], cache or self.caches[layer]
         keys = cache.fetch()[0][0]
         keep = self.method.keep_indices(
-            layer, attention.window_queries, keys, attention.scale, budget
+            layer, attention.window_queries, keys, attention.scale, budget, attention.sinks
         )
         cache.compress(keep, budget)
 
@@ -426,7 +449,7 @@ class Session:
         for start in range(0, len(body), step):
             chunk = body[start : start + step]
             self.make_room(len(chunk))
-            rows.append(self.model(mx.array([chunk]), cache=self.caches)[0])
+            rows.append(self.model(mx.array([chunk]), cache=self.model_caches())[0])
         out = mx.concatenate(rows).astype(mx.float32)
         return out - mx.logsumexp(out, axis=-1, keepdims=True)
 
@@ -464,7 +487,7 @@ class Session:
 
         def feed(token: mx.array, answer: mx.array) -> mx.array:
             self.make_room(1)
-            logits = self.model(token.reshape(1, 1), cache=self.caches)[:, -1, :]
+            logits = self.model(token.reshape(1, 1), cache=self.model_caches())[:, -1, :]
             return choose(logits, answer)
 
         token = choose(logits, None)
@@ -490,7 +513,13 @@ class Session:
             )
 
     def _unfeed_last(self, queries: list):
-        """Take back the token fed ahead of its check: its row and its window query."""
+        """Take back the token fed ahead of its check: its row and its window query. Where
+        mlx-lm cannot take it out of its own caches (a full sliding window, a recurrent
+        state), it stays in every layer, as in mlx-lm's own chat."""
+        if not all_trimmable(self.others.values()):
+            return
+        for cache in self.others.values():
+            cache.trim(1)
         for cache in self.caches:
             cache.trim(1)
         for attention, saved in zip(self.attentions, queries):

@@ -59,7 +59,7 @@ def coverage(session, budgets: list[int], positions: list[int]) -> list[list[int
     for layer, budget in enumerate(budgets):
         attention, cache = session.attentions[layer], session.caches[layer]
         keys = cache.fetch()[0][0]
-        keep = np.array(session.method.keep_indices(layer, attention.window_queries, keys, attention.scale, budget))
+        keep = np.array(session.method.keep_indices(layer, attention.window_queries, keys, attention.scale, budget, attention.sinks))
         kept = (keep[:, :, None] == np.array(positions)).any(axis=1)  # [token sets, positions]
         rows.append((kept.sum(axis=0) * (keys.shape[0] // keep.shape[0])).tolist())
     return rows

@@ -48,12 +48,14 @@ import math
 import numpy as np
 
 
-def window_probs(q_win, k, heads, group_size, scale=None):
+def window_probs(q_win, k, heads, group_size, scale=None, sinks=None):
     """Causal softmax of the window queries of `heads` over all T keys.
 
     q_win [Hq, w, d] holds the queries of the last w prompt tokens, k [Hkv, T, d].
     Query head h reads KV head h // group_size. Window row r may see key
-    column T - w + c only for c <= r. Returns float64 [len(heads), w, T].
+    column T - w + c only for c <= r. `sinks` [Hq]: a learned logit per query
+    head that joins every row's softmax as one more column, then is dropped (as
+    gpt-oss attends). Returns float64 [len(heads), w, T].
     """
     heads = np.asarray(heads, dtype=np.int64)
     q = np.asarray(q_win, dtype=np.float64)[heads]
@@ -65,9 +67,12 @@ def window_probs(q_win, k, heads, group_size, scale=None):
     row = np.arange(w)[:, None]
     col = np.arange(T)[None, :]
     logits = np.where(col > T - w + row, -np.inf, logits)
+    if sinks is not None:
+        sink = np.broadcast_to(np.asarray(sinks, dtype=np.float64)[heads][:, None, None], (len(heads), w, 1))
+        logits = np.concatenate([logits, sink], axis=-1)
     logits -= logits.max(axis=-1, keepdims=True)
     weights = np.exp(logits)
-    return weights / weights.sum(axis=-1, keepdims=True)
+    return (weights / weights.sum(axis=-1, keepdims=True))[..., :T]
 
 
 def pooled_scores(probs, window, kernel=5, pooling="avg"):

@@ -97,7 +97,7 @@ def test_decode_after_compression_continues_rope_at_true_position(name, arch):
     ours = []
     for token in forced:
         session.make_room(1)
-        ours.append(session.model(mx.array([[token]]), cache=session.caches)[:, -1])
+        ours.append(session.model(mx.array([[token]]), cache=session.model_caches())[:, -1])
     assert session.position == PROMPT + len(forced)
     reference = masked_plain_logits(tiny_model(arch, layers=3), prompt_tokens(), forced, kept)
     for step, (a, b) in enumerate(zip(reference, ours)):
@@ -129,7 +129,7 @@ def test_saved_cache_loads_and_continues_identically(tmp_path):
     for a, b in zip(session.caches, caches):
         assert (a.offset, a.length, a.budget, a.region) == (b.offset, b.length, b.budget, b.region)
     token = mx.array([[5]])
-    expected = session.model(token, cache=session.caches)
+    expected = session.model(token, cache=session.model_caches())
     assert mx.array_equal(session.model(token, cache=caches), expected)
     assert not list(tmp_path.glob(".*tmp*"))
 

@@ -83,7 +83,7 @@ def test_teacher_force_gives_the_log_probs_of_plain_mlx_lm_on_the_same_cache(met
     expected = [logits]
     for token in forced[:-1]:
         session.make_room(1)
-        expected.append(model(mx.array([[token]]), cache=session.caches)[:, -1])
+        expected.append(model(mx.array([[token]]), cache=session.model_caches())[:, -1])
     expected = mx.concatenate(expected)
     expected = expected - mx.logsumexp(expected, axis=-1, keepdims=True)
     assert ours.shape == (40, 128)

@@ -36,7 +36,7 @@ def test_budget_at_least_prompt_matches_plain_mlx_lm(arch, name):
     session.compress(len(prompt))
     for token in forced:
         session.make_room(1)
-        ours.append(model(mx.array([[token]]), cache=session.caches)[:, -1])
+        ours.append(model(mx.array([[token]]), cache=session.model_caches())[:, -1])
 
     for step, (a, b) in enumerate(zip(reference, ours)):
         assert mx.allclose(a, b, atol=1e-5, rtol=1e-5), f"{arch}/{name} differs at step {step}"

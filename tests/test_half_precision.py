@@ -53,7 +53,7 @@ def test_nothing_to_evict_matches_plain_mlx_lm(name, arch, dtype):
     session.compress(len(prompt))
     for token in forced:
         session.make_room(1)
-        ours.append(model(mx.array([[token]]), cache=session.caches)[:, -1])
+        ours.append(model(mx.array([[token]]), cache=session.model_caches())[:, -1])
     assert session.caches[0].keys.dtype == HALF[dtype]
     for step, (a, b) in enumerate(zip(reference, ours)):
         assert close(a, b, dtype), f"step {step}"
@@ -73,7 +73,7 @@ def test_compressed_decode_matches_masked_mlx_lm(name, dtype):
     ours = []
     for token in forced:
         session.make_room(1)
-        ours.append(model(mx.array([[token]]), cache=session.caches)[:, -1])
+        ours.append(model(mx.array([[token]]), cache=session.model_caches())[:, -1])
     for step, (a, b) in enumerate(zip(masked_plain_logits(model, prompt, forced, kept), ours)):
         assert close(a, b, dtype), f"step {step}"
 
@@ -95,7 +95,7 @@ def test_saved_cache_resumes_identically(dtype, tmp_path):
     caches, _, _ = load_caches(tmp_path / "s.safetensors")
     assert caches[0].keys.dtype == HALF[dtype]
     token = mx.array([[5]])
-    assert mx.array_equal(model(token, cache=caches), model(token, cache=session.caches))
+    assert mx.array_equal(model(token, cache=caches), model(token, cache=session.model_caches()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -68,10 +68,10 @@ def test_folder_without_config_is_refused(tmp_path):
 
 def test_unsupported_hub_architecture_is_refused_before_download(tmp_path, monkeypatch):
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"model_type": "gemma3"}))
+    config.write_text(json.dumps({"model_type": "deepseek_v3"}))
     monkeypatch.setattr(models, "hf_hub_download", lambda repo_id, filename: str(config))
-    with pytest.raises(CKVError, match="'gemma3' is not supported"):
-        load_model("someone/some-gemma")
+    with pytest.raises(CKVError, match=r"'deepseek_v3' \(multi-head latent attention \(MLA\)\) is not supported"):
+        load_model("someone/some-deepseek")
 
 
 def test_uncached_hub_id_offline_says_what_to_do(tmp_path, monkeypatch):

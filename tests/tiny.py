@@ -18,6 +18,17 @@ FAMILY_ARGS = {  # what each family needs beside the common arguments, small
     "ministral3": {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default", "llama_4_scaling_beta": 0.1,
                                        "original_max_position_embeddings": 16}},  # query scaling past 16 tokens
 }
+LINEAR = {"linear_num_value_heads": 2, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+          "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "full_attention_interval": 2}
+MIXED_ARGS = {  # families whose layers mix kinds; every other layer compresses
+    "gemma3_text": {"sliding_window": 8, "sliding_window_pattern": 2, "query_pre_attn_scalar": 16,
+                    "rope_local_base_freq": 10000.0},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 8},
+    "qwen3_next": {**LINEAR, **FAMILY_ARGS["qwen3_moe"], "shared_expert_intermediate_size": 32,
+                   "partial_rotary_factor": 0.5},
+    "qwen3_5": {**LINEAR, "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+}
+FAMILY_ARGS.update(MIXED_ARGS)
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", *FAMILY_ARGS, "mistral3")
 
 
@@ -47,6 +58,8 @@ def tiny_model(
         "tie_word_embeddings": True,
         **FAMILY_ARGS.get(arch, {}),
     }
+    if arch == "gpt_oss":
+        config["layer_types"] = ["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2)
     if arch == "mistral3":
         config = {"model_type": arch, "text_config": {**config, **FAMILY_ARGS["ministral3"], "model_type": "ministral3"}}
     module = importlib.import_module(f"mlx_lm.models.{MODULES.get(arch, arch)}")

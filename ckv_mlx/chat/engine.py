@@ -423,6 +423,9 @@ class ChatEngine:
             raise CKVError(f"nothing to save yet: {document.path.name} is read with the first question; ask one, then save")
         if not session.consistent:
             raise CKVError("the cache is out of step after an interrupted step; /reread, then save")
+        if session.others:
+            raise CKVError("saving a chat is not supported yet for a model with sliding-window or recurrent "
+                           "layers; the chat goes on unsaved")
         queries = {f"window.{i}": q for i, q in enumerate(session.remembered_queries()) if q is not None}
         metadata = {
             "format": SESSION_FORMAT, "model": self._loaded.name, "profile": self._profile_name,

@@ -20,7 +20,7 @@ from ..budgets import parse_budget
 from ..conversation import POLICIES, Conversation, answer_line
 from ..disk_cache import DiskFullCache, read_or_reuse
 from ..methods import Method
-from ..session import PREFILL_STEP, Session
+from ..session import PREFILL_STEP, Session, Snapshot
 from ..store import CONVERSATIONS, Store, StoreWriter, read_mode, store_key
 from .tasks import EvalSample
 
@@ -207,9 +207,8 @@ class Harness:
         return conversation
 
 
-def _stored(document: tuple, root: Path):
-    """The prefilled ``document`` (a snapshot) written to a store under ``root``."""
-    caches, states, _ = document
-    writer = StoreWriter(root, "document", len(caches))
-    writer.append(caches, caches[0].length)
-    return writer.publish([joined(state) for state in states])
+def _stored(document: Snapshot, root: Path):
+    """The prefilled ``document`` written to a store under ``root``."""
+    writer = StoreWriter(root, "document", len(document.caches))
+    writer.append(document.caches, document.caches[0].length)
+    return writer.publish([joined(state) for state in document.queries])

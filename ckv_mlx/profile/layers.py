@@ -70,7 +70,7 @@ def layer_trial(
     taps = []
     for layer, (attention, cache) in enumerate(zip(session.attentions, session.caches)):
         keys = cache.fetch()[0][0]
-        keep = method.keep_indices(layer, attention.window_queries, keys, attention.scale, budget)
+        keep = method.keep_indices(layer, attention.window_queries, keys, attention.scale, budget, attention.sinks)
         taps.append(LayerError(keep, len(tokens)))
     with tapped(session.attentions, taps):
         generated = answer_line(session.generate(logits, max_tokens), tokenizer, max_tokens)
