@@ -56,7 +56,7 @@ def transients(session, tokens: list[int]) -> int:
     mx.clear_cache()
     held, kv = mx.get_active_memory(), session.kv_bytes
     mx.reset_peak_memory()
-    mx.eval(session.model(mx.array([tokens]), cache=session.caches)[:, -1, :])  # one call, as a selection reads
+    mx.eval(session.model(mx.array([tokens]), cache=session.model_caches())[:, -1, :])  # one call, as a selection reads
     extra = mx.get_peak_memory() - held - (session.kv_bytes - kv)
     for cache in session.caches:
         cache.trim(len(tokens))
