@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -62,14 +63,22 @@ def builtin_model_folder() -> Path:
 def convert_gguf(gguf: Path, folder: Path) -> None:
     """Write a Llama GGUF as an mlx-lm folder; atomic, so a killed run leaves no folder."""
     tensors, metadata = mx.load(str(gguf), return_metadata=True)
+    with atomic_folder(folder) as staging:
+        _write_mlx_folder(tensors, metadata, staging)
+
+
+@contextmanager
+def atomic_folder(folder: Path):
+    """A staging folder beside ``folder``, renamed to it when the block succeeds: a
+    killed conversion leaves no folder, and one finished meanwhile by another process wins."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        _write_mlx_folder(tensors, metadata, staging)
+        yield staging
         try:
             staging.rename(folder)
         except OSError:
-            if not folder.is_dir():  # else another process finished the same conversion
+            if not folder.is_dir():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

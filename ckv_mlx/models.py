@@ -18,6 +18,7 @@ from mlx.utils import tree_unflatten
 from .errors import CKVError
 from .families import check_config_file, compressible_layers, text_model
 from .fingerprint import model_identity
+from .gemma_gguf import GEMMA_MODEL, gemma_model_folder
 from .gguf import BUILTIN_MODEL, builtin_model_folder
 
 if TYPE_CHECKING:  # mlx_lm pulls in transformers (~1.5 s): imported only to load a model
@@ -49,6 +50,7 @@ class ModelShape:
 
 
 DEFAULT_MODEL = BUILTIN_MODEL
+BUILTIN_MODELS = {BUILTIN_MODEL: builtin_model_folder, GEMMA_MODEL: gemma_model_folder}  # name -> its folder, converted on first use
 PRECISIONS = ("float32", "native")
 PRECISION_ENV = "CKV_PRECISION"
 HALF_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -83,7 +85,8 @@ def checked_precision(precision: str, where: str = "precision") -> str:
 
 
 def load_model(name: str | None = None, precision: str | None = None) -> LoadedModel:
-    """Load the built-in model (None), a local mlx-lm folder, or a Hugging Face id.
+    """Load a built-in model (None: the default; or a name in :data:`BUILTIN_MODELS`), a
+    local mlx-lm folder, or a Hugging Face id.
 
     ``precision`` (default :func:`default_precision`): ``float32`` dequantizes the
     weights to float32; ``native`` keeps them quantized and computes in the model's
@@ -123,8 +126,8 @@ def to_half(model: nn.Module, dtype: mx.Dtype) -> nn.Module:
 
 def _checked_source(name: str) -> str:
     """What to hand mlx_lm.load for `name`, after checking its architecture."""
-    if name == DEFAULT_MODEL:
-        folder = builtin_model_folder()
+    if name in BUILTIN_MODELS:
+        folder = BUILTIN_MODELS[name]()
     elif Path(name).is_dir():
         folder = Path(name)
     else:
