@@ -17,6 +17,7 @@ DEFAULT_PROMPT = "Summarize the document in a few sentences."
 def parse_args(argv=None) -> argparse.Namespace:
     """The CLI's arguments (imports MLX: call after :func:`ensure_fast_blas`)."""
     from .methods import METHODS
+    from .models import MODEL_HELP
     from .models import PRECISIONS
     from .prompts import TRUNCATE_CHOICES
     from .session import PREFILL_STEP
@@ -25,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m ckv_mlx.generate",
         description="Answer a question over a long document with a compressed KV cache.",
     )
-    p.add_argument("--model", default=None, help="mlx-lm model folder or hub id (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--precision", choices=PRECISIONS, help="float32: dequantize weights to float32 (the fast default on a "
                    "CPU); native: keep weights quantized and run in the model's half-precision dtype, as on a Mac "
                    "(default: $CKV_PRECISION, else native on Metal and float32 on a CPU)")

@@ -51,6 +51,7 @@ class ModelShape:
 
 DEFAULT_MODEL = BUILTIN_MODEL
 BUILTIN_MODELS = {BUILTIN_MODEL: builtin_model_folder, GEMMA_MODEL: gemma_model_folder}  # name -> its folder, converted on first use
+MODEL_HELP = f"mlx-lm model folder, hub id, or a built-in model: {' or '.join(BUILTIN_MODELS)} (default: {DEFAULT_MODEL})"
 PRECISIONS = ("float32", "native")
 PRECISION_ENV = "CKV_PRECISION"
 HALF_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}

@@ -13,12 +13,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     from ckv_mlx.chat.events import DEFAULT_POLICY
     from ckv_mlx.conversation import POLICIES
     from ckv_mlx.methods import METHODS
-    from ckv_mlx.models import PRECISIONS
+    from ckv_mlx.models import MODEL_HELP, PRECISIONS
     from ckv_mlx.prompts import TRUNCATE_CHOICES
 
     p = argparse.ArgumentParser(prog="ckv-chat", description="Chat with a long document; the KV cache is compressed with CompressKV.")
     p.add_argument("--doc", type=Path, help="document to open: .pdf .txt .md .html .docx .epub")
-    p.add_argument("--model", help="mlx-lm model folder or hub id (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--precision", choices=PRECISIONS, help="float32: dequantize weights to float32 (the fast default on "
                    "a CPU); native: keep weights quantized and run in the model's half-precision dtype, as on a Mac "
                    "(default: $CKV_PRECISION, else native on Metal and float32 on a CPU)")

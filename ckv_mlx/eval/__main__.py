@@ -36,10 +36,11 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     from ..methods import METHODS
+    from ..models import MODEL_HELP
     from .harness import FOLLOWUP_POLICIES, MODES
 
     p = argparse.ArgumentParser(prog="python -m ckv_mlx.eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="mlx-lm model folder or hub id (default: built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--profile", type=Path, help="SRH profile (default: the model's shipped profile in ckv_mlx/profiles/data/, or in $CKV_PROFILES_DIR when set)")
     p.add_argument("--tasks", type=_list, default=["niah"], help=f"comma-separated: {', '.join(TASKS)} (default niah)")
     p.add_argument("--lengths", type=_ints, default=DEFAULT_LENGTHS, help="prompt lengths in tokens (default 1000,2000,4000,7000)")

@@ -48,7 +48,9 @@ def _ints(text: str) -> list[int]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ckv_mlx.profile", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    model_help = "mlx-lm model folder or hub id (default: built-in SmolLM2-135M-Instruct)"
+    from ..models import MODEL_HELP
+
+    model_help = MODEL_HELP
 
     srh = commands.add_parser("srh", help="find the Semantic Retrieval Heads; write a profile")
     srh.add_argument("--model", help=model_help)
