@@ -27,7 +27,9 @@ if TYPE_CHECKING:  # mlx_lm pulls in transformers (~1.5 s): imported only to loa
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What a profile must match: the attention geometry of a model."""
+    """What a profile must match: the attention geometry of a model. ``layers`` counts
+    the layers that compress (what SRH rows and layer budgets refer to); which of the
+    model's ``total_layers`` they are is ``compressed_layers`` (empty: every layer)."""
 
     name: str
     architecture: str
@@ -35,17 +37,23 @@ class ModelShape:
     query_heads: int
     kv_heads: int
     head_dim: int
+    compressed_layers: tuple[int, ...] = ()
+    total_layers: int = 0
+
+    def __post_init__(self):
+        if not self.compressed_layers:
+            object.__setattr__(self, "compressed_layers", tuple(range(self.layers)))
+        object.__setattr__(self, "total_layers", self.total_layers or self.layers)
 
     def dims(self) -> str:
-        return (
-            f"{self.layers} layers x {self.query_heads} query heads / "
-            f"{self.kv_heads} KV heads, head_dim {self.head_dim}"
-        )
+        layers = f"{self.layers} layers" if self.total_layers == self.layers else \
+            f"{self.layers} of {self.total_layers} layers ({', '.join(map(str, self.compressed_layers))})"
+        return f"{layers} x {self.query_heads} query heads / {self.kv_heads} KV heads, head_dim {self.head_dim}"
 
     def same_geometry(self, other: "ModelShape") -> bool:
-        """Same layers and heads: what SRH indices and layer budgets refer to."""
-        return (self.layers, self.query_heads, self.kv_heads) == (
-            other.layers, other.query_heads, other.kv_heads
+        """Same compressing layers and heads: what SRH indices and layer budgets refer to."""
+        return (self.compressed_layers, self.query_heads, self.kv_heads) == (
+            other.compressed_layers, other.query_heads, other.kv_heads
         )
 
 
@@ -212,12 +220,14 @@ def model_shape(model: nn.Module, name: str) -> ModelShape:
     """The attention geometry of an mlx-lm model, read from its (text model's) args;
     ``layers`` counts the layers that compress (what a profile describes)."""
     args = text_model(model).args
-    heads = args.num_attention_heads
+    heads, layers = args.num_attention_heads, compressible_layers(model)
     return ModelShape(
         name=name,
         architecture=args.model_type,
-        layers=len(compressible_layers(model)),
+        layers=len(layers),
         query_heads=heads,
         kv_heads=getattr(args, "num_key_value_heads", None) or heads,
         head_dim=getattr(args, "head_dim", None) or args.hidden_size // heads,
+        compressed_layers=tuple(layers),
+        total_layers=len(model.layers),
     )

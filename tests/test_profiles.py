@@ -35,9 +35,10 @@ def _tiny() -> dict:
     """A valid profile: 4 layers x 8 query heads / 2 KV heads."""
     return {
         "format": "ckv-profile",
-        "version": 1,
+        "version": 2,
         "model": {"name": "Tiny-Model", "architecture": "llama", "layers": 4,
-                  "query_heads": 8, "kv_heads": 2, "head_dim": 16},
+                  "query_heads": 8, "kv_heads": 2, "head_dim": 16, "compressed_layers": [0, 1, 2, 3],
+                  "total_layers": 4},
         "srh": [[0, 1, 2, 3], [7, 6, 5, 4, 3, 2, 1, 0], [4, 0, 5, 1], [2, 3, 6, 7, 0]],
         "srh_scores": [[0.9, 0.5, 0.4, 0.1], [8, 7, 6, 5, 4, 3, 2, 1], [1, 1, 0, 0],
                        [5, 4, 3, 2, 1]],
@@ -122,7 +123,7 @@ MALFORMED = [
     ("no format", _drop("format"), "missing key 'format'"),
     ("other format", _set("format", "kv-profile"), "'format' must be 'ckv-profile'"),
     ("no version", _drop("version"), "missing key 'version'"),
-    ("version 2", _set("version", 2), "unsupported version 2"),
+    ("version 3", _set("version", 3), "unsupported version 3"),
     ("version text", _set("version", "1"), "unsupported version '1'"),
     ("unknown key", _set("layer_error", [1]), "unknown key 'layer_error'"),
     ("no model", _drop("model"), "missing key 'model'"),
@@ -130,6 +131,11 @@ MALFORMED = [
     ("no name", _drop("model", "name"), "missing key 'name'"),
     ("empty name", _set("model", "name", " "), "model.name must not be empty"),
     ("layers text", _set("model", "layers", "4"), "model.layers must be an integer"),
+    ("no layer indices", _drop("model", "compressed_layers"), "missing key 'compressed_layers'"),
+    ("layer indices short", _set("model", "compressed_layers", [0, 1, 2]), "must be 4 distinct layer indices"),
+    ("layer indices unsorted", _set("model", "compressed_layers", [0, 2, 1, 3]), "must be 4 distinct layer indices"),
+    ("layer index too big", _set("model", "compressed_layers", [0, 1, 2, 4]), "each below model.total_layers 4"),
+    ("fewer total layers", _set("model", "total_layers", 3), "model.total_layers must be at least 4"),
     ("layers bool", _set("model", "layers", True), "model.layers must be an integer"),
     ("layers zero", _set("model", "layers", 0), "model.layers must be at least 1"),
     ("bad groups", _set("model", "kv_heads", 3), "not a multiple of model.kv_heads 3"),
@@ -180,6 +186,40 @@ def test_malformed_profile_is_one_line_naming_file_and_problem(tmp_path, edit, e
     assert "\n" not in message
 
 
+def version_1(data: dict) -> dict:
+    """``data`` as a version-1 file was written (before models whose layers mix kinds)."""
+    old = json.loads(json.dumps(data))
+    old["version"] = 1
+    for key in ("compressed_layers", "total_layers"):
+        old["model"].pop(key)
+    return old
+
+
+@pytest.mark.parametrize("source", ["tiny", "shipped"])
+def test_a_version_1_profile_loads_as_every_layer_compressing(tmp_path, source):
+    data = _tiny() if source == "tiny" else json.loads(
+        (REPO / "ckv_mlx/profiles/data/smollm2-135m-instruct.json").read_text())
+    old = load_profile(_write(tmp_path, version_1(data)))
+    layers = data["model"]["layers"]
+    assert old.shape.compressed_layers == tuple(range(layers)) and old.shape.total_layers == layers
+    assert old == load_profile(_write(tmp_path, data, "v2.json"))
+    save_profile(old, tmp_path / "saved.json")  # saved again, it is version 2
+    assert json.loads((tmp_path / "saved.json").read_text()) == data
+
+
+def test_version_1_knows_no_layer_indices(tmp_path):
+    old = version_1(_tiny())
+    old["model"]["total_layers"] = 4
+    with pytest.raises(CKVError, match="unknown key 'total_layers'"):
+        load_profile(_write(tmp_path, old))
+
+
+def test_a_profile_of_the_global_layers_fits_only_a_model_with_those_layers():
+    gemma = ModelShape("gemma3-270m", "gemma3_text", 3, 4, 1, 256, (5, 11, 17), 18)
+    assert gemma.dims() == "3 of 18 layers (5, 11, 17) x 4 query heads / 1 KV heads, head_dim 256"
+    assert not gemma.same_geometry(ModelShape("other", "gemma3_text", 3, 4, 1, 256, (3, 7, 11), 12))
+
+
 def test_documented_example_is_a_valid_profile(tmp_path):
     doc = (REPO / "docs/profile-format.md").read_text()
     example = doc.split("```json\n", 1)[1].split("```", 1)[0]
@@ -200,7 +240,8 @@ def test_missing_file(tmp_path):
 def _llama_profile(tmp_path) -> Profile:
     data = _tiny()
     data["model"] = {"name": "Llama-3.1-8B-Instruct", "architecture": "llama", "layers": 32,
-                     "query_heads": 32, "kv_heads": 8, "head_dim": 128}
+                     "query_heads": 32, "kv_heads": 8, "head_dim": 128,
+                     "compressed_layers": list(range(32)), "total_layers": 32}
     data["srh"] = [list(range(32))] * 32
     for key in ("srh_scores", "layer_errors"):
         del data[key]
@@ -401,7 +442,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     bad = _write(tmp_path, {"format": "ckv-profile", "version": 7})
     done = _cli("validate", bad)
     assert done.returncode == 2
-    assert done.stderr == f"error: {bad}: unsupported version 7: this ckv-mlx reads version 1\n"
+    assert done.stderr == f"error: {bad}: unsupported version 7: this ckv-mlx reads versions 1 and 2\n"
 
     heads = _write(tmp_path, {"0": [1, 0]}, "mine.json")
     done = _cli("import", "--head-idx", heads, "--out", tmp_path / "x.json")

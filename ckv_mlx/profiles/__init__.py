@@ -20,13 +20,14 @@ from ..errors import CKVError
 from ..models import ModelShape
 
 FORMAT = "ckv-profile"
-VERSION = 1
+VERSION = 2  # 2: the model's compressing layers (compressed_layers, total_layers); 1 had every layer
 POOLINGS = ("avg", "max")
 HOWS = ("imported", "profiled")
 PROFILES_ENV = "CKV_PROFILES_DIR"
 _TOP_KEYS = {"format", "version", "model", "srh", "srh_scores", "layer_errors", "defaults",
              "provenance"}
 _MODEL_KEYS = ("name", "architecture", "layers", "query_heads", "kv_heads", "head_dim")
+_LAYOUT_KEYS = ("compressed_layers", "total_layers")  # version 2
 _PROVENANCE_TEXT = ("source", "data", "command", "created", "notes")
 _ERRORS_SUM_TOLERANCE = 1e-3
 
@@ -76,7 +77,9 @@ class Profile:
         data: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
-            "model": {key: getattr(self.shape, key) for key in _MODEL_KEYS},
+            "model": {**{key: getattr(self.shape, key) for key in _MODEL_KEYS},
+                      "compressed_layers": list(self.shape.compressed_layers),
+                      "total_layers": self.shape.total_layers},
             "defaults": vars(self.defaults).copy(),
             "provenance": vars(self.provenance).copy(),
             "srh": self.srh,
@@ -203,10 +206,10 @@ def _parse(data: Any) -> Profile:
     if _required(top, "format", "the profile") != FORMAT:
         raise _Problem(f"'format' must be {FORMAT!r}, got {top['format']!r}")
     version = _required(top, "version", "the profile")
-    if type(version) is not int or version != VERSION:
-        raise _Problem(f"unsupported version {version!r}: this ckv-mlx reads version {VERSION}")
+    if type(version) is not int or version not in (1, VERSION):
+        raise _Problem(f"unsupported version {version!r}: this ckv-mlx reads versions 1 and {VERSION}")
     _no_unknown(top, _TOP_KEYS, "the profile")
-    shape = _parse_shape(_required(top, "model", "the profile"))
+    shape = _parse_shape(_required(top, "model", "the profile"), version)
     defaults = _parse_defaults(top.get("defaults", {}), shape)
     srh = _parse_srh(_required(top, "srh", "the profile"), shape, defaults.first_k)
     return Profile(
@@ -219,14 +222,26 @@ def _parse(data: Any) -> Profile:
     )
 
 
-def _parse_shape(value: Any) -> ModelShape:
+def _parse_shape(value: Any, version: int) -> ModelShape:
+    """The model of a profile; version 1 (before models whose layers mix kinds) meant
+    every layer, which is what it migrates to."""
     model = _object(value, "'model'")
-    _no_unknown(model, set(_MODEL_KEYS), "'model'")
+    _no_unknown(model, set(_MODEL_KEYS) | (set(_LAYOUT_KEYS) if version > 1 else set()), "'model'")
     name = _text(_required(model, "name", "'model'"), "model.name", empty=False)
     architecture = _text(_required(model, "architecture", "'model'"), "model.architecture",
                          empty=False)
     dims = [_int(_required(model, key, "'model'"), f"model.{key}", 1) for key in _MODEL_KEYS[2:]]
-    shape = ModelShape(name, architecture, *dims)
+    layers = dims[0]
+    if version == 1:
+        indices, total = tuple(range(layers)), layers
+    else:
+        total = _int(_required(model, "total_layers", "'model'"), "model.total_layers", layers)
+        indices = tuple(_int(i, "model.compressed_layers[]", 0) for i in _list(
+            _required(model, "compressed_layers", "'model'"), "model.compressed_layers"))
+        if len(indices) != layers or list(indices) != sorted(set(indices)) or indices[-1] >= total:
+            raise _Problem(f"model.compressed_layers must be {layers} distinct layer indices in order, "
+                           f"each below model.total_layers {total}")
+    shape = ModelShape(name, architecture, *dims, compressed_layers=indices, total_layers=total)
     if shape.query_heads % shape.kv_heads:
         raise _Problem(
             f"model.query_heads {shape.query_heads} is not a multiple of "
