@@ -5,7 +5,7 @@ import pytest
 
 from ckv_mlx.errors import CKVError
 
-from ckv_mlx.eval.report import (accuracy_table, budget_order, fidelity_table, followup_table, heatmap,
+from ckv_mlx.eval.report import (accuracy_table, budget_order, fidelity_table, followup_length_table, followup_table, heatmap,
                                  load_records, relative_table, write_report)
 
 
@@ -53,6 +53,15 @@ def test_fidelity_and_followup_cells():
     follow = [rec("snapkv", "64", s, "a", task="followup", policy="agnostic") | {"turn": t}
               for s, t in ((1.0, 1), (0.0, 2))]
     assert "100.0 / 0.0" in followup_table(follow)
+
+
+def test_followup_per_length_rows_hold_each_policys_turns_and_memory():
+    follow = [rec("snapkv", "64", s, "a", task="followup", policy=p, length=n) | {"turn": t, "kv_ram_bytes": kv}
+              for n in (1000, 2000) for p, kv in (("agnostic", 2**20), ("per-question-disk", 3 * 2**20))
+              for s, t in ((1.0, 1), (float(p != "agnostic"), 2))]
+    table = followup_length_table(follow, "snapkv")
+    assert "| 2,000 | agnostic | 100.0 / 0.0 | 1.00 |" in table
+    assert "| 1,000 | per-question-disk | 100.0 / 100.0 | 3.00 |" in table
 
 
 def test_heatmap_colours_follow_the_score(tmp_path):

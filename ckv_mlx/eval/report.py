@@ -138,6 +138,23 @@ def followup_table(records) -> str:
                                                   f"KV in memory for turn 2, MiB ({last})"], rows)
 
 
+def followup_length_table(records, method: str) -> str:
+    """``method``'s follow-ups per length and policy: turn 1 / turn 2 accuracy (%) and
+    the KV in memory for turn 2 (MiB), per budget."""
+    chosen = [r for r in records if r["task"] == "followup" and r["method"] == method]
+    budgets = budget_order(chosen)
+    rows = []
+    for length in sorted({r["length"] for r in chosen}):
+        for policy in sorted({r["policy"] for r in chosen}):
+            mine = [r for r in chosen if r["length"] == length and r["policy"] == policy]
+            turns = [[r for r in mine if r["turn"] == t] for t in (1, 2)]
+            accuracy = [f"{_pct(_cell(turns[0], method, b, 'score'))} / {_pct(_cell(turns[1], method, b, 'score'))}"
+                        for b in budgets]
+            held = [_cell(turns[1], method, b, "kv_ram_bytes") for b in budgets]
+            rows.append([f"{length:,}", policy] + accuracy + ["-" if h is None else f"{h / 2**20:.2f}" for h in held])
+    return _table(["length", "policy"] + budgets + [f"KV in memory, turn 2, MiB ({b})" for b in budgets], rows)
+
+
 def heatmap(records, method, budget, path, metric="score", mode="query-aware"):
     """The paper's NIAH figure: depth (rows) x length (columns), mean ``metric``."""
     chosen = [r for r in _select(records, "niah", mode)
@@ -225,4 +242,7 @@ def write_report(records, out_dir) -> str:
                             f"{fidelity_table(records, mode)}")
     if any(r["task"] == "followup" for r in records):
         sections.append(f"## Follow-up questions: turn 1 / turn 2 accuracy (%)\n\n{followup_table(records)}")
+        for method in method_order([r for r in records if r["task"] == "followup"]):
+            if method != "full":
+                sections.append(f"### {method} per length\n\n{followup_length_table(records, method)}")
     return "\n".join(sections)
