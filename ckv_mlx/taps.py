@@ -14,12 +14,16 @@ import mlx.core as mx
 
 
 def decode_probs(attention, queries: mx.array, keys: mx.array) -> mx.array:
-    """Attention probabilities of one decode step, ``[n_heads, N]`` float32."""
+    """Attention probabilities of one decode step, ``[n_heads, N]`` float32 (a layer's
+    learned sinks, if any, take their share, as in its attention)."""
     n_heads, kv_heads = attention.n_heads, attention.n_kv_heads
     q = queries[0, :, -1].astype(mx.float32).reshape(kv_heads, n_heads // kv_heads, 1, -1)
     k = keys[0].astype(mx.float32)[:, None]
-    logits = (q * attention.scale) @ k.swapaxes(-1, -2)
-    return mx.softmax(logits.reshape(n_heads, -1), axis=-1, precise=True)
+    logits = ((q * attention.scale) @ k.swapaxes(-1, -2)).reshape(n_heads, -1)
+    if attention.sinks is None:
+        return mx.softmax(logits, axis=-1, precise=True)
+    sinks = attention.sinks.astype(mx.float32)[:, None]
+    return mx.exp(logits - mx.logaddexp(mx.logsumexp(logits, axis=-1, keepdims=True), sinks))
 
 
 class SpanRecorder:
@@ -52,7 +56,7 @@ class LayerError:
             return out
         rows = mx.concatenate([self.keep, mx.arange(self.prompt_length, keys.shape[2])])
         kept = mx.fast.scaled_dot_product_attention(
-            queries, keys[:, :, rows], values[:, :, rows], scale=attention.scale
+            queries, keys[:, :, rows], values[:, :, rows], scale=attention.scale, sinks=attention.sinks
         )
         full, sel = (attention.o_proj(o.transpose(0, 2, 1, 3).reshape(1, 1, -1)).astype(mx.float32)
                      for o in (out, kept))

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Makes ckv_mlx/profiles/data/smollm2-135m-instruct.json from a clean start, as shipped:
-# the SRH needle sweep, then the layer eviction errors. Run logs go to docs/profiling/.
+# Makes a built-in model's shipped profile, ckv_mlx/profiles/data/$MODEL.json, from a clean
+# start: the SRH needle sweep, then the layer eviction errors. Run logs go to docs/profiling/.
 # A killed run continues where it stopped when started again; extra arguments (e.g.
 # --restart) go to both sweeps.
+#   bash scripts/make_profile.sh                                   # smollm2-135m-instruct, as shipped
+#   MODEL=gemma3-270m LENGTHS=500,1500 DEPTHS=0,50,100 bash scripts/make_profile.sh   # as shipped
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+MODEL=${MODEL:-smollm2-135m-instruct}
+LENGTHS=${LENGTHS:-500,1500,2500}
+DEPTHS=${DEPTHS:-0,25,50,75,100}
 export HF_HUB_OFFLINE=1
-$PY -m ckv_mlx.profile srh --lengths 500,1500,2500 --depths 0,25,50,75,100 \
-    --out ckv_mlx/profiles/data/smollm2-135m-instruct.json --trials docs/profiling/smollm2-135m-instruct.srh.jsonl "$@"
-$PY -m ckv_mlx.profile layers --profile ckv_mlx/profiles/data/smollm2-135m-instruct.json \
-    --trials docs/profiling/smollm2-135m-instruct.layers.jsonl "$@"
-$PY -m ckv_mlx.profile validate ckv_mlx/profiles/data/smollm2-135m-instruct.json
+OUT=ckv_mlx/profiles/data/$MODEL.json
+$PY -m ckv_mlx.profile srh --model "$MODEL" --lengths "$LENGTHS" --depths "$DEPTHS" \
+    --out "$OUT" --trials "docs/profiling/$MODEL.srh.jsonl" "$@"
+$PY -m ckv_mlx.profile layers --model "$MODEL" --profile "$OUT" --trials "docs/profiling/$MODEL.layers.jsonl" "$@"
+$PY -m ckv_mlx.profile validate "$OUT" --model "$MODEL"

@@ -127,3 +127,27 @@ def test_a_mixed_model_keeps_its_full_cache_in_memory_and_says_so(tmp_path):
     assert len(notes) == 1 and "stays in memory" in notes[0] and "\n" not in notes[0]
     with pytest.raises(CKVError, match="read the document again"):
         session.take_over(session.caches, session.remembered_queries())
+
+
+def test_a_decode_steps_attention_counts_the_sinks_as_the_spec():
+    """What the profiler records of a decode step (taps.decode_probs) on gpt-oss."""
+    from ckv_mlx.taps import decode_probs, tapped
+
+    model = with_large_sinks(tiny_model("gpt_oss", layers=4, heads=4, kv_heads=2))
+    session = Session(model, TinyTokenizer(), make_method("snapkv")[0])
+    seen = []
+
+    def record(window, queries, keys, values, out):
+        seen.append((np.array(decode_probs(window, queries, keys)), np.array(queries[0, :, -1:]), np.array(keys[0])))
+        return out
+
+    logits = session.prefill(tokens(40, 9))
+    with tapped(session.attentions, [record] * len(session.attentions)):
+        list(session.generate(logits, 1))
+    layers = compressible_layers(model)
+    assert len(seen) == len(layers)
+    for (probs, q, k), layer in zip(seen, layers):
+        attention = model.layers[layer].self_attn
+        spec = window_probs(q, k, [0, 1, 2, 3], 2, attention.sm_scale, np.array(attention.sinks))[:, 0]
+        np.testing.assert_allclose(probs, spec, rtol=1e-4, atol=1e-7)
+        assert (probs.sum(axis=-1) < 0.9).all()  # each head's sink took its share
