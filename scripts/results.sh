@@ -2,7 +2,7 @@
 # The evaluation runs behind docs/results.md, on the built-in model and its shipped profile.
 # Each step is resumable: killed and started again, it continues; with larger grids
 # (e.g. --lengths 1000,2000,4000,7000) it adds only the missing records.
-# Usage: bash scripts/results.sh [niah|uniform|firstk|chunked|coverage|ablation|mixed|followup]...   (default: all eight)
+# Usage: bash scripts/results.sh [niah|uniform|firstk|chunked|coverage|ablation|mixed|followup|gemma_niah]...   (default: all nine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -69,6 +69,12 @@ followup() {  # a second question about another needle, under each multi-turn po
         --methods full,compresskv,snapkv,streamingllm --budgets 64,256 --max-tokens 8 --out docs/eval/followup
 }
 
-for step in "${@:-niah uniform firstk chunked coverage ablation mixed followup}"; do
+gemma_niah() {  # Gemma 3 270M (base, 1 KV head, 3 global layers of 18): NIAH at 1K-4K, 5 depths x 3 needles
+    $PY -m ckv_mlx.eval --model gemma3-270m --tasks niah --haystack "$PG" --lengths 1000,2000,4000 \
+        --depths 0,25,50,75,100 --methods full,compresskv,compresskv-gqa,snapkv,streamingllm \
+        --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity --out docs/eval/gemma3-niah
+}
+
+for step in "${@:-niah uniform firstk chunked coverage ablation mixed followup gemma_niah}"; do
     for s in $step; do $s; done
 done

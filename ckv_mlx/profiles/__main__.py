@@ -98,10 +98,10 @@ def summary(profile: Profile) -> list[str]:
         budgets = error_aware(profile.layer_errors, _SHOW_BUDGET)
         lines.append(f"layer errors: yes (budgets shown for an average of {_SHOW_BUDGET})")
     lines.append("layer  SRH query heads (KV heads)" + ("   error  budget" if budgets else ""))
-    for layer in range(shape.layers):
+    for layer, index in enumerate(shape.compressed_layers):  # the model's layer numbers
         heads = profile.srh_heads(layer)
         kv = sorted({h // group for h in heads})
-        row = f"{layer:5d}  {' '.join(f'{h:3d}' for h in heads)}  ({' '.join(map(str, kv))})"
+        row = f"{index:5d}  {' '.join(f'{h:3d}' for h in heads)}  ({' '.join(map(str, kv))})"
         if budgets:
             row = f"{row:<40} {profile.layer_errors[layer]:.4f}  {budgets[layer]:6d}"
         lines.append(row)
