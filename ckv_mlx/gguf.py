@@ -85,7 +85,7 @@ def atomic_folder(folder: Path):
 
 
 def _write_mlx_folder(tensors: dict, metadata: dict, folder: Path) -> None:
-    weights = {_mlx_name(key): _storage_dtype(tensor) for key, tensor in tensors.items()}
+    weights = {mlx_name(key): _storage_dtype(tensor) for key, tensor in tensors.items()}
     mx.save_safetensors(str(folder / "model.safetensors"), weights,
                         metadata={"format": "mlx"})
     config = _llama_config(metadata, weights)
@@ -93,12 +93,13 @@ def _write_mlx_folder(tensors: dict, metadata: dict, folder: Path) -> None:
     _write_tokenizer(metadata, folder)
 
 
-def _mlx_name(gguf_name: str) -> str:
+def mlx_name(gguf_name: str, modules: dict = GGUF_MODULES, layer_modules: dict = GGUF_LAYER_MODULES) -> str:
+    """mlx-lm's name of a GGUF tensor (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
     module, parameter = gguf_name.rsplit(".", 1)
     if module.startswith("blk."):
         _, layer, part = module.split(".", 2)
-        return f"model.layers.{layer}.{GGUF_LAYER_MODULES[part]}.{parameter}"
-    return f"{GGUF_MODULES[module]}.{parameter}"
+        return f"model.layers.{layer}.{layer_modules[part]}.{parameter}"
+    return f"{modules[module]}.{parameter}"
 
 
 def _storage_dtype(tensor: mx.array) -> mx.array:

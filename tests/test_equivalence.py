@@ -2,23 +2,13 @@
 
 import mlx.core as mx
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 
 from ckv_mlx.methods import METHODS, make_method
 from ckv_mlx.session import Session
-from tiny import FAMILIES, TinyTokenizer, tiny_model
+from tiny import FAMILIES, TinyTokenizer, plain_logits, session_logits, tiny_model
 from fakes import fake_profile
 
 STEPS = 20
-
-
-def plain_logits(model, prompt, forced):
-    """Logits of plain mlx-lm: the prompt, then one forced token per step."""
-    cache = make_prompt_cache(model)
-    out = [model(mx.array([prompt]), cache=cache)[:, -1]]
-    for token in forced:
-        out.append(model(mx.array([[token]]), cache=cache)[:, -1])
-    return out
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -32,11 +22,6 @@ def test_budget_at_least_prompt_matches_plain_mlx_lm(arch, name):
     model = tiny_model(arch)
     method, _ = make_method(name, fake_profile(model))
     session = Session(model, TinyTokenizer(), method, region=STEPS)  # room for every forced token
-    ours = [session.prefill(prompt)]
-    session.compress(len(prompt))
-    for token in forced:
-        session.make_room(1)
-        ours.append(model(mx.array([[token]]), cache=session.model_caches())[:, -1])
-
+    ours = session_logits(session, prompt, forced)
     for step, (a, b) in enumerate(zip(reference, ours)):
         assert mx.allclose(a, b, atol=1e-5, rtol=1e-5), f"{arch}/{name} differs at step {step}"

@@ -13,7 +13,7 @@ from ckv_mlx.scoring import head_scores
 from ckv_mlx.session import Session
 from fakes import fake_profile
 from reference import pooled_scores, window_probs
-from tiny import MIXED_ARGS, TinyTokenizer, plain_greedy, tiny_model
+from tiny import MIXED_ARGS, TinyTokenizer, plain_greedy, plain_logits, session_logits, tiny_model
 
 MIXED = list(MIXED_ARGS)
 
@@ -21,12 +21,6 @@ MIXED = list(MIXED_ARGS)
 def tokens(n, seed):
     mx.random.seed(seed)
     return mx.random.randint(1, 128, (n,)).tolist()
-
-
-def plain_logits(model, prompt, forced):
-    cache = make_prompt_cache(model)
-    out = [model(mx.array([prompt]), cache=cache)[:, -1]]
-    return out + [model(mx.array([[t]]), cache=cache)[:, -1] for t in forced]
 
 
 def with_large_sinks(model):
@@ -62,12 +56,7 @@ def test_nothing_to_evict_matches_plain_mlx_lm_with_large_sinks(arch, name):
     reference = plain_logits(with_large_sinks(tiny_model(arch, layers=4)), prompt, forced)
     model = with_large_sinks(tiny_model(arch, layers=4))
     session = Session(model, TinyTokenizer(), make_method(name, fake_profile(model))[0], region=len(forced))
-    ours = [session.prefill(prompt)]
-    session.compress(len(prompt))
-    for token in forced:
-        session.make_room(1)
-        ours.append(model(mx.array([[token]]), cache=session.model_caches())[:, -1])
-    for step, (a, b) in enumerate(zip(reference, ours)):
+    for step, (a, b) in enumerate(zip(reference, session_logits(session, prompt, forced))):
         assert mx.allclose(a, b, atol=1e-5, rtol=1e-5), f"{arch}/{name} differs at step {step}"
 
 

@@ -15,7 +15,7 @@ from ckv_mlx.profile.srh import head_scores
 from ckv_mlx.session import Session
 from ckv_mlx.taps import SpanRecorder, tapped
 from fakes import fake_profile
-from tiny import FAMILIES, HALF, TinyTokenizer, mac_model, masked_plain_logits, plain_greedy
+from tiny import FAMILIES, HALF, TinyTokenizer, mac_model, masked_plain_logits, plain_greedy, plain_logits, session_logits
 
 DTYPES = list(HALF)
 ATOL = {"bfloat16": 0.1, "float16": 0.02}  # logits of order 1: a few ulps of the dtype
@@ -44,16 +44,9 @@ def close(a, b, dtype):
 def test_nothing_to_evict_matches_plain_mlx_lm(name, arch, dtype):
     prompt, forced = tokens(48), tokens(10, seed=2)
     model = mac_model(arch, dtype)
-    cache = make_prompt_cache(model)
-    reference = [model(mx.array([prompt]), cache=cache)[:, -1]]
-    reference += [model(mx.array([[t]]), cache=cache)[:, -1] for t in forced]
-
+    reference = plain_logits(model, prompt, forced)
     session = Session(model, TinyTokenizer(), make_method(name, fake_profile(model))[0], region=len(forced))
-    ours = [session.prefill(prompt)]
-    session.compress(len(prompt))
-    for token in forced:
-        session.make_room(1)
-        ours.append(model(mx.array([[token]]), cache=session.model_caches())[:, -1])
+    ours = session_logits(session, prompt, forced)
     assert session.caches[0].keys.dtype == HALF[dtype]
     for step, (a, b) in enumerate(zip(reference, ours)):
         assert close(a, b, dtype), f"step {step}"

@@ -86,6 +86,24 @@ def plain_greedy(model, tokens, n):
     return out
 
 
+def plain_logits(model, prompt, forced):
+    """Logits of plain mlx-lm (its own caches): the prompt, then one forced token per step."""
+    cache = make_prompt_cache(model)
+    out = [model(mx.array([prompt]), cache=cache)[:, -1]]
+    return out + [model(mx.array([[t]]), cache=cache)[:, -1] for t in forced]
+
+
+def session_logits(session, prompt, forced):
+    """The same through ``session``: the prompt read and compressed to its own length
+    (nothing to evict), then one forced token per step."""
+    out = [session.prefill(prompt)]
+    session.compress(len(prompt))
+    for token in forced:
+        session.make_room(1)
+        out.append(session.model(mx.array([[token]]), cache=session.model_caches())[:, -1])
+    return out
+
+
 HALF = {"bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
