@@ -4,7 +4,6 @@ and KV. Every reference is plain mlx-lm (or NumPy) on the same quantized model, 
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models.cache import make_prompt_cache
 
 from ckv_mlx.cache import load_caches, save_caches
 from ckv_mlx.eval.harness import Harness, Setting
