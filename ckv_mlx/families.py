@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
@@ -25,6 +26,7 @@ SUPPORTED = (
     "phi3",  # fused qkv projection, partial RoPE
     "smollm3",  # llama with RoPE left out of every 4th layer (NoPE)
     "gemma3_text", "gemma3",  # 5 of 6 layers a 512-token sliding window; gemma3 wraps it as text
+    "gemma4_text",  # sliding and full layers; the last ones read an earlier layer's KV (selected once for all)
     "gpt_oss",  # sliding and full layers alternating, learned attention sinks, MoE
     "qwen3_next", "qwen3_5",  # linear attention (GatedDeltaNet) with full attention every 4th layer
 )
@@ -61,6 +63,13 @@ def text_model(model: nn.Module) -> nn.Module:
 def compressible_layers(model: nn.Module) -> list[int]:
     """The layers mlx-lm gives a plain growing ``KVCache``."""
     return [i for i, cache in enumerate(make_prompt_cache(model)) if type(cache) is KVCache]
+
+
+def one_token_caches(model: nn.Module) -> list:
+    """mlx-lm's caches after it reads one token: what each layer keeps, and in what shape."""
+    caches = make_prompt_cache(model)
+    mx.eval(model(mx.array([[0]]), cache=caches))
+    return caches
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

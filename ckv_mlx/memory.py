@@ -12,11 +12,10 @@ import re
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import make_prompt_cache
 
 from .cache import allocated_rows
 from .errors import CKVError
-from .families import compressible_layers
+from .families import compressible_layers, one_token_caches
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
          "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30}
@@ -46,8 +45,7 @@ def weight_bytes(model: nn.Module) -> int:
 def kv_bytes_per_token(model: nn.Module) -> int:
     """Bytes one token adds to the full cache over the layers that compress (keys and
     values), in the dtype the model computes its keys in: one token read by mlx-lm."""
-    caches = make_prompt_cache(model)
-    model(mx.array([[0]]), cache=caches)
+    caches = one_token_caches(model)
     return sum((caches[i].keys.nbytes + caches[i].values.nbytes) // caches[i].keys.shape[2]
                for i in compressible_layers(model))
 

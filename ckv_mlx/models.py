@@ -16,7 +16,7 @@ from huggingface_hub.errors import HFValidationError
 from mlx.utils import tree_unflatten
 
 from .errors import CKVError
-from .families import check_config_file, compressible_layers, text_model
+from .families import check_config_file, compressible_layers, one_token_caches, text_model
 from .fingerprint import model_identity
 from .gemma_gguf import GEMMA_MODEL, gemma_model_folder
 from .gguf import BUILTIN_MODEL, builtin_model_folder
@@ -217,17 +217,19 @@ def _refuse_quantized_left(model: nn.Module) -> None:
 
 
 def model_shape(model: nn.Module, name: str) -> ModelShape:
-    """The attention geometry of an mlx-lm model, read from its (text model's) args;
-    ``layers`` counts the layers that compress (what a profile describes)."""
+    """The attention geometry of an mlx-lm model: its (text model's) query heads, and the
+    KV heads and head size of the layers that compress, as one token read by mlx-lm
+    shows them; ``layers`` counts those layers (what a profile describes)."""
     args = text_model(model).args
-    heads, layers = args.num_attention_heads, compressible_layers(model)
+    layers = compressible_layers(model)
+    keys = one_token_caches(model)[layers[0]].keys  # the compressing layers' KV (Gemma 4's differ from the rest)
     return ModelShape(
         name=name,
         architecture=args.model_type,
         layers=len(layers),
-        query_heads=heads,
-        kv_heads=getattr(args, "num_key_value_heads", None) or heads,
-        head_dim=getattr(args, "head_dim", None) or args.hidden_size // heads,
+        query_heads=args.num_attention_heads,
+        kv_heads=keys.shape[1],
+        head_dim=keys.shape[3],
         compressed_layers=tuple(layers),
         total_layers=len(model.layers),
     )

@@ -86,7 +86,9 @@ def session_selection(model, method, prompt_len, budget, seed=0):
     session = Session(model, TinyTokenizer(), method)
     mx.random.seed(seed)
     session.prefill(mx.random.randint(1, 128, (prompt_len,)).tolist())
-    inputs = [(np.array(a.window_queries), np.array(c.fetch()[0][0])) for a, c in zip(session.attentions, session.caches)]
+    # the reference scales by 1/sqrt(head_dim); a layer attending with another scale (Gemma) has its queries rescaled
+    inputs = [(np.array(a.window_queries) * a.scale * a.window_queries.shape[-1] ** 0.5, np.array(c.fetch()[0][0]))
+              for a, c in zip(session.attentions, session.caches)]
     kept = {}
     keep_indices = method.keep_indices
     method.keep_indices = lambda layer, *a: kept.setdefault(layer, keep_indices(layer, *a))

@@ -27,6 +27,8 @@ MIXED_ARGS = {  # families whose layers mix kinds; every other layer compresses
     "qwen3_next": {**LINEAR, **FAMILY_ARGS["qwen3_moe"], "shared_expert_intermediate_size": 32,
                    "partial_rotary_factor": 0.5},
     "qwen3_5": {**LINEAR, "rope_parameters": {"type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+    "gemma4_text": {"sliding_window": 8, "sliding_window_pattern": 2, "global_head_dim": 32,
+                    "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 32},
 }
 FAMILY_ARGS.update(MIXED_ARGS)
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", *FAMILY_ARGS, "mistral3")
@@ -58,6 +60,8 @@ def tiny_model(
         "tie_word_embeddings": True,
         **FAMILY_ARGS.get(arch, {}),
     }
+    if arch == "gemma4_text":  # the last two layers read the KV of the last two before them
+        config["num_kv_shared_layers"] = 2 if layers >= 4 else 0
     if arch == "gpt_oss":
         config["layer_types"] = ["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2)
     if arch == "mistral3":
