@@ -8,8 +8,10 @@ Per length, on the built-in model and the shipped haystack (one process, one aft
 other): reading the document in memory (the re-read a chat without a store pays for
 each follow-up under ``per-question``'s cost model, and once per reopening); reading it
 into a new store; three questions in one conversation on disk (each selection: time,
-MLX peak over what was held before it, against the target of the kept cache + one
-layer's full rows + one chunk of rows); and reopening: a fresh session reusing the store,
+MLX peak over what was held before it; the KV at that peak: the last selection, which
+this one frees, plus that peak, less the attention scores and logits an in-memory read of
+the same tokens allocates; against the target of the kept cache + one layer's full rows +
+one chunk of rows); and reopening: a fresh session reusing the store,
 time to the first answer token, against the first read's (read, question, compression,
 first token). Writes OUT/disk_chat.json and OUT/disk_chat.md.
 """
@@ -95,14 +97,14 @@ def measure(loaded, method, tokens: list[int], questions: list[list[int]], args,
     row["questions"] = []
     for i, question in enumerate(questions):
         mx.clear_cache()
-        held = mx.get_active_memory()
+        held, kv_before = mx.get_active_memory(), session.kv_bytes  # the last selection, freed as this one starts
         mx.reset_peak_memory()
         logits = conversation.start(question)
         peak = mx.get_peak_memory() - held
         layer_row = max(c.row_bytes for c in session.caches)
         target = session.kv_bytes + full.layer_bytes + PREFILL_STEP * layer_row
         row["questions"].append({"reselect_s": session.stats.reselect_s, "peak_over_held_bytes": peak,
-                                 "transient_bytes": extra[i], "kv_peak_bytes": peak - extra[i],
+                                 "transient_bytes": extra[i], "kv_peak_bytes": kv_before + peak - extra[i],
                                  "kept_bytes": session.kv_bytes, "layer_bytes": full.layer_bytes,
                                  "target_bytes": target})
         answer = list(session.generate(logits, args.answer_tokens))
