@@ -27,8 +27,9 @@ async def test_end_to_end_on_the_built_in_model(default_model, tmp_path):
     app = ChatApp(lambda emit: ChatEngine(settings, emit, loader=lambda name: default_model), settings,
                   doc=PDF, session=tmp_path / "report.ckv")
     async with app.run_test(size=SIZE) as pilot:
-        await until(pilot, lambda: ready(app), timeout=600)
         panel = app.query_one(CachePanel)
+        # the "read" note can come a moment before the panel's view of the finished read
+        await until(pilot, lambda: ready(app) and panel.view.phase != "prefilling", timeout=600)
         full = panel.view.full_bytes
         assert panel.view.kept_bytes == 0 < full and panel.view.document == "report.pdf"  # every row on disk
         assert panel.view.disk_bytes > 0.9 * full  # the rows; full is what memory would allocate, in 256-row steps
