@@ -19,6 +19,7 @@ import mlx.core as mx
 from .attention import joined
 from .disk_cache import DiskFullCache
 from .errors import CKVError
+from .layer_caches import copies, from_saved, nbytes, to_saved
 from .session import Session
 
 POLICIES = ("first-question", "agnostic", "per-question")
@@ -51,13 +52,18 @@ class Conversation:
         self._answer_start = 0
         self._unread: list[int] = []  # on disk: the last answer, read with the next question
         self._queries: list | None = None  # on disk: the window queries of the last selection
+        self._others_at_tail: dict = {}  # on disk: mlx-lm's caches of the other layers where the disk's rows end
         self.last_answer: KeptCache | None = None  # in memory: the copy the last answer used
         self.kv_ram_bytes = 0  # KV in memory for the last question: selection + full cache set aside (+ one layer read)
 
     @property
     def held_bytes(self) -> int:
-        """Bytes of the full cache set aside in memory while a ``per-question`` answer runs."""
-        return sum(c.nbytes for c in self._full[0]) if self._full else 0
+        """Bytes set aside in memory beside the session's caches: the full cache while a
+        ``per-question`` answer runs, or with it on disk the other layers' caches where
+        the disk's rows end."""
+        if self._full:
+            return sum(c.nbytes for c in self._full.caches) + sum(nbytes(c) for c in self._full.others.values())
+        return sum(nbytes(c) for c in self._others_at_tail.values())
 
     @property
     def disk_bytes(self) -> int:
@@ -71,6 +77,7 @@ class Conversation:
         if self.full_on_disk is not None:
             self.session.forget_rows()
             self._queries = [a.window_state() for a in self.session.attentions]
+            self._others_at_tail = copies(self.session.others)
             return
         self.session.restore(document)
         if self.policy == "agnostic":
@@ -101,21 +108,26 @@ class Conversation:
         for attention, queries in zip(self.session.attentions, self._queries):
             attention.restore_window_state(queries)
         self.session.forget_rows()  # the last selection goes first: it is all on disk
+        self.session.others = copies(self._others_at_tail)  # the other layers go back to where the disk ends
         logits = self.session.reselect(self._unread + question, self.full_on_disk, self.budget)
         self._unread = []
         self._queries = [a.window_state() for a in self.session.attentions]
+        self._others_at_tail = copies(self.session.others)
         return logits
 
     def disk_state(self) -> tuple[dict, dict[str, mx.array]]:
         """What selecting from disk needs beyond the caches, to save: the last answer
-        not read yet (JSON-able) and the window queries of the last selection (arrays)."""
-        queries = {f"selection.{i}": joined(state) for i, state in enumerate(self._queries) if state}
-        return {"unread": self._unread}, queries
+        not read yet and the other layers' caches' layout (JSON-able), the window
+        queries of the last selection and those caches' arrays."""
+        arrays, layout = to_saved(self._others_at_tail, "selection-others")
+        arrays.update({f"selection.{i}": joined(state) for i, state in enumerate(self._queries) if state})
+        return {"unread": self._unread, "others": layout}, arrays
 
     def resume_disk_state(self, saved: dict, arrays: dict[str, mx.array]):
         """Go on from what :meth:`disk_state` gave."""
         self._unread = list(saved["unread"])
         self._queries = [arrays.get(f"selection.{i}") for i in range(len(self.session.attentions))]
+        self._others_at_tail = from_saved(arrays, saved.get("others", []))
 
     def finish(self, answer: list[int]):
         """Make sure the whole answer is in the cache that the next question builds on:

@@ -110,11 +110,12 @@ class DiskFullCache:
         window (``attention.LayerWindow``) the queries."""
         return [StreamedLayer(self, layer, window, keep) for layer, window in enumerate(windows)]
 
-    def read(self, model, tokens: list[int], windows: list, keep: Keep | None = None) -> mx.array:
-        """Run ``tokens`` through ``model`` against every row, adding theirs to the tail;
-        the logits of the last. An interrupted call takes its rows back out."""
+    def read(self, model, tokens: list[int], caches: list) -> mx.array:
+        """Run ``tokens`` through ``model`` reading through ``caches`` (its layers' caches,
+        :meth:`streamed` ones at the layers that compress), adding their rows to the
+        tail; the logits of the last. An interrupted call takes its rows back out."""
         try:
-            logits = model(mx.array([tokens]), cache=self.streamed(windows, keep))[:, -1, :]
+            logits = model(mx.array([tokens]), cache=caches)[:, -1, :]
             mx.eval(logits)
         except OSError as error:
             self.tail.truncate()
@@ -194,15 +195,10 @@ def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[Stor
     when there is one (the session then stands at its end, nothing read), else what
     ``read(writer)`` reads into ``session``, stored as it goes. When the disk refuses,
     ``read`` still runs (told why), without a store: None, the full cache in memory."""
-    if session.others:
-        notify(f"{name}: this model's sliding-window and recurrent layers are not stored on disk yet; "
-               "its full cache stays in memory")
-        read(None)
-        return None
     full = stored_full_cache(root, key, notify)
     if full is not None:
         notify(f"{name} was read before: its stored cache ({mib(full.nbytes)} on disk) is used, nothing to read")
-        session.take_over(full.empty_caches(session.region), full.store.queries())
+        session.take_over(full.empty_caches(session.region), full.store.queries(), full.store.others())
         return full
     try:
         writer = StoreWriter(root, key, len(session.caches))
@@ -218,7 +214,7 @@ def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[Stor
     if writer is None:
         return None
     try:
-        store = writer.publish(session.remembered_queries())
+        store = writer.publish(session.remembered_queries(), session.others)
         prune(root, limit_bytes, keep=store.path.name)
         return DiskFullCache(store, root / CONVERSATIONS)
     except CKVError as error:

@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     session = Session(loaded.model, loaded.tokenizer, method, region=args.region)
     budget = parse_budget(args.budget, len(tokens)) if method.compresses else None
     session.layer_budgets(budget)
-    working, memory_note = plan_prefill(loaded.model, len(tokens), budget, args.kv_limit, args.prefill_chunk)
+    working, memory_note = plan_prefill(loaded, len(tokens), budget, args.kv_limit, args.prefill_chunk)
     for note in notes + method_notes + [memory_note] * bool(memory_note):
         print(f"note: {note}", file=sys.stderr)
 

@@ -2,7 +2,7 @@
 
 A sliding-window layer keeps mlx-lm's ``RotatingKVCache``, a linear-attention layer its
 ``ArraysCache`` state: the session reads through them as mlx-lm does and only copies,
-counts and (where mlx-lm can) trims them.
+counts, saves and (where mlx-lm can) trims them.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from __future__ import annotations
 import copy
 
 import mlx.core as mx
+from mlx_lm.models import cache as mlx_caches
 from mlx_lm.models.cache import make_prompt_cache
 
+from .errors import CKVError
 from .families import compressible_layers
 
 
@@ -33,6 +35,11 @@ def copied(cache):
     return twin
 
 
+def copies(caches: dict[int, object]) -> dict[int, object]:
+    """:func:`copied` of each of ``caches`` (by layer)."""
+    return {layer: copied(cache) for layer, cache in caches.items()}
+
+
 def arrays(cache) -> list[mx.array]:
     """The arrays an mlx-lm cache holds (to evaluate them)."""
     held = []
@@ -49,3 +56,40 @@ def nbytes(cache) -> int:
 def all_trimmable(caches) -> bool:
     """Whether mlx-lm can take tokens back out of every one of ``caches``."""
     return all(c.is_trimmable() for c in caches)
+
+
+def to_saved(caches: dict[int, object], prefix: str = "others") -> tuple[dict[str, mx.array], list[dict]]:
+    """mlx-lm's caches by layer as named arrays and a JSON-able layout (each one's class
+    and its ``state``, with every array replaced by its name): what :func:`from_saved`
+    reads back."""
+    arrays: dict[str, mx.array] = {}
+
+    def encode(value, name: str):
+        if isinstance(value, mx.array):
+            arrays[name] = value
+            return {"array": name}
+        if isinstance(value, (list, tuple)):
+            return [encode(v, f"{name}.{i}") for i, v in enumerate(value)]
+        return value  # an int, or None
+
+    layout = [{"layer": layer, "class": type(cache).__name__, "state": encode(cache.state, f"{prefix}.{layer}")}
+              for layer, cache in caches.items()]
+    return arrays, layout
+
+
+def from_saved(arrays: dict[str, mx.array], layout: list[dict]) -> dict[int, object]:
+    """The caches :func:`to_saved` wrote; a layout naming no cache of mlx-lm's is refused."""
+    def decode(value):
+        if isinstance(value, dict) and value.get("array") not in arrays:
+            raise CKVError(f"the saved array {value.get('array')!r} of a layer's cache is missing: the file is damaged")
+        if isinstance(value, dict):
+            return arrays[value["array"]]
+        return [decode(v) for v in value] if isinstance(value, list) else value
+
+    caches = {}
+    for entry in layout:
+        kind = getattr(mlx_caches, entry["class"], None)
+        if not (isinstance(kind, type) and issubclass(kind, mlx_caches._BaseCache)):
+            raise CKVError(f"the saved layer {entry['layer']} holds an unknown cache {entry['class']!r}")
+        caches[entry["layer"]] = kind.from_state(decode(entry["state"]))
+    return caches

@@ -42,10 +42,11 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-def kv_bytes_per_token(model: nn.Module) -> int:
+def kv_bytes_per_token(model: nn.Module, probe: list | None = None) -> int:
     """Bytes one token adds to the full cache over the layers that compress (keys and
-    values), in the dtype the model computes its keys in: one token read by mlx-lm."""
-    caches = one_token_caches(model)
+    values), in the dtype the model computes its keys in: one token read by mlx-lm
+    (``probe``: :func:`~ckv_mlx.families.one_token_caches`, made if not given)."""
+    caches = probe or one_token_caches(model)
     return sum((caches[i].keys.nbytes + caches[i].values.nbytes) // caches[i].keys.shape[2]
                for i in compressible_layers(model))
 
@@ -82,12 +83,13 @@ def working_budget(prompt_tokens: int, per_token: int, kv_limit: int, chunk: int
     return working
 
 
-def plan_prefill(model: nn.Module, prompt_tokens: int, budget: int | None, kv_limit: str | None,
+def plan_prefill(loaded, prompt_tokens: int, budget: int | None, kv_limit: str | None,
                  chunk: int) -> tuple[int | None, str | None]:
-    """The working budget for reading ``prompt_tokens`` under ``kv_limit`` (a size; None:
+    """The working budget for reading ``prompt_tokens`` with ``loaded`` (a
+    :class:`~ckv_mlx.models.LoadedModel`) under ``kv_limit`` (a size; None:
     :func:`default_kv_limit`) and a note saying why, or ``(None, None)`` when it fits."""
-    limit = parse_size(kv_limit) if kv_limit else default_kv_limit(model)
-    per_token = kv_bytes_per_token(model)
+    limit = parse_size(kv_limit) if kv_limit else default_kv_limit(loaded.model)
+    per_token = loaded.kv_bytes_per_token
     working = working_budget(prompt_tokens, per_token, limit, chunk, budget)
     if working is None:
         return None, None

@@ -20,6 +20,7 @@ from .families import check_config_file, compressible_layers, one_token_caches, 
 from .fingerprint import model_identity
 from .gemma_gguf import GEMMA_MODEL, gemma_model_folder
 from .gguf import BUILTIN_MODEL, builtin_model_folder
+from .memory import kv_bytes_per_token
 
 if TYPE_CHECKING:  # mlx_lm pulls in transformers (~1.5 s): imported only to load a model
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -76,6 +77,10 @@ class LoadedModel:
     context_length: int
     precision: str = "float32"
     identity: str = ""  # config, weights and precision hashed (see fingerprint.py): what stores are keyed by
+    kv_bytes_per_token: int = 0  # what one token adds to a full cache (0: measured here)
+
+    def __post_init__(self):
+        self.kv_bytes_per_token = self.kv_bytes_per_token or kv_bytes_per_token(self.model)
 
 
 def default_precision() -> str:
@@ -113,8 +118,10 @@ def load_model(name: str | None = None, precision: str | None = None) -> LoadedM
     else:
         model = to_half(model, half_dtype(config))
     folder = Path(source) if Path(source).is_dir() else _hub_folder(source)
-    return LoadedModel(model, tokenizer, name, model_shape(model, name),
-                       int(config.get("max_position_embeddings") or 0), precision, model_identity(folder, precision))
+    probe = one_token_caches(model)
+    return LoadedModel(model, tokenizer, name, model_shape(model, name, probe),
+                       int(config.get("max_position_embeddings") or 0), precision, model_identity(folder, precision),
+                       kv_bytes_per_token(model, probe))
 
 
 def half_dtype(config: dict) -> mx.Dtype:
@@ -216,13 +223,14 @@ def _refuse_quantized_left(model: nn.Module) -> None:
                            "load the model with --precision native")
 
 
-def model_shape(model: nn.Module, name: str) -> ModelShape:
+def model_shape(model: nn.Module, name: str, probe: list | None = None) -> ModelShape:
     """The attention geometry of an mlx-lm model: its (text model's) query heads, and the
     KV heads and head size of the layers that compress, as one token read by mlx-lm
-    shows them; ``layers`` counts those layers (what a profile describes)."""
+    shows them (``probe``: :func:`~ckv_mlx.families.one_token_caches`, made if not
+    given); ``layers`` counts those layers (what a profile describes)."""
     args = text_model(model).args
     layers = compressible_layers(model)
-    keys = one_token_caches(model)[layers[0]].keys  # the compressing layers' KV (Gemma 4's differ from the rest)
+    keys = (probe or one_token_caches(model))[layers[0]].keys  # the compressing layers' KV (Gemma 4's differ)
     return ModelShape(
         name=name,
         architecture=args.model_type,

@@ -19,7 +19,7 @@ from .cache import EvictingKVCache, allocated_rows
 from .disk_cache import DiskFullCache
 from .errors import CKVError
 from .families import attention_modules
-from .layer_caches import all_trimmable, arrays, copied, fresh_others, nbytes
+from .layer_caches import all_trimmable, arrays, copies, fresh_others, nbytes
 from .methods import Method
 from .store import STORED_QUERIES, StoreWriter
 
@@ -142,12 +142,12 @@ class Session:
     def snapshot(self) -> Snapshot:
         """A copy of the caches, window queries and stats, e.g. of a prefilled document."""
         return Snapshot([c.copy() for c in self.caches], [a.window_state() for a in self.attentions],
-                        replace(self.stats), {i: copied(c) for i, c in self.others.items()})
+                        replace(self.stats), copies(self.others))
 
     def restore(self, snapshot: Snapshot):
         """Go back to a :meth:`snapshot`; it can be restored again later."""
         self.caches = [c.copy() for c in snapshot.caches]
-        self.others = {i: copied(c) for i, c in snapshot.others.items()}
+        self.others = copies(snapshot.others)
         for attention, q in zip(self.attentions, snapshot.queries):
             attention.restore_window_state(q)
         self.stats = replace(snapshot.stats)
@@ -156,16 +156,21 @@ class Session:
         """Every layer's remembered window queries as one array each (to save or store)."""
         return [a.remembered() for a in self.attentions]
 
-    def take_over(self, caches: list[EvictingKVCache], queries: list[mx.array | None]):
-        """Continue from caches and window queries read elsewhere (a saved session, a
-        stored document); statistics start afresh."""
-        if self.others:
-            raise CKVError("caches saved or stored for a model with sliding-window or recurrent layers "
-                           "cannot be taken up yet: read the document again")
-        if len(caches) != len(self.caches):
-            raise CKVError(f"the cache has {len(caches)} layers, the model {len(self.caches)}")
+    def take_over(self, caches: list[EvictingKVCache], queries: list[mx.array | None], others: dict | None = None):
+        """Continue from caches, window queries and mlx-lm's caches of the other layers
+        (``others``, by layer) read elsewhere (a saved session, a stored document);
+        statistics start afresh."""
+        others = others or {}
+        if len(caches) != len(self.caches) or set(others) != set(self.others):
+            raise CKVError(f"the cache has {len(caches)} compressing and {len(others)} other layers, the model "
+                           f"{len(self.caches)} and {len(self.others)}: it was made with another model")
+        for layer, cache in others.items():
+            if type(cache) is not type(self.others[layer]):
+                raise CKVError(f"the cache's layer {layer} is a {type(cache).__name__}, the model's a "
+                               f"{type(self.others[layer]).__name__}: it was made with another model")
         self.reset()
         self.caches = caches
+        self.others.update(others)
         for attention, q in zip(self.attentions, queries):
             attention.restore_window_state(q)
 
@@ -291,7 +296,7 @@ class Session:
         next eviction keeps what the question attends to, as if it were asked here."""
         self.model(mx.array([piece]), cache=self.model_caches())
         self._record(len(piece))
-        before = {i: copied(c) for i, c in self.others.items()} if probe else None  # mlx-lm may not trim them
+        before = copies(self.others) if probe else None  # mlx-lm may not trim them
         if probe:
             self.model(mx.array([probe]), cache=self.model_caches())
         self._eval_caches()
@@ -411,9 +416,14 @@ class Session:
             kept.append(cache)
 
         *body, last = [tokens[i : i + PREFILL_STEP] for i in range(0, len(tokens), PREFILL_STEP)]
-        for piece in body:  # their rows join the full cache; the last piece's window selects
-            full.read(self.model, piece, self.attentions)
-        logits = full.read(self.model, last, self.attentions, keep)
+        read_before = full.tail.tokens
+        try:
+            for piece in body:  # their rows join the full cache; the last piece's window selects
+                full.read(self.model, piece, self.model_caches(full.streamed(self.attentions)))
+            logits = full.read(self.model, last, self.model_caches(full.streamed(self.attentions, keep)))
+        except BaseException:
+            full.tail.truncate(read_before)  # an interrupted selection adds none of its pieces
+            raise
         mx.eval([a.window_state() for a in self.attentions])
         self.caches = kept
         self.stats.reselect_s = time.perf_counter() - start

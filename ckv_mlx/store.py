@@ -3,7 +3,9 @@
 A store is a folder ``<root>/<key>/`` holding, for each layer, ``NNN.keys`` and
 ``NNN.values``: the rows in position order as raw ``[rows, kv_heads, head_dim]`` arrays
 in the cache's dtype, plus ``queries.safetensors`` (each layer's window queries at the
-end of the document) and ``manifest.json``. Raw arrays rather than safetensors because a
+end of the document), for a model with layers that do not compress ``others.safetensors``
+(mlx-lm's caches of those layers at the end of the document: a sliding window, a
+recurrent state) and ``manifest.json``. Raw arrays rather than safetensors because a
 store grows chunk by chunk while a document is read, and safetensors puts each tensor's
 size in a header before its data; raw rows append as they come, and one layer is read
 alone (memory-mapped) without touching the others.
@@ -31,10 +33,12 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import CKVError
+from .layer_caches import from_saved, to_saved
 
 STORE_FORMAT = "ckv-store/1"
 MANIFEST = "manifest.json"
 QUERIES = "queries.safetensors"
+OTHERS = "others.safetensors"
 DEFAULT_LIMIT_BYTES = 20 * 2**30  # stores kept on disk before the least recently used go
 READ_BLOCK_ROWS = 512  # rows read from disk at a time: one prefill chunk, all a layer read allocates beside its rows
 STORED_QUERIES = 64  # window queries a store keeps per layer: enough for any method chosen later
@@ -109,8 +113,10 @@ class LayerRows:
     def advance(self, rows: int):
         self.tokens += rows
 
-    def truncate(self):
-        """Cut every file back to :attr:`tokens` rows: an interrupted call's rows go."""
+    def truncate(self, tokens: int | None = None):
+        """Cut every file back to ``tokens`` rows (default :attr:`tokens`): an
+        interrupted call's rows go."""
+        self.tokens = self.tokens if tokens is None else tokens
         for layer, shape in enumerate(self.shapes):
             for name, dim in zip(_layer_files(layer), shape[1:] if shape else ()):
                 if (self.folder / name).exists():
@@ -186,8 +192,9 @@ class StoreWriter(LayerRows):
             self.abort()
             self.error = disk_error(self.root, e)
 
-    def publish(self, queries: list[mx.array | None]) -> "Store":
-        """Write the window queries and the manifest, then rename into place. If another
+    def publish(self, queries: list[mx.array | None], others: dict | None = None) -> "Store":
+        """Write the window queries, mlx-lm's caches of the layers that do not compress
+        (``others``, by layer) and the manifest, then rename into place. If another
         process published the same store meanwhile, keep theirs."""
         if self.error is not None:
             raise self.error
@@ -196,6 +203,9 @@ class StoreWriter(LayerRows):
         try:
             named = {f"window.{i}": q for i, q in enumerate(queries) if q is not None}
             mx.save_safetensors(str(self.folder / QUERIES), named)
+            if others:
+                arrays, layout = to_saved(others)
+                mx.save_safetensors(str(self.folder / OTHERS), arrays, metadata={"layout": json.dumps(layout)})
             (self.folder / MANIFEST).write_text(json.dumps(self._manifest(), indent=1))
             _fsync_folder(self.folder)
             os.rename(self.folder, self.root / self.key)
@@ -213,7 +223,8 @@ class StoreWriter(LayerRows):
                      for name, crc in zip(_layer_files(layer), crcs)}
             layers.append({"kv_heads": heads, "key_dim": key_dim, "value_dim": value_dim, "files": files})
         return {"format": STORE_FORMAT, "key": self.key, "tokens": self.tokens, "dtype": str(self.dtype),
-                "layers": layers, "files": {QUERIES: _file_record(self.folder / QUERIES)}}
+                "layers": layers, "files": {name: _file_record(self.folder / name) for name in (QUERIES, OTHERS)
+                                            if (self.folder / name).exists()}}
 
     def abort(self):
         """Remove what was written (nothing half-written stays)."""
@@ -255,6 +266,13 @@ class Store:
     def queries(self) -> list[mx.array | None]:
         named = mx.load(str(self.path / QUERIES))
         return [named.get(f"window.{i}") for i in range(len(self.manifest["layers"]))]
+
+    def others(self) -> dict[int, object]:
+        """mlx-lm's caches of the layers that do not compress, at the document's end."""
+        if OTHERS not in self.manifest["files"]:
+            return {}
+        arrays, meta = mx.load(str(self.path / OTHERS), return_metadata=True)
+        return from_saved(arrays, json.loads(meta["layout"]))
 
     def touch(self):
         """Mark as just used (what the least-recently-used limit goes by), if the folder lets us."""

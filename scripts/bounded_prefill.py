@@ -50,7 +50,7 @@ def read(session, tokens, budget, working, chunk, tokenizer, question=None) -> d
 def main(argv=None) -> int:
     ensure_fast_blas()
     args = parse_args(argv)
-    from ckv_mlx.memory import kv_bytes_per_token, plan_prefill, weight_bytes
+    from ckv_mlx.memory import plan_prefill, weight_bytes
     from ckv_mlx.methods import make_method
     from ckv_mlx.models import load_model
     from ckv_mlx.niah import exact_match, load_haystack, load_needles, needle_prompt
@@ -63,9 +63,9 @@ def main(argv=None) -> int:
     needle = load_needles()[0]
     prompt = needle_prompt(loaded.tokenizer, load_haystack(), [needle], args.length, [50])
     tokens = prompt.document + prompt.question
-    full = len(tokens) * kv_bytes_per_token(loaded.model)
+    full = len(tokens) * loaded.kv_bytes_per_token
     limit = int(full / args.ratio)
-    working, note = plan_prefill(loaded.model, len(tokens), args.budget, str(limit), args.chunk)
+    working, note = plan_prefill(loaded, len(tokens), args.budget, str(limit), args.chunk)
     print(f"note: {note}", file=sys.stderr)
     runs = {"whole": read(session, tokens, args.budget, None, args.chunk, loaded.tokenizer),
             "chunked": read(session, tokens, args.budget, working, args.chunk, loaded.tokenizer, prompt.question)}

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from ckv_mlx.disk_cache import read_or_reuse
     from ckv_mlx.eval.tasks import followup_samples
-    from ckv_mlx.memory import kv_bytes_per_token, plan_prefill
+    from ckv_mlx.memory import plan_prefill
     from ckv_mlx.methods import make_method
     from ckv_mlx.models import load_model
     from ckv_mlx.niah import DEFAULT_HAYSTACK, load_haystack, load_needles
@@ -69,9 +69,9 @@ def main(argv=None) -> int:
     results = {"model": loaded.name, "method": method.name, "budget": args.budget, "ratio": args.ratio, "documents": []}
     with tempfile.TemporaryDirectory(prefix="ckv-two-needles-") as root:
         for sample in samples:
-            full_bytes = len(sample.document) * kv_bytes_per_token(loaded.model)
+            full_bytes = len(sample.document) * loaded.kv_bytes_per_token
             limit = int(full_bytes / args.ratio)
-            working, _ = plan_prefill(loaded.model, len(sample.document), args.budget, str(limit), PREFILL_STEP)
+            working, _ = plan_prefill(loaded, len(sample.document), args.budget, str(limit), PREFILL_STEP)
             session.reset()
             session.prefill(sample.document, working_budget=working, question=sample.questions[0])
             memory = converse(session, sample, "first-question", args.budget, working)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import shutil
 
+import pytest
+
 from ckv_mlx.cache import load_caches
 from ckv_mlx.chat.events import (
     CacheView, ChatSettings, DocumentReady, Failure, Notice, Progress, Reply, Resumed, Saved,
@@ -17,9 +19,12 @@ from test_chat_engine import DOC, doc, start  # noqa: F401 (doc: a fixture)
 QUESTIONS = ("Where are the orchards?", "What fruit grows there?", "Which valley?")
 
 
-def chat(path, **settings) -> tuple[list[list[int]], object]:
+MIXED = ["gemma3_text", "qwen3_next"]  # a sliding window, a recurrent state beside the compressing layers
+
+
+def chat(path, arch="llama", **settings) -> tuple[list[list[int]], object]:
     """Ask the questions about ``path``; the answers' tokens and the recorder."""
-    engine, recorder = start(ChatSettings(method="snapkv", budget="48", max_tokens=6, **settings))
+    engine, recorder = start(ChatSettings(method="snapkv", budget="48", max_tokens=6, **settings), arch=arch)
     try:
         engine.open(path)
         for question in QUESTIONS:
@@ -47,10 +52,23 @@ def test_on_disk_the_chat_answers_as_with_the_full_cache_in_memory(doc, tmp_path
     assert [s["tokens"] for s in list_stores(tmp_path / "stores")] == [recorder.of(DocumentReady)[0].tokens]
 
 
-def test_a_document_read_before_is_not_read_again(doc, tmp_path):
-    first, recorder = chat(doc, store_dir=str(tmp_path))
+@pytest.mark.parametrize("arch", MIXED)
+def test_a_mixed_model_answers_on_disk_as_with_the_full_cache_in_memory(doc, tmp_path, arch):
+    """Each question restores the other layers' caches to where the disk's rows end,
+    then reads the last answer and the question against every row."""
+    in_memory, _ = chat(doc, arch, full_cache="memory")
+    on_disk, recorder = chat(doc, arch, store_dir=str(tmp_path / "stores"))
+    assert on_disk == in_memory and any(on_disk)
+    view = recorder.of(CacheView)[-1]
+    assert view.disk_bytes > 0 and view.kept_bytes < view.held_bytes < view.full_bytes
+    assert "stays in memory" not in notices(recorder)
+
+
+@pytest.mark.parametrize("arch", ["llama", *MIXED])
+def test_a_document_read_before_is_not_read_again(doc, tmp_path, arch):
+    first, recorder = chat(doc, arch, store_dir=str(tmp_path))
     assert recorder.of(Progress)
-    again, recorder = chat(doc, store_dir=str(tmp_path))
+    again, recorder = chat(doc, arch, store_dir=str(tmp_path))
     assert again == first
     assert not recorder.of(Progress) and "was read before: its stored cache" in notices(recorder)
 
@@ -92,11 +110,11 @@ def test_on_disk_a_long_document_is_read_at_once_and_each_question_selects_from_
     assert all(view.held_bytes <= 400 * 1024 for view in recorder.of(CacheView))
 
 
-def saved_then_asked(doc, tmp_path, before: int) -> Reply:
+def saved_then_asked(doc, tmp_path, before: int, arch: str = "llama") -> Reply:
     """Ask ``before`` questions with the full cache on disk, save to s.ckv, ask the next:
     its reply."""
     settings = ChatSettings(method="snapkv", budget="48", max_tokens=6, store_dir=str(tmp_path / "stores"))
-    engine, recorder = start(settings)
+    engine, recorder = start(settings, arch=arch)
     try:
         engine.open(doc)
         for question in QUESTIONS[:before]:
@@ -110,8 +128,8 @@ def saved_then_asked(doc, tmp_path, before: int) -> Reply:
         engine.close()
 
 
-def resumed_then_asked(path, question: str) -> tuple[Reply, object]:
-    engine, recorder = start(ChatSettings())
+def resumed_then_asked(path, question: str, arch: str = "llama") -> tuple[Reply, object]:
+    engine, recorder = start(ChatSettings(), arch=arch)
     try:
         engine.resume(path)
         recorder.wait(Resumed)
@@ -121,12 +139,14 @@ def resumed_then_asked(path, question: str) -> tuple[Reply, object]:
         engine.close()
 
 
-def test_a_saved_session_refers_to_the_store_carries_the_conversation_and_resumes_at_once(doc, tmp_path):
-    original = saved_then_asked(doc, tmp_path, 2)
+@pytest.mark.parametrize("arch", ["llama", *MIXED])
+def test_a_saved_session_refers_to_the_store_carries_the_conversation_and_resumes_at_once(doc, tmp_path, arch):
+    original = saved_then_asked(doc, tmp_path, 2, arch)
     _, meta, arrays = load_caches(tmp_path / "s.ckv")
     assert meta["full_cache"]["store"] == list_stores(tmp_path / "stores")[0]["key"]
     assert {"tail.0.keys", "tail.1.values", "selection.0"} <= set(arrays)
-    again, recorder = resumed_then_asked(tmp_path / "s.ckv", QUESTIONS[2])
+    assert bool(meta["others"]) == bool(meta["full_cache"]["others"]) == (arch != "llama")
+    again, recorder = resumed_then_asked(tmp_path / "s.ckv", QUESTIONS[2], arch)
     assert again == original and not recorder.of(Progress)  # nothing read again
 
 

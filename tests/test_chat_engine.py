@@ -37,12 +37,13 @@ def smollm_tokenizer():
         pytest.skip(f"built-in model unavailable: {e}")
 
 
-def tiny_loader(context: int = 4096):
-    """A random 2-layer model with the built-in model's tokenizer: fast, exact."""
+def tiny_loader(context: int = 4096, arch: str = "llama"):
+    """A random model with the built-in model's tokenizer: fast, exact. A llama has 2
+    layers, a family mixing kinds of layers 4 (2 of them compressing)."""
     def load(name):
         if name not in (None, "tiny"):
             raise CKVError(f"no model {name}")
-        model = tiny_model("llama", layers=2, vocab=49152)
+        model = tiny_model(arch, layers=2 if arch == "llama" else 4, vocab=49152)
         return LoadedModel(model, smollm_tokenizer(), "tiny", tiny_shape(model), context)
     return load
 
@@ -78,10 +79,10 @@ def doc(tmp_path):
     return path
 
 
-def start(settings: ChatSettings | None = None, context: int = 4096):
+def start(settings: ChatSettings | None = None, context: int = 4096, arch: str = "llama"):
     recorder = Recorder()
     settings = settings or ChatSettings(method="full", max_tokens=6)
-    engine = ChatEngine(settings, recorder, loader=tiny_loader(context))
+    engine = ChatEngine(settings, recorder, loader=tiny_loader(context, arch))
     return engine, recorder
 
 
@@ -219,9 +220,11 @@ def test_budget_change_after_the_cache_was_dropped_needs_a_reread(doc):
     assert view.position == before.position  # the same document and turn, read again
 
 
-def test_saved_session_resumes_and_continues_identically(doc, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen3_next"])
+def test_saved_session_resumes_and_continues_identically(doc, tmp_path, arch):
+    """Sliding-window and recurrent layers (mlx-lm's own caches) are saved beside ours."""
     settings = ChatSettings(method="snapkv", budget="48", policy="first-question", max_tokens=5)
-    engine, recorder = start(settings)
+    engine, recorder = start(settings, arch=arch)
     try:
         engine.open(doc)
         engine.ask("Where are the orchards?")
@@ -231,7 +234,7 @@ def test_saved_session_resumes_and_continues_identically(doc, tmp_path):
         original = recorder.wait(Reply, 2)[1]
     finally:
         engine.close()
-    engine, recorder = start(ChatSettings())
+    engine, recorder = start(ChatSettings(), arch=arch)
     try:
         engine.resume(tmp_path / "s.ckv")
         resumed = recorder.wait(Resumed)[0]

@@ -1,18 +1,19 @@
 """The full cache on disk: every question re-selects from it, and gets what
-``per-question`` with the full cache in memory gets (the reference)."""
+``per-question`` with the full cache in memory gets (the reference), on families mixing
+kinds of layers too (plain mlx-lm the reference)."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from ckv_mlx.conversation import Conversation
-from ckv_mlx.disk_cache import DiskFullCache
+from ckv_mlx.disk_cache import DiskFullCache, read_or_reuse
 from ckv_mlx.methods import METHODS, make_method
 from ckv_mlx.session import Session
 from ckv_mlx import store
 from ckv_mlx.store import StoreWriter
 from fakes import fake_profile
-from tiny import TinyTokenizer, mac_model, tiny_model
+from tiny import MIXED_ARGS, TinyTokenizer, mac_model, plain_logits, tiny_model
 
 mx.random.seed(11)
 DOC = mx.random.randint(1, 128, (150,)).tolist()
@@ -89,3 +90,46 @@ def test_a_question_holds_at_most_one_layers_full_rows(tmp_path, monkeypatch):
     scoring = layer_rows // 2 + 3 * 4 * 8 * 2004 * 4  # the keys as scored, and window probabilities
     assert mx.get_peak_memory() - held <= session.kv_bytes + layer_rows + scoring + block
     assert mx.get_peak_memory() - held < full.nbytes / 3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", list(MIXED_ARGS))
+def test_a_mixed_models_store_takes_its_other_layers_up_where_each_question_needs_them(arch, dtype, tmp_path):
+    """A stored document reopened by another session, then two questions: each question
+    reads against every row with the sliding windows and recurrent states where the
+    disk's rows end, so its logits are plain mlx-lm's over the whole conversation."""
+    def session():  # the same weights each time; each session its own model (see session_for)
+        model = tiny_model(arch, layers=4) if dtype == "float32" else mac_model(arch, dtype, layers=4)
+        return Session(model, TinyTokenizer(), make_method("snapkv")[0], region=16)
+
+    first, notes = session(), []
+    read_or_reuse(first, tmp_path, "doc", "doc", lambda writer: first.prefill(DOC, store=writer), notes.append)
+    again = session()
+    full = read_or_reuse(again, tmp_path, "doc", "doc", lambda writer: pytest.fail("read again"), notes.append)
+    assert "was read before" in notes[-1] and set(again.others) == set(first.others)
+    conversation = Conversation(again, "per-question", 40, full)
+    conversation.open()
+    read = list(DOC)
+    for question in (Q1, Q2):
+        read += question
+        logits = conversation.start(question)
+        expected = plain_logits(again.model, read, [])[0]
+        np.testing.assert_allclose(np.array(logits.astype(mx.float32)), np.array(expected.astype(mx.float32)),
+                                   atol=TOLERANCE[dtype] * 10, rtol=0)
+        answer = list(again.generate(logits, 3))
+        conversation.finish(answer)
+        read += answer
+
+
+def test_a_damaged_store_of_a_mixed_model_is_removed_and_read_again(tmp_path):
+    model = tiny_model("gemma3_text", layers=4)
+    session, notes = Session(model, TinyTokenizer(), make_method("snapkv")[0]), []
+    read_or_reuse(session, tmp_path, "doc", "doc", lambda writer: session.prefill(DOC, store=writer), notes.append)
+    others = tmp_path / "doc" / store.OTHERS
+    data = bytearray(others.read_bytes())
+    data[-1] ^= 0xFF
+    others.write_bytes(bytes(data))
+    read = []
+    read_or_reuse(session, tmp_path, "doc", "doc", lambda writer: read.append(session.prefill(DOC, store=writer)),
+                  notes.append)
+    assert read and "was damaged (others.safetensors fails its checksum)" in notes[-1]

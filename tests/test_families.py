@@ -105,20 +105,6 @@ def test_a_snapshot_keeps_mlx_lms_caches_apart(arch):
     assert answers[0] == answers[1] == plain_greedy(model, document + question, 8)
 
 
-def test_a_mixed_model_keeps_its_full_cache_in_memory_and_says_so(tmp_path):
-    from ckv_mlx.disk_cache import read_or_reuse
-    from ckv_mlx.errors import CKVError
-
-    model = tiny_model("gemma3_text", layers=4)
-    session = Session(model, TinyTokenizer(), make_method("snapkv")[0])
-    notes, document = [], tokens(40, 8)
-    full = read_or_reuse(session, tmp_path, "doc", "the document", lambda writer: session.prefill(document), notes.append)
-    assert full is None and session.position == 40 and not list(tmp_path.iterdir())
-    assert len(notes) == 1 and "stays in memory" in notes[0] and "\n" not in notes[0]
-    with pytest.raises(CKVError, match="read the document again"):
-        session.take_over(session.caches, session.remembered_queries())
-
-
 def test_a_decode_steps_attention_counts_the_sinks_as_the_spec():
     """What the profiler records of a decode step (taps.decode_probs) on gpt-oss."""
     from ckv_mlx.taps import decode_probs, tapped

@@ -27,6 +27,7 @@ from ..conversation import Conversation, KeptCache
 from ..documents import document_hash, read_document
 from ..errors import CKVError
 from ..gguf import cache_dir
+from ..layer_caches import from_saved, to_saved
 from ..disk_cache import DiskFullCache, read_or_reuse, stored_full_cache
 from ..memory import mib, parse_size, plan_prefill
 from ..methods import make_method
@@ -269,7 +270,7 @@ class ChatEngine:
         session.reset()
         self._end_conversation()
         budget = self._budget_tokens(self.settings, len(document.prefix))
-        working, note = plan_prefill(self._loaded.model, len(document.prefix), budget, self.settings.kv_limit, PREFILL_STEP)
+        working, note = plan_prefill(self._loaded, len(document.prefix), budget, self.settings.kv_limit, PREFILL_STEP)
         if self._full_cache_on_disk():
             if note:
                 self._emit(Notice(f"{note}; every row goes to disk, so each question selects from the whole document"))
@@ -423,16 +424,15 @@ class ChatEngine:
             raise CKVError(f"nothing to save yet: {document.path.name} is read with the first question; ask one, then save")
         if not session.consistent:
             raise CKVError("the cache is out of step after an interrupted step; /reread, then save")
-        if session.others:
-            raise CKVError("saving a chat is not supported yet for a model with sliding-window or recurrent "
-                           "layers; the chat goes on unsaved")
-        queries = {f"window.{i}": q for i, q in enumerate(session.remembered_queries()) if q is not None}
+        queries, others = to_saved(session.others)
+        queries.update({f"window.{i}": q for i, q in enumerate(session.remembered_queries()) if q is not None})
         metadata = {
             "format": SESSION_FORMAT, "model": self._loaded.name, "profile": self._profile_name,
             "settings": asdict(self.settings), "document": str(document.path.resolve()),
             "document_hash": document.digest, "turns": [asdict(t) for t in document.turns],
             "conversation_turns": self._conversation.turns, "prefill_s": session.stats.prefill_s,
             "kv_bytes_full": session.stats.kv_bytes_full, "prompt_tokens": session.stats.prompt_tokens,
+            "others": others,
         }
         full = self._conversation.full_on_disk
         if full is not None:  # the document's store is referred to; the conversation's rows are carried
@@ -464,7 +464,8 @@ class ChatEngine:
         self._ensure_model(metadata["model"])
         session = self._session
         try:
-            session.take_over(caches, [queries.get(f"window.{i}") for i in range(len(caches))])
+            session.take_over(caches, [queries.get(f"window.{i}") for i in range(len(caches))],
+                              from_saved(queries, metadata.get("others", [])))
         except CKVError as error:
             raise CKVError(f"{path}: {error}") from None
         stats = session.stats
