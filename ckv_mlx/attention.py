@@ -5,8 +5,10 @@ values, cache, scale, mask, sinks=None)`` with its layer's cache. :func:`observe
 pass-through in that name's place in the model's modules: a call whose cache is one of
 ours (it carries its layer's :class:`LayerWindow` as ``window``) has its queries
 remembered first, exactly as the attention uses them (post-RoPE, after any scaling),
-with the scale and attention sinks it attends with. Any other call, plain mlx-lm's, is
-left alone. The model itself, its parameters and its outputs are never changed.
+with the scale and attention sinks it attends with. Keys and values that a compressed
+layer keeps quantized (``quantized.QuantizedRows``) are attended where they lie, also by
+a layer reading another's KV (Gemma 4). Any other call, plain mlx-lm's, is left alone.
+The model itself, its parameters and its outputs are never changed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import base
 
+from . import quantized
 from .errors import CKVError
 from .profiles import Defaults
 
@@ -85,7 +88,7 @@ class LayerWindow:
         self.scale, self.sinks = scale, sinks
         self.n_heads, self.n_kv_heads = queries.shape[1], keys.shape[1]
         self._remember(queries)
-        out = _mlx_lm_sdpa(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+        out = attention(queries, keys, values, cache, scale, mask, sinks)
         return out if self.tap is None else self.tap(self, queries, keys, values, out)
 
     def _remember(self, queries: mx.array):
@@ -103,11 +106,18 @@ class LayerWindow:
             self._held = self.kept
 
 
+def attention(queries, keys, values, cache, scale, mask=None, sinks=None) -> mx.array:
+    """mlx-lm's attention, or over rows kept partly quantized."""
+    if isinstance(keys, quantized.QuantizedRows):
+        return quantized.attention(queries, keys, values, scale, mask, sinks)
+    return _mlx_lm_sdpa(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+
+
 def observed_sdpa(queries, keys, values, cache, scale, mask=None, sinks=None):
     """mlx-lm's ``scaled_dot_product_attention``, seen by our caches' layer windows."""
     window = getattr(cache, "window", None)
     if window is None:
-        return _mlx_lm_sdpa(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+        return attention(queries, keys, values, cache, scale, mask, sinks)
     out = window.attend(queries, keys, values, cache, scale, mask, sinks)
     if hasattr(cache, "attended"):  # e.g. a layer read from disk, selecting once its window is new
         cache.attended()

@@ -5,7 +5,8 @@ Before compression it grows like mlx-lm's ``KVCache`` (in steps of 256 rows).
 all) and fixes the capacity at ``budget + region``: new tokens fill the region, and the
 caller evicts back to the budget before it overflows, so the memory of a compressed
 layer is bounded. ``nbytes`` is what is allocated (the capacity), as in mlx-lm;
-``rows_nbytes`` is the part holding tokens.
+``rows_nbytes`` is the part holding tokens. With ``kv_bits`` the kept rows are stored
+quantized (``quantized.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import _BaseCache
 
 from .errors import CKVError
+from .quantized import KVBits, Packed, QuantizedRows, cut, joined, packed_rows, take, take_rows
 
 GROWTH_STEP = 256  # rows a cache grows by before compression, as mlx-lm's KVCache
 REGION_SHARE = 4  # by default a layer's region is a quarter of its budget ...
@@ -41,16 +43,20 @@ class EvictingKVCache(_BaseCache):
     """KV rows of one layer, ``[1, kv_heads, rows, head_dim]``, in position order.
 
     ``region`` is the rows for new tokens once compressed; None: :func:`default_region`
-    of the layer's budget.
+    of the layer's budget. Compressed with ``kv_bits``, the kept rows are packed
+    (:attr:`packed`) and :attr:`keys` / :attr:`values` hold only the region's rows after
+    them, in full precision, until the next re-score packs those it keeps.
     """
 
     step = GROWTH_STEP
 
     def __init__(self, region: int | None = None):
-        self.keys = None
+        self.keys = None  # full-precision rows: all of them, or those after the packed ones
         self.values = None
+        self.packed: tuple[Packed, Packed] | None = None  # the kept keys and values, quantized
+        self.kv_bits: KVBits | None = None
         self.offset = 0
-        self.length = 0
+        self.length = 0  # rows held, packed ones included
         self.budget: int | None = None
         self.region_setting = region
 
@@ -62,8 +68,12 @@ class EvictingKVCache(_BaseCache):
         return default_region(self.budget or 0)
 
     @property
+    def packed_rows(self) -> int:
+        return 0 if self.packed is None else packed_rows(self.packed[0])
+
+    @property
     def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        return self.packed_rows + (0 if self.keys is None else self.keys.shape[2])
 
     @property
     def compressed(self) -> bool:
@@ -76,35 +86,67 @@ class EvictingKVCache(_BaseCache):
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self._append(keys, values)
         self.offset += keys.shape[2]
-        return self.fetch()
+        if self.packed is None:
+            return self.fetch()
+        return tuple(QuantizedRows(p, r, self.kv_bits) for p, r in zip(self.packed, self._unpacked()))
 
     def _append(self, keys: mx.array, values: mx.array):
         n = keys.shape[2]
         if self.length + n > self.capacity:
             self._grow(keys, values, self.length + n)
-        start, self.length = self.length, self.length + n
-        self.keys[..., start : self.length, :] = keys
-        self.values[..., start : self.length, :] = values
+        start = self.length - self.packed_rows
+        self.keys[..., start : start + n, :] = keys
+        self.values[..., start : start + n, :] = values
+        self.length += n
 
     def _grow(self, keys: mx.array, values: mx.array, needed: int):
-        if self.compressed:
+        used = self.length - self.packed_rows
+        if self.packed is not None:
+            size = max(needed - self.packed_rows, self.region)
+        elif self.compressed:
             size = max(needed, self.budget + self.region)
         else:
             size = allocated_rows(needed, self.step)
-        self.keys = _resized(self.keys, keys, self.length, size)
-        self.values = _resized(self.values, values, self.length, size)
+        self.keys = _resized(self.keys, keys, used, size)
+        self.values = _resized(self.values, values, used, size)
 
-    def compress(self, keep: mx.array, budget: int):
+    def compress(self, keep: mx.array, budget: int, kv_bits: KVBits | None = None):
         """Keep rows ``keep`` (``[kv_heads or 1, k]``, sorted) and bound the layer.
 
         ``budget`` (>= k) is the number of rows eviction returns to; the capacity
-        becomes ``budget + region``.
+        becomes ``budget + region``. With ``kv_bits`` (kept from then on) the kept rows
+        are packed and only the region's rows are in full precision.
         """
-        kept_k, kept_v = (_take_rows(x, keep) for x in self.fetch())
+        kv_bits = kv_bits or self.kv_bits
+        if self.packed is not None and kv_bits != self.kv_bits:  # other bits: from the rows as they read now
+            self.keys, self.values = self.fetch()
+            self.packed = None
         self.budget = max(budget, keep.shape[-1])
-        self.keys = self.values = None
-        self.length = 0
-        self._append(kept_k, kept_v)
+        if kv_bits is None:
+            kept_k, kept_v = (take_rows(x, keep) for x in self.fetch())
+            self.keys = self.values = None
+            self.length = 0
+            self._append(kept_k, kept_v)
+            return
+        self.packed = self._packed_selection(keep, kv_bits)
+        self.kv_bits, self.length = kv_bits, keep.shape[-1]
+        self.keys, self.values = (mx.zeros((*x.shape[:2], self.region, x.shape[3]), x.dtype)
+                                  for x in (self.keys, self.values))
+
+    def _packed_selection(self, keep: mx.array, kv_bits: KVBits) -> tuple[Packed, Packed]:
+        """Rows ``keep`` packed: rows packed before are taken as they are, full ones
+        packed (the first time only the kept ones: never the whole prompt)."""
+        rest = self._unpacked()
+        if self.packed is None:
+            return tuple(kv_bits.pack(take_rows(x, keep)) for x in rest)
+        if not rest[0].shape[2]:
+            return tuple(take(p, keep) for p in self.packed)
+        return tuple(take(joined(p, kv_bits.pack(x)), keep) for p, x in zip(self.packed, rest))
+
+    def _unpacked(self) -> tuple[mx.array, mx.array]:
+        """The full-precision rows held (all, or those after the packed ones)."""
+        rows = self.length - self.packed_rows
+        return self.keys[..., :rows, :], self.values[..., :rows, :]
 
     def is_trimmable(self) -> bool:
         return True
@@ -112,14 +154,18 @@ class EvictingKVCache(_BaseCache):
     def trim(self, n: int) -> int:
         """Forget the latest ``n`` rows (and their positions); returns how many."""
         n = min(n, self.length)
+        if n > self.length - self.packed_rows:
+            self.packed = tuple(cut(p, self.length - n) for p in self.packed)
         self.length -= n
         self.offset -= n
         return n
 
     def copy(self) -> "EvictingKVCache":
-        """An independent copy (MLX arrays are updated in place by slice assignment)."""
+        """An independent copy (MLX arrays are updated in place by slice assignment;
+        packed rows never are, so they are shared)."""
         twin = EvictingKVCache(self.region_setting)
         twin.offset, twin.length, twin.budget = self.offset, self.length, self.budget
+        twin.packed, twin.kv_bits = self.packed, self.kv_bits
         if self.keys is not None:
             twin.keys, twin.values = mx.array(self.keys), mx.array(self.values)
         return twin
@@ -133,8 +179,17 @@ class EvictingKVCache(_BaseCache):
         return twin
 
     def fetch(self):
-        """The held rows: ``(keys, values)``, each ``[1, kv_heads, length, head_dim]``."""
-        return self.keys[..., : self.length, :], self.values[..., : self.length, :]
+        """The held rows in full precision (packed ones dequantized): ``(keys,
+        values)``, each ``[1, kv_heads, length, head_dim]``."""
+        rest = self._unpacked()
+        if self.packed is None:
+            return rest
+        return tuple(mx.concatenate([self.kv_bits.unpack(p), r], axis=2) for p, r in zip(self.packed, rest))
+
+    def arrays(self) -> list[mx.array]:
+        """Every array the cache allocates."""
+        held = [] if self.keys is None else [self.keys, self.values]
+        return held + [x for p in self.packed or () for x in p]
 
     def size(self) -> int:
         return self.length
@@ -144,20 +199,23 @@ class EvictingKVCache(_BaseCache):
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one token's keys and values over all KV heads (0 while empty)."""
+        """Bytes of one token's full-precision keys and values over all KV heads (0
+        while empty): what one more token costs a full cache."""
         if self.keys is None:
             return 0
         return self.keys.shape[1] * (self.keys.shape[3] + self.values.shape[3]) * self.keys.dtype.size
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated for keys and values (the whole capacity, as mlx-lm counts)."""
-        return self.capacity * self.row_bytes
+        """Bytes allocated: the whole capacity (as mlx-lm counts), packed rows with
+        their scales and biases."""
+        return sum(x.nbytes for x in self.arrays())
 
     @property
     def rows_nbytes(self) -> int:
         """Bytes of the rows holding tokens (at most :attr:`nbytes`)."""
-        return self.length * self.row_bytes
+        packed = sum(x.nbytes for p in self.packed or () for x in p)
+        return packed + (self.length - self.packed_rows) * self.row_bytes
 
     def make_mask(self, n: int, return_array: bool = False, window_size=None):
         if window_size is not None or return_array:
@@ -166,22 +224,27 @@ class EvictingKVCache(_BaseCache):
 
     @property
     def state(self):
-        return self.fetch() if self.keys is not None else []
+        if self.keys is None:
+            return []
+        return self._unpacked() + (self.packed or ())
 
     @state.setter
     def state(self, v):
-        self.keys, self.values = v
-        self.length = self.keys.shape[2]
+        self.keys, self.values = v[0], v[1]
+        self.packed = (tuple(v[2]), tuple(v[3])) if len(v) > 2 else None
+        self.length = self.packed_rows + self.keys.shape[2]
 
     @property
     def meta_state(self):
-        return (str(self.offset), str(self.budget or 0), str(self.region_setting or 0))
+        bits, group_size = (self.kv_bits.bits, self.kv_bits.group_size) if self.kv_bits else (0, 0)
+        return tuple(str(x) for x in (self.offset, self.budget or 0, self.region_setting or 0, bits, group_size))
 
     @meta_state.setter
     def meta_state(self, v):
-        offset, budget, region = (int(x) for x in v)
+        offset, budget, region, bits, group_size = (int(x) for x in (*v, 0, 0)[:5])  # files before KV bits: 3
         self.offset, self.region_setting = offset, region or None
         self.budget = budget or None
+        self.kv_bits = KVBits(bits, group_size) if bits else None
 
     @classmethod
     def from_state(cls, state, meta_state) -> "EvictingKVCache":
@@ -189,13 +252,6 @@ class EvictingKVCache(_BaseCache):
         cache.state = state
         cache.meta_state = meta_state
         return cache
-
-
-def _take_rows(x: mx.array, rows: mx.array) -> mx.array:
-    """Gather ``rows`` (``[heads or 1, k]``) along the sequence axis of ``x``."""
-    heads, dim = x.shape[1], x.shape[3]
-    index = mx.broadcast_to(rows[None, :, :, None], (1, heads, rows.shape[-1], dim))
-    return mx.take_along_axis(x, index, axis=2)
 
 
 def _resized(old: mx.array | None, like: mx.array, used: int, size: int) -> mx.array:

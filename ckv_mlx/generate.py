@@ -20,6 +20,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from .models import MODEL_HELP
     from .models import PRECISIONS
     from .prompts import TRUNCATE_CHOICES
+    from .quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_HELP
     from .session import PREFILL_STEP
 
     p = argparse.ArgumentParser(
@@ -43,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--truncate", choices=TRUNCATE_CHOICES, default="none", help="what to drop when the document exceeds the context (default: refuse)")
     p.add_argument("--region", type=int, default=None, help="rows per layer for generated tokens before re-scoring "
                    "(default: a quarter of each layer's budget, at least 8)")
+    p.add_argument("--kv-bits", type=int, choices=BITS, help=KV_BITS_HELP)
+    p.add_argument("--kv-group-size", type=int, choices=GROUP_SIZES, help=GROUP_SIZE_HELP)
     p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 512MiB (default: 75%% of a Mac GPU's recommended "
                    "working set, or of MLX's memory limit on a CPU, less the weights); a prompt whose full cache "
                    "exceeds it is read in chunks that compress as they go")
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from .models import load_model
     from .profiles import resolve_profile
     from .prompts import document_prefix, prompt_tokens, question_tail
+    from .quantized import kv_bits_setting
     from .session import Session
 
     if args.max_tokens < 1:
@@ -98,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if dropped:
         notes.append(f"dropped {dropped:,} document tokens ({args.truncate}) to fit the context")
-    session = Session(loaded.model, loaded.tokenizer, method, region=args.region)
+    kv_bits = kv_bits_setting(args.kv_bits, args.kv_group_size, method.compresses)
+    session = Session(loaded.model, loaded.tokenizer, method, region=args.region, kv_bits=kv_bits)
     budget = parse_budget(args.budget, len(tokens)) if method.compresses else None
     session.layer_budgets(budget)
     working, memory_note = plan_prefill(loaded, len(tokens), budget, args.kv_limit, args.prefill_chunk)
@@ -188,6 +193,8 @@ def _report(session, loaded, args, budget, profile_path, text, interrupted) -> d
         "method": session.method.name,
         "requested_method": args.method,
         "budget": budget,
+        "kv_bits": session.kv_bits.bits if session.kv_bits else None,
+        "kv_group_size": session.kv_bits.group_size if session.kv_bits else None,
         "layer_budgets": s.layer_budgets,
         "prompt_tokens": s.prompt_tokens,
         "generated_tokens": s.generated_tokens,
@@ -216,7 +223,8 @@ def _summary(r: dict) -> str:
         f"method           {r['method']}" + (f" (asked: {r['requested_method']})" if r["method"] != r["requested_method"] else ""),
         f"KV cache         full {r['kv_bytes_full'] / mib:.2f} MiB -> kept {r['kv_bytes_kept'] / mib:.2f} MiB allocated"
         + (f" ({100 * r['kv_ratio']:.1f} %; rows holding tokens {r['kv_rows_kept'] / mib:.2f} MiB)"
-           if r["kv_ratio"] is not None else ""),
+           if r["kv_ratio"] is not None else "")
+        + (f", kept rows {r['kv_bits']}-bit (groups of {r['kv_group_size']})" if r["kv_bits"] else ""),
     ]
     if r["disk_bytes"]:
         lines.append(f"full cache       {r['disk_bytes'] / mib:.2f} MiB on disk"

@@ -21,6 +21,7 @@ from .errors import CKVError
 from .families import attention_modules
 from .layer_caches import all_trimmable, arrays, copies, fresh_others, nbytes
 from .methods import Method
+from .quantized import KVBits
 from .store import STORED_QUERIES, StoreWriter
 
 PREFILL_STEP = 512
@@ -67,9 +68,10 @@ class Snapshot(NamedTuple):
 class Session:
     """A model with evicting caches and one compression method."""
 
-    def __init__(self, model, tokenizer, method: Method, region: int | None = None):
+    def __init__(self, model, tokenizer, method: Method, region: int | None = None, kv_bits: KVBits | None = None):
         self.model, self.tokenizer, self._method = model, tokenizer, method
         self.region = region
+        self.kv_bits = kv_bits  # how the rows each compression keeps are stored (None: as computed)
         self.attentions = observe(attention_modules(model), method.window)
         self._recorder = None
         self.reset()
@@ -315,7 +317,7 @@ class Session:
     def _eval_caches(self):
         """Materialise every layer's keys, values and window queries, so no lazy graph
         keeps a replaced (e.g. full, pre-compression) buffer or a chunk's queries alive."""
-        mx.eval([(c.keys, c.values) for c in self.caches], [a.window_state() for a in self.attentions],
+        mx.eval([c.arrays() for c in self.caches], [a.window_state() for a in self.attentions],
                 [arrays(c) for c in self.others.values()])
 
     def _evict_to(self, budgets: list[int]):
@@ -324,7 +326,7 @@ class Session:
             cache = self.caches[layer]
             if cache.length > budget:
                 self._compress_layer(layer, budget)
-                mx.eval(cache.keys, cache.values)
+                mx.eval(cache.arrays())
 
     def feed(
         self, tokens: list[int], progress: Callable[[int, int], None] | None = None, chunk: int = PREFILL_STEP
@@ -389,7 +391,7 @@ class Session:
         if length <= avg_budget:
             budgets = [max(b, length) for b in budgets]
         for layer, budget in enumerate(budgets):
-            self._compress_layer(layer, budget)
+            self._compress_layer(layer, budget, kv_bits=self.kv_bits)
         self._eval_caches()
         self.stats.compress_s = time.perf_counter() - start
         self.stats.kv_bytes_kept, self.stats.kv_rows_kept = self.kv_bytes, self.kv_rows_bytes
@@ -411,8 +413,8 @@ class Session:
             cache = EvictingKVCache(self.region)
             cache.state, cache.offset = (keys, values), total
             if budgets is not None:
-                self._compress_layer(layer, budgets[layer], cache)
-            mx.eval(cache.keys, cache.values)
+                self._compress_layer(layer, budgets[layer], cache, self.kv_bits)
+            mx.eval(cache.arrays())
             kept.append(cache)
 
         *body, last = [tokens[i : i + PREFILL_STEP] for i in range(0, len(tokens), PREFILL_STEP)]
@@ -436,13 +438,16 @@ class Session:
         queries and what one row costs."""
         self.caches = [cache.emptied() for cache in self.caches]
 
-    def _compress_layer(self, layer: int, budget: int, cache: EvictingKVCache | None = None):
+    def _compress_layer(self, layer: int, budget: int, cache: EvictingKVCache | None = None,
+                        kv_bits: KVBits | None = None):
+        """Re-score layer ``layer`` and keep ``budget`` rows (packed by ``kv_bits``, or
+        as the layer was kept before)."""
         attention, cache = self.attentions[layer], cache or self.caches[layer]
         keys = cache.fetch()[0][0]
         keep = self.method.keep_indices(
             layer, attention.window_queries, keys, attention.scale, budget, attention.sinks
         )
-        cache.compress(keep, budget)
+        cache.compress(keep, budget, kv_bits)
 
     def make_room(self, n: int):
         """Re-score and evict every compressed layer that cannot take ``n`` more rows."""

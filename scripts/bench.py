@@ -13,7 +13,11 @@ EOS is ignored, so every run decodes the same number of tokens. Figures are medi
 over the repeats. The full-cache decode ratio, a few percent against a run-to-run spread
 as large, also gets ``--decode-pairs`` more paired runs per repeat on the caches already
 filled, and is the median of every pair's ratio with a bootstrap 95 % interval. Memory during decode is measured in a child process that holds only
-our model and the compressed cache. Writes OUT/bench.json, OUT/bench.md, OUT/bench.png.
+our model and the compressed cache. With ``--kv-bits 8,4``, each budget's compressed
+cache also decodes with its kept rows quantized, in ``1 + --decode-pairs`` pairs against
+the unquantized one (quantized / unquantized tok/s, median and interval), and the child
+checks each quantized cache's bytes against the formula. Writes OUT/bench.json,
+OUT/bench.md, OUT/bench.png.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ TARGETS = {
     "full_decode_vs_mlx_lm": 0.97,  # with the full cache, decode >= 97 % of mlx-lm's at every length
     "decode_vs_ideal": 0.90,  # at 8K, decode >= 90 % of mlx-lm at the budget's context
     "memory_excess": 0.10,  # decode peak within 10 % of weights + kept cache + activations
+    "quantized_decode": 0.90,  # decode with the kept rows quantized >= 90 % of unquantized, this CPU
 }
 
 
@@ -51,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-tokens", type=int, default=80, help="tokens per decode run (default 80: several evictions)")
     p.add_argument("--decode-pairs", type=int, default=4,
                    help="extra paired full-cache decode runs per repeat, mlx-lm then ours (default 4)")
+    p.add_argument("--kv-bits", type=ints, default=[], help="also decode with the kept rows quantized to these bits, "
+                   "e.g. 8,4 (default: none)")
     p.add_argument("--out", type=Path, default=Path("docs/bench"))
     p.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -131,7 +138,23 @@ def step_transient(model, cache, token: int) -> int:
     return mx.get_peak_memory() - held
 
 
-def one_repeat(plain, session, full_method, method, tokens, budgets, n, pairs) -> dict:
+def quantized_ratios(session, snapshot, logits, budget: int, kv_bits, n: int, pairs: int) -> list[float]:
+    """Quantized / unquantized decode speed of the cache compressed to ``budget``,
+    ``pairs`` times, each pair compressed afresh from ``snapshot``."""
+    ratios = []
+    for _ in range(pairs):
+        speeds = []
+        for bits in (None, kv_bits):
+            session.restore(snapshot)
+            session.kv_bits = bits
+            session.compress(budget)
+            speeds.append(consume(lambda: session.generate(logits, n))[1])
+        ratios.append(speeds[1] / speeds[0])
+    session.kv_bits = None
+    return ratios
+
+
+def one_repeat(plain, session, full_method, method, tokens, budgets, n, pairs, kv_bits=()) -> dict:
     """mlx-lm and ours at one context, interleaved; every figure of one repeat."""
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -157,6 +180,9 @@ def one_repeat(plain, session, full_method, method, tokens, budgets, n, pairs) -
         ideal = make_prompt_cache(plain.model)
         row[f"ideal_decode_tps@{budget}"] = mlx_lm_run(plain, tokens[:budget], n, ideal)[1]
         row[f"activations@{budget}"] = step_transient(plain.model, ideal, tokens[0])
+        for bits in kv_bits:
+            row[f"quantized_ratios@{budget}/{bits.bits}"] = quantized_ratios(session, snapshot, logits, budget, bits,
+                                                                             n, 1 + pairs)
     return row
 
 
@@ -170,6 +196,7 @@ def main(argv=None) -> int:
     from ckv_mlx.memory import weight_bytes
     from ckv_mlx.methods import make_method
     from ckv_mlx.profiles import resolve_profile
+    from ckv_mlx.quantized import KVBits
     from ckv_mlx.session import Session
 
     started = time.perf_counter()
@@ -180,13 +207,17 @@ def main(argv=None) -> int:
     session = Session(ours.model, ours.tokenizer, method)
     results = {"model": ours.name, "method": method.name, "precision": ours.precision, "device": str(mx.default_device()),
                "decode_tokens": args.decode_tokens, "repeats": args.repeats, "decode_pairs": args.decode_pairs,
-               "weights_bytes": weight_bytes(ours.model), "lengths": {}}
+               "weights_bytes": weight_bytes(ours.model), "kv_bits": args.kv_bits, "lengths": {}}
+    kv_bits = [KVBits(b) for b in args.kv_bits]
     for length in args.lengths:
         tokens = prompt_ids(ours.tokenizer, length)
         repeats = [one_repeat(plain, session, full, method, tokens, args.budgets, args.decode_tokens,
-                              args.decode_pairs) for _ in range(args.repeats)]
-        medians = {k: statistics.median(r[k] for r in repeats) for k in repeats[0] if k != "full_decode_ratios"}
-        medians["full_decode_ratio"] = median_interval([x for r in repeats for x in r["full_decode_ratios"]])
+                              args.decode_pairs, kv_bits) for _ in range(args.repeats)]
+        paired = [k for k in repeats[0] if k == "full_decode_ratios" or k.startswith("quantized_ratios@")]
+        medians = {k: statistics.median(r[k] for r in repeats) for k in repeats[0] if k not in paired}
+        for key in paired:  # the median of every pair's ratio, with its interval
+            name = "full_decode_ratio" if key == "full_decode_ratios" else key
+            medians[name] = median_interval([x for r in repeats for x in r[key]])
         medians["runs"] = repeats
         medians["memory"] = run_memory_child(args, length)
         results["lengths"][str(length)] = medians
@@ -203,6 +234,7 @@ def run_memory_child(args, length: int) -> dict:
     """Decode memory per budget, measured in a fresh process (see :func:`memory_child`)."""
     command = [sys.executable, __file__, "--memory-child", str(length), "--method", args.method,
                "--budgets", ",".join(map(str, args.budgets)), "--decode-tokens", str(args.decode_tokens)]
+    command += ["--kv-bits", ",".join(map(str, args.kv_bits))] * bool(args.kv_bits)
     command += ["--model", args.model] * bool(args.model) + ["--precision", args.precision] * bool(args.precision)
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -211,12 +243,11 @@ def run_memory_child(args, length: int) -> dict:
 def memory_child(args) -> int:
     """Prefill once, then for each budget (largest first) compress, free everything
     else and decode: MLX's peak and the process RSS while only the weights and the kept
-    cache are held."""
-    import mlx.core as mx
-
+    cache are held; then the smallest budget's cache with its kept rows quantized."""
     from ckv_mlx.cache import default_region
     from ckv_mlx.methods import make_method
     from ckv_mlx.profiles import resolve_profile
+    from ckv_mlx.quantized import KVBits
     from ckv_mlx.session import Session
 
     loaded = load(args)
@@ -228,16 +259,37 @@ def memory_child(args) -> int:
         budgets = session.compress(budget)
         kept = session.kv_bytes
         formula = sum((b + default_region(b)) * c.row_bytes for b, c in zip(budgets, session.caches))
-        gc.collect()
-        mx.clear_cache()
-        mx.reset_peak_memory()
-        for _ in session.generate(logits, args.decode_tokens):
-            pass
-        out[str(budget)] = {"peak_bytes": mx.get_peak_memory(), "kept_bytes": kept, "formula_bytes": formula,
-                            "rows_bytes": session.stats.kv_rows_kept, "layer_budgets": budgets,
-                            "allocated_kv_bytes": session.kv_bytes, "rss_bytes": _rss()}
+        out[str(budget)] = {**decode_memory(session, logits, args.decode_tokens), "kept_bytes": kept,
+                            "formula_bytes": formula, "rows_bytes": session.stats.kv_rows_kept, "layer_budgets": budgets}
+    for bits in args.kv_bits:  # the smallest budget's rows, quantized
+        kv_bits, budget = KVBits(bits), min(args.budgets)
+        budgets = session.layer_budgets(budget)
+        session.kv_bits = kv_bits
+        session.compress(budget)
+        kept = session.kv_bytes
+        formula = sum(2 * b * kv_bits.row_bytes(c.keys.shape[1], c.keys.shape[3], c.keys.dtype)
+                      + default_region(b) * c.row_bytes for b, c in zip(budgets, session.caches))
+        out[f"{budget}/{bits}"] = {**decode_memory(session, logits, args.decode_tokens), "kept_bytes": kept,
+                                   "formula_bytes": formula, "rows_bytes": session.stats.kv_rows_kept,
+                                   "layer_budgets": budgets,
+                                   "packed_row_bytes": kv_bits.row_bytes(session.caches[0].keys.shape[1],
+                                                                         session.caches[0].keys.shape[3],
+                                                                         session.caches[0].keys.dtype)}
     print(json.dumps(out))
     return 0
+
+
+def decode_memory(session, logits, n: int) -> dict:
+    """Decode ``n`` tokens from the compressed cache with everything else freed: MLX's
+    peak, the KV allocated after, the process RSS."""
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    for _ in session.generate(logits, n):
+        pass
+    return {"peak_bytes": mx.get_peak_memory(), "allocated_kv_bytes": session.kv_bytes, "rss_bytes": _rss()}
 
 
 def _rss() -> int:
@@ -263,8 +315,15 @@ def check_targets(results: dict, budgets: list[int]) -> dict:
             mem = m["memory"][str(b)]
             expected = results["weights_bytes"] + mem["allocated_kv_bytes"] + m[f"activations@{b}"]
             excess = max(excess, mem["peak_bytes"] / expected - 1)
-            exact &= mem["kept_bytes"] == mem["formula_bytes"]
-    return {
+        exact &= all(mem["kept_bytes"] == mem["formula_bytes"] for key, mem in m["memory"].items() if key != "full_bytes")
+    quantized = [m[key][0] for m in lengths.values() for key in m if key.startswith("quantized_ratios@")]
+    if quantized:
+        worst = min(quantized)
+        targets = {"quantized_decode": {"worst": worst, "limit": TARGETS["quantized_decode"],
+                                        "met": worst >= TARGETS["quantized_decode"]}}
+    else:
+        targets = {}
+    return {**targets,
         "prefill_overhead": {"worst": overhead, "limit": TARGETS["prefill_overhead"], "met": overhead <= TARGETS["prefill_overhead"]},
         "compress_share": {"worst": share, "limit": TARGETS["compress_share"], "met": share <= TARGETS["compress_share"]},
         "full_decode_vs_mlx_lm": {"worst": full_speed, "limit": TARGETS["full_decode_vs_mlx_lm"],
@@ -315,6 +374,23 @@ def table(results: dict, budgets: list[int]) -> str:
                 f"| {m[f'ours_decode_tps@{b}'] / m[f'ideal_decode_tps@{b}']:.2f} | {mem['kept_bytes'] / mib:.2f} "
                 f"| {mem['rows_bytes'] / mib:.2f} | {full / mib:.1f} | {mem['peak_bytes'] / mib:.0f} | {expected / mib:.0f} | {mem['rss_bytes'] / mib:.0f} |"
             )
+    if results.get("kv_bits"):
+        lines += ["", f"Kept rows quantized: decode speed against the same budget unquantized "
+                      f"({results['repeats'] * (1 + results['decode_pairs'])} pairs), and the bytes kept.", "",
+                  "| context | budget | bits | quantized / unquantized decode, median | 95 % interval "
+                  "| KV kept MiB, unquantized | KV kept MiB, quantized (budget " + str(min(budgets)) + ") "
+                  "| bytes per kept token, keys or values | formula exact |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for length, m in results["lengths"].items():
+            for b in budgets:
+                for bits in results["kv_bits"]:
+                    ratio, low, high = m[f"quantized_ratios@{b}/{bits}"]
+                    mem = m["memory"].get(f"{b}/{bits}")
+                    kept = f"{mem['kept_bytes'] / mib:.3f}" if mem else "-"
+                    row_bytes = mem["packed_row_bytes"] if mem else "-"
+                    exact = ("yes" if mem["kept_bytes"] == mem["formula_bytes"] else "no") if mem else "-"
+                    lines.append(f"| {int(length):,} | {b} | {bits} | {ratio:.3f} | {low:.3f}-{high:.3f} "
+                                 f"| {m['memory'][str(b)]['kept_bytes'] / mib:.3f} | {kept} | {row_bytes} | {exact} |")
     lines += ["", "| target | limit | worst measured | met |", "|---|---|---|---|"]
     for name, t in results["targets"].items():
         if "worst" in t:

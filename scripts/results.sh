@@ -2,7 +2,7 @@
 # The evaluation runs behind docs/results.md, on the built-in model and its shipped profile.
 # Each step is resumable: killed and started again, it continues; with larger grids
 # (e.g. --lengths 1000,2000,4000,7000) it adds only the missing records.
-# Usage: bash scripts/results.sh [niah|uniform|firstk|chunked|coverage|ablation|mixed|followup|gemma_niah]...   (default: all nine)
+# Usage: bash scripts/results.sh [niah|uniform|firstk|chunked|coverage|ablation|mixed|followup|gemma_niah|kv_bits]...   (default: all ten)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -75,6 +75,12 @@ gemma_niah() {  # Gemma 3 270M (base, 1 KV head, 3 global layers of 18): NIAH at
         --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity --out docs/eval/gemma3-niah
 }
 
-for step in "${@:-niah uniform firstk chunked coverage ablation mixed followup gemma_niah}"; do
+kv_bits() {  # kept rows quantized: NIAH and fidelity, compresskv at 64-512 tokens with 16, 8 and 4 bits per value
+    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths "$LENGTHS" --depths "${DEPTHS:-0,25,50,75,100}" \
+        --methods full,compresskv --budgets 64,128,256,512 --kv-bits 16,8,4 --modes query-aware --max-tokens 8 \
+        --out docs/eval/kv-bits
+}
+
+for step in "${@:-niah uniform firstk chunked coverage ablation mixed followup gemma_niah kv_bits}"; do
     for s in $step; do $s; done
 done

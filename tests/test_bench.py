@@ -37,3 +37,23 @@ def test_tiny_benchmark(tmp_path, default_model):
     table = (tmp_path / "bench.md").read_text()
     assert "| 300 | 64 |" in table and "| kept_bytes_exact | equal | - | yes |" in table
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_with_the_kept_rows_quantized(tmp_path, default_model):
+    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--lengths", "300", "--budgets", "32,64",
+               "--repeats", "1", "--decode-tokens", "4", "--decode-pairs", "1", "--kv-bits", "8,4", "--out", str(tmp_path)]
+    subprocess.run(command, check=True, cwd=ROOT, timeout=600)
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["targets"]["kept_bytes_exact"]["met"] and "quantized_decode" in result["targets"]
+    measured = result["lengths"]["300"]
+    for bits in (8, 4):
+        ratio, low, high = measured[f"quantized_ratios@64/{bits}"]
+        assert low <= ratio <= high and len(measured["runs"][0][f"quantized_ratios@64/{bits}"]) == 2
+        memory = measured["memory"][f"32/{bits}"]
+        packed_row = 3 * (64 * bits // 8 + 2 * (64 // 64) * 4)  # 3 KV heads x 64 values, a float32 scale and bias
+        assert memory["packed_row_bytes"] == packed_row
+        layer_row = 3 * 64 * 2 * 4
+        expected = sum(2 * b * packed_row + max(8, -(-b // 4)) * layer_row for b in memory["layer_budgets"])
+        assert memory["kept_bytes"] == memory["formula_bytes"] == expected < measured["memory"]["32"]["kept_bytes"]
+    assert "| 300 | 64 | 4 |" in (tmp_path / "bench.md").read_text()

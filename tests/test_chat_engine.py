@@ -37,13 +37,13 @@ def smollm_tokenizer():
         pytest.skip(f"built-in model unavailable: {e}")
 
 
-def tiny_loader(context: int = 4096, arch: str = "llama"):
+def tiny_loader(context: int = 4096, arch: str = "llama", head_dim: int = 16):
     """A random model with the built-in model's tokenizer: fast, exact. A llama has 2
     layers, a family mixing kinds of layers 4 (2 of them compressing)."""
     def load(name):
         if name not in (None, "tiny"):
             raise CKVError(f"no model {name}")
-        model = tiny_model(arch, layers=2 if arch == "llama" else 4, vocab=49152)
+        model = tiny_model(arch, layers=2 if arch == "llama" else 4, vocab=49152, head_dim=head_dim)
         return LoadedModel(model, smollm_tokenizer(), "tiny", tiny_shape(model), context)
     return load
 
@@ -79,10 +79,10 @@ def doc(tmp_path):
     return path
 
 
-def start(settings: ChatSettings | None = None, context: int = 4096, arch: str = "llama"):
+def start(settings: ChatSettings | None = None, context: int = 4096, arch: str = "llama", head_dim: int = 16):
     recorder = Recorder()
     settings = settings or ChatSettings(method="full", max_tokens=6)
-    engine = ChatEngine(settings, recorder, loader=tiny_loader(context, arch))
+    engine = ChatEngine(settings, recorder, loader=tiny_loader(context, arch, head_dim))
     return engine, recorder
 
 
@@ -220,21 +220,26 @@ def test_budget_change_after_the_cache_was_dropped_needs_a_reread(doc):
     assert view.position == before.position  # the same document and turn, read again
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen3_next"])
-def test_saved_session_resumes_and_continues_identically(doc, tmp_path, arch):
-    """Sliding-window and recurrent layers (mlx-lm's own caches) are saved beside ours."""
-    settings = ChatSettings(method="snapkv", budget="48", policy="first-question", max_tokens=5)
-    engine, recorder = start(settings, arch=arch)
+@pytest.mark.parametrize("arch, kv_bits", [("llama", None), ("gemma3_text", None), ("qwen3_next", None), ("llama", 4),
+                                           ("gemma3_text", 8)])
+def test_saved_session_resumes_and_continues_identically(doc, tmp_path, arch, kv_bits):
+    """Sliding-window and recurrent layers (mlx-lm's own caches) are saved beside ours,
+    and kept rows quantized stay packed as they were."""
+    settings = ChatSettings(method="snapkv", budget="48", policy="first-question", max_tokens=5, kv_bits=kv_bits,
+                            kv_group_size=32 if kv_bits else None)
+    engine, recorder = start(settings, arch=arch, head_dim=32)
     try:
         engine.open(doc)
         engine.ask("Where are the orchards?")
         recorder.wait(Reply)
-        saved(engine, recorder, tmp_path / "s.ckv")
+        caches, _ = saved(engine, recorder, tmp_path / "s.ckv")
+        assert all((c.kv_bits and c.kv_bits.bits) == kv_bits and (c.packed is not None) == bool(kv_bits) for c in caches)
+        assert (recorder.of(CacheView)[-1].kv_bits) == kv_bits
         engine.ask("What fruit?")
         original = recorder.wait(Reply, 2)[1]
     finally:
         engine.close()
-    engine, recorder = start(ChatSettings(), arch=arch)
+    engine, recorder = start(ChatSettings(), arch=arch, head_dim=32)
     try:
         engine.resume(tmp_path / "s.ckv")
         resumed = recorder.wait(Resumed)[0]

@@ -127,3 +127,22 @@ def test_bounded_prefill_grid(tmp_path, default_model):
 def test_working_budget_below_a_budget_is_refused(tmp_path, capsys, default_model):
     assert main(["--working-budget", "32", "--budgets", "64", "--out", str(tmp_path)]) == 2
     assert "--working-budget 32 must be at least every budget" in capsys.readouterr().err
+
+
+def test_a_kv_bits_grid_records_each_bits_with_its_bytes(tmp_path, capsys, default_model):
+    args = ["--tasks", "niah", "--lengths", "300", "--depths", "50", "--needle-count", "1", "--methods", "snapkv",
+            "--budgets", "64", "--kv-bits", "16,8,4", "--modes", "query-aware", "--max-tokens", "4", "--out", str(tmp_path)]
+    assert main(args) == 0
+    records = [json.loads(l) for l in (tmp_path / "records.jsonl").read_text().splitlines()[1:]]
+    assert [(r["method"], r["kv_bits"]) for r in records] == [("full", None), ("snapkv", None), ("snapkv", 8),
+                                                                ("snapkv", 4)]
+    full, plain, eight, four = records
+    row, full_rows = 30 * 3 * 64 * 2 * 4, -(-full["prompt_tokens"] // 256) * 256  # float32: 30 layers, 3 KV heads x 64
+    packed = {bits: 30 * 2 * 3 * (64 * bits // 8 + 2 * 4) for bits in (8, 4)}  # keys and values, a float32 scale and bias
+    assert plain["kv_bytes"] == (64 + 16) * row and plain["kv_fraction"] == pytest.approx(80 / full_rows)
+    for record, bits in ((eight, 8), (four, 4)):
+        assert record["kv_bytes"] == 64 * packed[bits] + 16 * row and record["key"].endswith(f"/{bits}bit-g64")
+        assert record["top1"] is not None
+    assert "snapkv 4-bit" in (tmp_path / "report.md").read_text()
+    assert main([*args[:-2], "--kv-bits", "16,3", "--out", str(tmp_path / "bad")]) == 2
+    assert "--kv-bits 3: use 16" in capsys.readouterr().err

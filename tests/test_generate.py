@@ -77,6 +77,18 @@ def test_json_report(capsys, tokenizer, doc, method):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kv_bits_keep_the_rows_packed_and_say_so(capsys, tokenizer, doc, bits):
+    code, out, err = run(capsys, "--doc", doc, "--prompt", "Where does Mara keep bees?", "--method", "snapkv",
+                         "--budget", "64", "--max-tokens", "6", "--kv-bits", str(bits), "--json")
+    report = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and report["kv_bits"] == bits and report["kv_group_size"] == 64 and report["text"]
+    packed_row = 3 * (64 * bits // 8 + 2 * 4)  # keys or values of one token: 3 KV heads, a float32 scale and bias
+    assert report["kv_bytes_kept"] == 30 * (64 * 2 * packed_row + 16 * LAYER_ROW)  # the region in full precision
+    assert f"kept rows {bits}-bit (groups of 64)" in err  # the summary, beside the JSON on stdout
+
+
+@pytest.mark.slow
 def test_a_prompt_over_the_kv_limit_is_read_in_chunks(capsys, tokenizer, doc):
     code, out, err = run(capsys, "--doc", doc, "--prompt", "Where does Mara keep bees?", "--method", "compresskv",
                          "--budget", "64", "--kv-limit", "6MiB", "--prefill-chunk", "64", "--max-tokens", "4", "--json")
@@ -114,6 +126,8 @@ def test_the_question_tail_is_what_follows_the_document(tokenizer, raw):
         (["--kv-limit", "4MiB", "--budget", "64"], "too small for budget 64"),
         (["--kv-limit", "4MiB", "--method", "full"], "method full keeps everything"),
         (["--model", "/nonexistent/model/folder"], "model"),
+        (["--kv-bits", "4", "--method", "full"], "--method full keeps every row as computed"),
+        (["--kv-group-size", "64"], "--kv-group-size needs --kv-bits"),
     ],
 )
 def test_bad_input_gets_one_line(capsys, tokenizer, doc, args, words):

@@ -1,12 +1,15 @@
 """Report tables and plots from hand-made records, checked against hand-computed numbers."""
 
+import json
+
 import matplotlib.image
 import pytest
 
 from ckv_mlx.errors import CKVError
 
-from ckv_mlx.eval.report import (accuracy_table, budget_order, fidelity_table, followup_length_table, followup_table, heatmap,
-                                 load_records, relative_table, write_report)
+from ckv_mlx.eval.report import (accuracy_table, budget_order, bytes_table, fidelity_table, followup_length_table,
+                                 followup_table, heatmap, load_records, method_order, relative_table, wilson_interval,
+                                 write_report)
 
 
 def rec(method, budget, score, sample, depth=0, length=1000, mode="query-aware", task="niah", **extra):
@@ -86,3 +89,26 @@ def test_write_report_writes_plots_and_sections(tmp_path):
     assert "## niah, query-aware: accuracy (%)" in text
     assert (tmp_path / "niah-query-aware-compresskv-5pct.png").exists()
     assert (tmp_path / "niah-query-aware-full.png").exists()
+
+
+def test_wilson_interval_is_the_textbook_one():
+    low, high = wilson_interval(8, 10)  # p = 0.8, n = 10: 0.490 to 0.943 (Wilson 1927; e.g. Newcombe 1998, table I)
+    assert round(low, 3) == 0.490 and round(high, 3) == 0.943
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == pytest.approx(1.0)
+
+
+def test_quantized_variants_are_methods_of_their_own_ordered_and_tabled_by_bytes(tmp_path):
+    records = [rec("full", None, 1.0, "a"),
+               rec("compresskv", "64", 1.0, "a", kv_fraction=0.10), rec("compresskv", "64", 0.0, "b", kv_fraction=0.10),
+               rec("compresskv", "256", 1.0, "a", kv_fraction=0.14, kv_bits=4),
+               rec("compresskv", "256", 1.0, "b", kv_fraction=0.14, kv_bits=4),
+               rec("compresskv", "64", 1.0, "a", kv_fraction=0.06, kv_bits=8)]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"settings": {}}, *records]) + "\n")
+    loaded = load_records(path)
+    assert method_order(loaded) == ["full", "compresskv", "compresskv 8-bit", "compresskv 4-bit"]
+    table = bytes_table(loaded, "niah").splitlines()[2:]
+    assert [line.split(" | ")[:3] for line in table] == [
+        ["| compresskv 8-bit", "64", "6.0"], ["| compresskv", "64", "10.0"], ["| compresskv 4-bit", "256", "14.0"]]
+    assert "50.0 [9.5, 90.5]" in table[1]  # 1 of 2, Wilson
+    assert "By the KV kept" in write_report(loaded, tmp_path / "plots")

@@ -6,7 +6,7 @@ import importlib
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 MODULES = {"mistral": "llama"}  # model_type -> mlx-lm module, where they differ
 FAMILY_ARGS = {  # what each family needs beside the common arguments, small
@@ -123,10 +123,33 @@ def mac_model(arch: str = "llama", dtype: str = "bfloat16", **kwargs):
     return model
 
 
-def masked_plain_logits(model, prompt, forced, kept):
-    """Plain mlx-lm attention over the full cache, with evicted rows masked out."""
+def as_mlx_lm_quantizes(cache, rows: int, bits: int, group_size: int):
+    """The first ``rows`` rows of every plain ``KVCache`` in ``cache`` as mlx-lm's
+    ``QuantizedKVCache`` holds them (``mx.quantize``), dequantized back in place."""
+    for c in cache:
+        if type(c) is KVCache:
+            for x in (c.keys, c.values):
+                x[..., :rows, :] = mx.dequantize(*mx.quantize(x[..., :rows, :], group_size=group_size, bits=bits),
+                                                 group_size=group_size, bits=bits)
+
+
+def quantized_plain_logits(model, prompt, forced, bits, group_size):
+    """:func:`plain_logits` with the prompt's rows in the growing layers quantized as
+    mlx-lm quantizes them; the forced tokens' rows in full precision."""
+    cache = make_prompt_cache(model)
+    out = [model(mx.array([prompt]), cache=cache)[:, -1]]
+    as_mlx_lm_quantizes(cache, len(prompt), bits, group_size)
+    return out + [model(mx.array([[t]]), cache=cache)[:, -1] for t in forced]
+
+
+def masked_plain_logits(model, prompt, forced, kept, kv_bits=None):
+    """Plain mlx-lm attention over the full cache, with evicted rows masked out (and
+    with ``kv_bits`` = ``(bits, group_size)`` the prompt's rows quantized as mlx-lm
+    quantizes them)."""
     cache = make_prompt_cache(model)
     model(mx.array([prompt]), cache=cache)
+    if kv_bits:
+        as_mlx_lm_quantizes(cache, len(prompt), *kv_bits)
     out = []
     for token in forced:
         h = model.model.embed_tokens(mx.array([[token]]))

@@ -15,6 +15,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from ckv_mlx.methods import METHODS
     from ckv_mlx.models import MODEL_HELP, PRECISIONS
     from ckv_mlx.prompts import TRUNCATE_CHOICES
+    from ckv_mlx.quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_HELP
 
     p = argparse.ArgumentParser(prog="ckv-chat", description="Chat with a long document; the KV cache is compressed with CompressKV.")
     p.add_argument("--doc", type=Path, help="document to open: .pdf .txt .md .html .docx .epub")
@@ -33,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "context: refuse it (default; /truncate chooses later) or drop part of it at the start, middle or end")
     p.add_argument("--repetition-penalty", type=float, help="mlx-lm's repetition penalty over the last 20 tokens of "
                    "the answer, e.g. 1.1 (default: off)")
+    p.add_argument("--kv-bits", type=int, choices=BITS, help=KV_BITS_HELP)
+    p.add_argument("--kv-group-size", type=int, choices=GROUP_SIZES, help=GROUP_SIZE_HELP)
     p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 512MiB (default: 75%% of a Mac GPU's recommended "
                    "working set, or of MLX's memory limit on a CPU, less the weights); a document whose full cache "
                    "exceeds it is read in chunks that compress as they go")
@@ -57,10 +60,13 @@ def main(argv=None) -> int:
         return 2
     from ckv_mlx.errors import CKVError
     from ckv_mlx.memory import parse_size
+    from ckv_mlx.methods import METHODS
+    from ckv_mlx.quantized import kv_bits_setting
 
     try:
         args.kv_limit and parse_size(args.kv_limit)
         args.store_limit and parse_size(args.store_limit)
+        kv_bits_setting(args.kv_bits, args.kv_group_size, METHODS[args.method].compresses)
     except CKVError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -72,6 +78,7 @@ def main(argv=None) -> int:
     settings = ChatSettings(model=args.model, precision=args.precision, profile=args.profile, method=args.method,
                             budget=args.budget, policy=args.policy, max_tokens=args.max_tokens, kv_limit=args.kv_limit,
                             repetition_penalty=args.repetition_penalty, truncate=args.truncate,
+                            kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
                             full_cache=args.full_cache, store_dir=args.store_dir, store_limit=args.store_limit)
     app = ChatApp(lambda emit: ChatEngine(settings, emit), settings, doc=args.doc, resume=args.resume,
                   session=args.session)

@@ -52,7 +52,8 @@ def describe(view: CacheView) -> str:
         f"[b]decode[/b]    {view.decode_tps:,.1f} tok/s",
         "",
         f"[b]method[/b]    {view.method or '-'}",
-        f"[b]budget[/b]    {view.budget if view.budget is not None else 'everything'}",
+        f"[b]budget[/b]    {view.budget if view.budget is not None else 'everything'}"
+        + (f"  ({view.kv_bits}-bit)" if view.kv_bits else ""),
         f"[b]policy[/b]    {view.policy}",
         f"[b]profile[/b]   {view.profile or 'none'}",
         f"[b]model[/b]     {view.model or '-'}",

@@ -33,6 +33,7 @@ from ..memory import mib, parse_size, plan_prefill
 from ..methods import make_method
 from ..models import LoadedModel, load_model
 from ..profiles import resolve_profile
+from ..quantized import kv_bits_setting
 from ..prompts import TRUNCATE_CHOICES, cut_to_fit, document_prefix, question_tokens
 from ..session import PREFILL_STEP, Session
 from ..store import DEFAULT_LIMIT_BYTES, StoreWriter, read_mode, store_key, store_root
@@ -216,7 +217,9 @@ class ChatEngine:
         profile, path, notes = resolve_profile(self.settings.profile, self._loaded.shape)
         self._profile, self._profile_name = profile, (path.name if path else None)
         method, method_notes = make_method(self.settings.method, profile)
-        self._session = Session(self._loaded.model, self._loaded.tokenizer, method, region=self.settings.region)
+        kv_bits = kv_bits_setting(self.settings.kv_bits, self.settings.kv_group_size)
+        self._session = Session(self._loaded.model, self._loaded.tokenizer, method, region=self.settings.region,
+                                kv_bits=kv_bits)
         for note in notes + method_notes:
             self._emit(Notice(note))
 
@@ -463,6 +466,7 @@ class ChatEngine:
             self.settings = replace(self.settings, full_cache="memory")
         self._ensure_model(metadata["model"])
         session = self._session
+        session.kv_bits = kv_bits_setting(self.settings.kv_bits, self.settings.kv_group_size)
         try:
             session.take_over(caches, [queries.get(f"window.{i}") for i in range(len(caches))],
                               from_saved(queries, metadata.get("others", [])))
@@ -514,6 +518,7 @@ class ChatEngine:
         return CacheView(
             phase=self._phase, model=self._loaded.name, method=session.method.name,
             profile=self._profile_name, budget=conversation.budget if conversation else None,
+            kv_bits=session.kv_bits.bits if session.kv_bits and session.method.compresses else None,
             policy=self.settings.policy,
             document=self._document.path.name if self._document else None,
             document_tokens=len(self._document.prefix) if self._document else 0,

@@ -20,6 +20,8 @@ class ChatSettings:
     policy: str = DEFAULT_POLICY
     max_tokens: int = 512
     region: int | None = None
+    kv_bits: int | None = None  # the kept rows quantized to this many bits (None: as computed)
+    kv_group_size: int | None = None  # values per scale and bias with kv_bits; None: mlx-lm's 64
     kv_limit: str | None = None
     repetition_penalty: float | None = None  # mlx-lm's, over the answer's last 20 tokens; None: off
     truncate: str = "none"  # a document over the context: refused, or cut at the start, middle or end
@@ -120,6 +122,7 @@ class CacheView:
     method: str = ""
     profile: str | None = None
     budget: int | None = None
+    kv_bits: int | None = None  # bits per value of the kept rows, when they are quantized
     policy: str = DEFAULT_POLICY
     document: str | None = None
     document_tokens: int = 0

@@ -37,6 +37,7 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     from ..methods import METHODS
     from ..models import MODEL_HELP
+    from ..quantized import DEFAULT_GROUP_SIZE
     from .harness import FOLLOWUP_POLICIES, MODES
 
     p = argparse.ArgumentParser(prog="python -m ckv_mlx.eval", description=__doc__.split("\n\n")[0])
@@ -52,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=2, help="RULER-style samples per task and length (default 2)")
     p.add_argument("--methods", type=_list, default=list(METHODS), help="comma-separated (default: all)")
     p.add_argument("--budgets", type=_list, default=DEFAULT_BUDGETS, help="tokens per layer or %% of the prompt (default 32,64,128,256)")
+    p.add_argument("--kv-bits", type=_ints, default=[16], help="bits per value of the kept rows, comma-separated: "
+                   "16 keeps them as computed, 8 and 4 quantize them (default 16)")
+    p.add_argument("--kv-group-size", type=int, default=DEFAULT_GROUP_SIZE, help="values per scale and bias with "
+                   f"--kv-bits 8 or 4 (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--modes", type=_list, default=list(MODES), help="query-aware, query-agnostic (default both)")
     p.add_argument("--policies", type=_list, default=list(FOLLOWUP_POLICIES),
                    help="multi-turn policies for followup (default all; per-question-disk: per-question with the full cache on disk)")
@@ -82,6 +87,7 @@ def _check(args, methods, modes, policies):
     if args.max_tokens < 1 or args.samples < 1 or args.needle_count < 1:
         raise CKVError("--max-tokens, --samples and --needle-count must be at least 1")
     from ..budgets import parse_budget
+    from ..quantized import BITS, KVBits
 
     for budget in args.budgets:
         parse_budget(budget, 1)  # a malformed budget fails here, before any prefill
@@ -92,6 +98,10 @@ def _check(args, methods, modes, policies):
         if small or "followup" in args.tasks:
             raise CKVError(f"--working-budget {args.working_budget} must be at least every budget (in tokens) and "
                            "does not apply to followup: raise it or drop those budgets")
+    for bits in args.kv_bits:
+        if bits != 16 and bits not in BITS:
+            raise CKVError(f"--kv-bits {bits}: use 16 (the kept rows as computed), {' or '.join(map(str, BITS))}")
+    KVBits(BITS[0], args.kv_group_size)  # a group size mx.quantize refuses fails here, before any prefill
     if not all(0 <= d <= 100 for d in args.depths):
         raise CKVError("--depths are percentages: each must be between 0 and 100")
 
@@ -102,12 +112,15 @@ def main(argv=None) -> int:
 
 
 def _settings(args, methods) -> list:
+    """Every compressing method at every budget and KV bits; the full cache once, as computed."""
+    from ..quantized import KVBits
     from .harness import Setting
 
+    bits = [None if b == 16 else KVBits(b, args.kv_group_size) for b in args.kv_bits]
     settings = []
     for method in methods:
         budgets = args.budgets if method.compresses else [None]
-        settings += [Setting(method, b) for b in budgets]
+        settings += [Setting(method, b, k) for b in budgets for k in (bits if method.compresses else [None])]
     return settings
 
 

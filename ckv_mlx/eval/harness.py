@@ -20,6 +20,7 @@ from ..budgets import parse_budget
 from ..conversation import POLICIES, Conversation, answer_line
 from ..disk_cache import DiskFullCache, read_or_reuse
 from ..methods import Method
+from ..quantized import KVBits
 from ..session import PREFILL_STEP, Session, Snapshot
 from ..store import CONVERSATIONS, Store, StoreWriter, read_mode, store_key
 from .tasks import EvalSample
@@ -31,14 +32,17 @@ FOLLOWUP_POLICIES = (*POLICIES, DISK_POLICY)
 
 @dataclass(frozen=True)
 class Setting:
-    """One way to answer: a method at a budget ("64", "5%"; None for full)."""
+    """One way to answer: a method at a budget ("64", "5%"; None for full), its kept
+    rows quantized by ``kv_bits`` (None: as computed)."""
 
     method: Method
     budget: str | None
+    kv_bits: KVBits | None = None
 
     def key(self, mode: str) -> str:
-        """Where a record sits in the grid: mode (or policy), method, budget."""
-        return f"{mode}/{self.method.name}/{self.budget or 'full'}"
+        """Where a record sits in the grid: mode (or policy), method, budget, bits."""
+        bits = f"/{self.kv_bits.bits}bit-g{self.kv_bits.group_size}" if self.kv_bits else ""
+        return f"{mode}/{self.method.name}/{self.budget or 'full'}{bits}"
 
 
 def _fidelity(lp: mx.array, full_lp: mx.array) -> tuple[float, float]:
@@ -67,6 +71,7 @@ class Harness:
             "task": sample.task, "sample": sample.key, "length": sample.length,
             "prompt_tokens": len(sample.document) + len(sample.questions[0]), "depth": sample.depth,
             "method": setting.method.name, "budget": setting.budget, "answer": text,
+            "kv_bits": setting.kv_bits.bits if setting.kv_bits else None,
             "policy": None, "turn": 1, "top1": None, "kl": None, **scorer(text), **extra,
         }
 
@@ -138,7 +143,7 @@ class Harness:
 
     def _full_answer(self, document, full: Setting, question) -> tuple:
         session = self.session
-        session.method = full.method
+        session.method, session.kv_bits = full.method, None
         conversation = Conversation(session, "first-question", None)
         conversation.open(document)
         logits = conversation.start(question)
@@ -152,7 +157,7 @@ class Harness:
         session = self.session
         full_answer, full_lp, full_bytes = reference
         budget = self._budget(sample, setting)
-        session.method = setting.method
+        session.method, session.kv_bits = setting.method, setting.kv_bits
         conversation = Conversation(session, MODES[mode], budget)
         conversation.open(document)
         logits = conversation.start(sample.questions[0])
@@ -160,7 +165,7 @@ class Harness:
         state = session.snapshot() if self.fidelity else None
         answer = self._answer(logits)
         extra = {"mode": mode, "key": f"{sample.key}/{setting.key(mode)}", "budget_tokens": budget,
-                 "kv_fraction": kept / full_bytes}
+                 "kv_fraction": kept / full_bytes, "kv_bytes": kept}
         if self.working_budget and setting.method.compresses:
             extra["working_budget"] = self.working_budget
             extra["chunk_scoring"] = "question" if self._scored_by_question(mode) else "window"
@@ -183,7 +188,7 @@ class Harness:
             for policy, setting in todo:
                 key = f"{sample.key}/{setting.key(policy)}"
                 budget = self._budget(sample, setting)
-                session.method = setting.method
+                session.method, session.kv_bits = setting.method, setting.kv_bits
                 conversation = self._conversation(policy, budget, document, store, Path(root))
                 for turn, (question, scorer) in enumerate(zip(sample.questions, sample.scorers), 1):
                     answer = answer_line(conversation.ask(question, self.max_tokens), self.tokenizer, self.max_tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -16,13 +17,31 @@ RULER_TASKS = ("multikey", "multivalue", "variable-tracking", "frequent-words")
 
 
 def load_records(path: str | Path) -> list[dict]:
-    """Records of an evaluation run log (its first line holds the settings)."""
-    return [row for _, row in read_jsonl(path, "records") if "settings" not in row]
+    """Records of an evaluation run log (its first line holds the settings); a method
+    whose kept rows were quantized is a method of its own here: "snapkv 4-bit"."""
+    return labelled([row for _, row in read_jsonl(path, "records") if "settings" not in row])
+
+
+def labelled(records: list[dict]) -> list[dict]:
+    """``records`` with each quantized one's method named by its bits (once)."""
+    return [_labelled(r) for r in records]
+
+
+def _labelled(record: dict) -> dict:
+    suffix = f" {record.get('kv_bits')}-bit"
+    if not record.get("kv_bits") or record["method"].endswith(suffix):
+        return record
+    return {**record, "method": record["method"] + suffix}
 
 
 def method_order(records) -> list[str]:
-    seen = {r["method"] for r in records}
-    return [m for m in METHOD_ORDER if m in seen] + sorted(seen - set(METHOD_ORDER))
+    """The usual order of methods, each followed by its quantized variants (more bits first)."""
+    def rank(name: str):
+        base, _, bits = name.partition(" ")
+        known = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+        return known, base, -int(bits.split("-")[0]) if bits else -16  # as computed: 16 bits or more
+
+    return sorted({r["method"] for r in records}, key=rank)
 
 
 def budget_order(records) -> list[str]:
@@ -117,6 +136,42 @@ def fidelity_table(records, mode="query-aware") -> str:
     return _table(["method"] + budgets, rows)
 
 
+def bytes_table(records, task, mode="query-aware") -> str:
+    """Every method and budget by the KV it kept (% of the full cache, allocated bytes),
+    fewest first, with its accuracy and fidelity: what to keep for the same memory."""
+    chosen = [r for r in _select(records, task, mode) if r["method"] != "full"]
+    rows = []
+    for method in method_order(chosen):
+        for budget in budget_order([r for r in chosen if r["method"] == method]):
+            share = _cell(chosen, method, budget, "kv_fraction")
+            scores = [r["score"] for r in chosen if r["method"] == method and r["budget"] == budget]
+            rows.append((share, [method, budget, _pct(share), _with_interval(scores),
+                                 _pct(_cell(chosen, method, budget, "top1")), _kl(_cell(chosen, method, budget, "kl"))]))
+    rows.sort(key=lambda row: row[0])
+    return _table(["method", "budget", "KV kept, % of full", "accuracy % [95 % Wilson]", "top-1 %", "KL"],
+                  [r for _, r in rows])
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95 % by default)."""
+    if not n:
+        return 0.0, 1.0
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+
+
+def _with_interval(scores: list[float]) -> str:
+    if not scores:
+        return "-"
+    low, high = wilson_interval(sum(scores), len(scores))
+    return f"{_pct(mean(scores))} [{_pct(low)}, {_pct(high)}]"
+
+
+def _kl(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def followup_table(records) -> str:
     """Turn 1 / turn 2 accuracy (%) per policy and method, per budget."""
     chosen = [r for r in records if r["task"] == "followup"]
@@ -206,12 +261,12 @@ def summary_plot(records, task, path, metric="score", mode="query-aware"):
 
 
 def _file(*parts) -> str:
-    return "-".join(str(p) for p in parts if p).replace("%", "pct") + ".png"
+    return "-".join(str(p) for p in parts if p).replace("%", "pct").replace(" ", "-") + ".png"
 
 
 def write_report(records, out_dir) -> str:
     """Write every plot into ``out_dir``; return the Markdown with every table that applies."""
-    out_dir = Path(out_dir)
+    out_dir, records = Path(out_dir), labelled(records)
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = []
     modes = sorted({r.get("mode") for r in records if r["task"] != "followup"})
@@ -222,6 +277,8 @@ def write_report(records, out_dir) -> str:
                 continue
             text = f"## {task}, {mode}: accuracy (%)\n\n{accuracy_table(records, task, mode=mode)}\n"
             text += f"As % of the full cache on the same samples:\n\n{relative_table(records, task, mode=mode)}\n"
+            if any(r.get("kv_bits") for r in chosen):
+                text += f"By the KV kept (quantized rows count their bits):\n\n{bytes_table(records, task, mode)}\n"
             if task == "niah":
                 text += f"ROUGE-1 recall (%):\n\n{accuracy_table(records, task, 'rouge1', mode)}\n"
                 summary = _file(task, mode, "summary")
