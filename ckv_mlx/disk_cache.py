@@ -20,14 +20,17 @@ from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import _BaseCache
 
 from .cache import EvictingKVCache, allocated_rows
 from .errors import CKVError
 from .memory import mib
+from .quantized import KVBits
 from .store import (
-    CONVERSATIONS, DEFAULT_LIMIT_BYTES, LayerRows, Store, StoreCorrupt, StoreWriter, disk_error, open_store, prune,
+    CONVERSATIONS, DEFAULT_LIMIT_BYTES, LayerRows, Store, StoreCorrupt, StoreWriter, layer_files, disk_error, open_store,
+    prune,
 )
 
 Keep = Callable[[int, mx.array, mx.array], None]
@@ -43,7 +46,7 @@ class DiskFullCache:
             folder.mkdir(parents=True)
         except OSError as error:
             raise disk_error(Path(scratch).parent, error) from None
-        self.tail = LayerRows(folder, len(store.manifest["layers"]))
+        self.tail = LayerRows(folder, len(store.manifest["layers"]), store.kv_bits)
 
     @property
     def tokens(self) -> int:
@@ -56,9 +59,11 @@ class DiskFullCache:
 
     @property
     def layer_bytes(self) -> int:
-        """Bytes of the largest layer's rows: what a selection holds of the full cache."""
-        return max(sum(f.rows * f.heads * f.dim * f.dtype.size for pair in (self.store.files(layer), self.tail.files(layer))
-                       if pair for f in pair) for layer in range(len(self.tail.shapes)))
+        """Bytes of the largest layer's rows in memory (in the store's dtype, unpacked):
+        what a selection holds of the full cache."""
+        layers = range(len(self.tail.shapes))
+        return max(self.tokens * self.store.dtype.size * self.store.shape(layer)[0] * sum(self.store.shape(layer)[1:])
+                   for layer in layers)
 
     def layer(self, layer: int, room: int = 0) -> tuple[mx.array, mx.array]:
         """Every row of layer ``layer``, the document's then the conversation's, in
@@ -66,23 +71,19 @@ class DiskFullCache:
         return _read([self.store.files(layer), self.tail.files(layer)], room)
 
     def tail_arrays(self) -> dict[str, mx.array]:
-        """The conversation's rows, to save: ``tail.{layer}.keys`` and ``.values``."""
-        arrays = {}
-        for layer in range(len(self.tail.shapes)):
-            if self.tail.files(layer) is not None:
-                keys, values = _read([self.tail.files(layer)])
-                arrays[f"tail.{layer}.keys"], arrays[f"tail.{layer}.values"] = keys, values
-        return arrays
+        """The conversation's rows, to save: each file's bytes as they are (packed rows
+        stay packed), ``tail.NNN.keys`` and ``.values``."""
+        return {f"tail.{f.path.name}": mx.array(np.fromfile(f.path, dtype=np.uint8, count=f.nbytes))
+                for layer in range(len(self.tail.shapes)) for f in self.tail.files(layer) or ()}
 
-    def restore_tail(self, arrays: dict[str, mx.array]):
-        """Write back the conversation's rows that :meth:`tail_arrays` gave."""
-        rows = 0
+    def restore_tail(self, arrays: dict[str, mx.array], tokens: int):
+        """Write back the ``tokens`` rows of the conversation that :meth:`tail_arrays` gave."""
+        if not tokens:
+            return
         for layer in range(len(self.tail.shapes)):
-            if f"tail.{layer}.keys" in arrays:
-                keys, values = arrays[f"tail.{layer}.keys"], arrays[f"tail.{layer}.values"]
-                self.tail.append_layer(layer, keys, values)
-                rows = keys.shape[2]
-        self.tail.advance(rows)
+            self.tail.restore_layer(layer, self.store.shape(layer), self.store.dtype,
+                                    [np.array(arrays[f"tail.{name}"]) for name in layer_files(layer)])
+        self.tail.advance(tokens)
 
     def empty_caches(self, region: int | None = None) -> list[EvictingKVCache]:
         """Caches at the end of what is on disk that hold no rows (a session's state
@@ -134,7 +135,7 @@ class DiskFullCache:
 def _read(sources: list, room: int = 0) -> tuple[mx.array, mx.array]:
     """The rows of ``sources`` (``(keys file, values file)`` pairs, or None) one after
     the other, in buffers with ``room`` rows free at the end."""
-    sources = [pair for pair in sources if pair is not None]
+    sources = [pair for pair in sources if pair is not None and pair[0].rows]
     buffers = []
     for files in zip(*sources):  # the keys' files, then the values'
         rows = sum(f.rows for f in files)
@@ -176,11 +177,13 @@ class StreamedLayer(_BaseCache):
         return "causal" if n > 1 else None
 
 
-def stored_full_cache(root: Path, key: str, notify: Callable[[str], None]) -> DiskFullCache | None:
-    """The stored document ``key`` under ``root`` if there is a sound one; a damaged one
-    is removed, and that (or a folder that refuses the conversation's rows) is told."""
+def stored_full_cache(root: Path, key: str, notify: Callable[[str], None],
+                      kv_bits: KVBits | None = None) -> DiskFullCache | None:
+    """The stored document ``key`` under ``root`` (its rows packed by ``kv_bits``) if
+    there is a sound one; a damaged one is removed, and that (or a folder that refuses
+    the conversation's rows) is told."""
     try:
-        store = open_store(root, key)
+        store = open_store(root, key, kv_bits=kv_bits)
         return None if store is None else DiskFullCache(store, root / CONVERSATIONS)
     except StoreCorrupt as error:
         notify(f"{error}; reading the document again")
@@ -190,18 +193,20 @@ def stored_full_cache(root: Path, key: str, notify: Callable[[str], None]) -> Di
 
 
 def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[StoreWriter | None], None],
-                  notify: Callable[[str], None], limit_bytes: int = DEFAULT_LIMIT_BYTES) -> DiskFullCache | None:
+                  notify: Callable[[str], None], limit_bytes: int = DEFAULT_LIMIT_BYTES,
+                  kv_bits: KVBits | None = None) -> DiskFullCache | None:
     """The full cache on disk of the document ``name`` for ``session``: the stored one
     when there is one (the session then stands at its end, nothing read), else what
-    ``read(writer)`` reads into ``session``, stored as it goes. When the disk refuses,
+    ``read(writer)`` reads into ``session``, stored as it goes (packed by ``kv_bits``,
+    which ``key`` must hold: :func:`~ckv_mlx.store.read_mode`). When the disk refuses,
     ``read`` still runs (told why), without a store: None, the full cache in memory."""
-    full = stored_full_cache(root, key, notify)
+    full = stored_full_cache(root, key, notify, kv_bits)
     if full is not None:
         notify(f"{name} was read before: its stored cache ({mib(full.nbytes)} on disk) is used, nothing to read")
         session.take_over(full.empty_caches(session.region), full.store.queries(), full.store.others())
         return full
     try:
-        writer = StoreWriter(root, key, len(session.caches))
+        writer = StoreWriter(root, key, len(session.caches), kv_bits)
     except CKVError as error:
         notify(f"{error}; the full cache stays in memory meanwhile")
         writer = None

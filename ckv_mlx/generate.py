@@ -20,7 +20,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from .models import MODEL_HELP
     from .models import PRECISIONS
     from .prompts import TRUNCATE_CHOICES
-    from .quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_HELP
+    from .quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_HELP, STORE_BITS_HELP
     from .session import PREFILL_STEP
 
     p = argparse.ArgumentParser(
@@ -52,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk", type=int, default=PREFILL_STEP, help=f"tokens per prefill chunk (default {PREFILL_STEP})")
     p.add_argument("--store-dir", help="where documents' full caches are stored on disk (default: $CKV_STORE_DIR, "
                    "else stores/ in $XDG_CACHE_HOME/ckv-mlx): a document read before is not read again")
+    p.add_argument("--store-bits", type=int, choices=BITS, help=STORE_BITS_HELP)
     p.add_argument("--no-store", action="store_true", help="neither reuse nor store the document's full cache on disk")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
     return p.parse_args(argv)
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if dropped:
         notes.append(f"dropped {dropped:,} document tokens ({args.truncate}) to fit the context")
-    kv_bits = kv_bits_setting(args.kv_bits, args.kv_group_size, method.compresses)
+    kv_bits = kv_bits_setting(args.kv_bits, args.kv_group_size, method.compresses, args.store_bits)
     session = Session(loaded.model, loaded.tokenizer, method, region=args.region, kv_bits=kv_bits)
     budget = parse_budget(args.budget, len(tokens)) if method.compresses else None
     session.layer_budgets(budget)
@@ -133,10 +134,13 @@ def _via_store(session, loaded, args, tokens: list[int], split: int, budget, wor
     read and stored; then the question selects from every row (as compressing the
     whole prompt in memory would)."""
     from .disk_cache import read_or_reuse
+    from .quantized import DEFAULT_GROUP_SIZE, KVBits
     from .store import read_mode, store_key, store_root
 
     document, question = tokens[:split], tokens[split:]
-    mode = read_mode(working, args.prefill_chunk, session.method.name, str(args.profile) if args.profile else None)
+    store_bits = KVBits(args.store_bits, args.kv_group_size or DEFAULT_GROUP_SIZE) if args.store_bits else None
+    mode = read_mode(working, args.prefill_chunk, session.method.name, str(args.profile) if args.profile else None,
+                     store_bits)
     root = Path(args.store_dir).expanduser() if args.store_dir else store_root()
     progress = _progress if sys.stderr.isatty() else None
     read_now = []
@@ -147,7 +151,7 @@ def _via_store(session, loaded, args, tokens: list[int], split: int, budget, wor
 
     start = time.perf_counter()
     full = read_or_reuse(session, root, store_key(loaded.identity, document, mode), "the document", read,
-                         lambda text: print(f"note: {text}", file=sys.stderr))
+                         lambda text: print(f"note: {text}", file=sys.stderr), kv_bits=store_bits)
     if full is None:  # the disk refused: the document is in memory
         logits = session.feed(question)
         session.compress(budget)

@@ -25,6 +25,9 @@ DEFAULT_GROUP_SIZE = 64  # mlx-lm's --kv-group-size
 Packed = tuple  # (weights uint32, scales, biases), each [1, kv_heads, rows, ...]
 KV_BITS_HELP = ("store the rows each layer keeps quantized to this many bits per value (mx.quantize, as mlx-lm's "
                 "--kv-bits), the region's new tokens in full precision until the next re-score (default: off)")
+STORE_BITS_HELP = ("keep the full cache on disk packed to this many bits per value (8: about half the bytes each "
+                   "question reads back; the selection then scores the packed rows), in groups of --kv-group-size "
+                   "(default: as computed)")
 GROUP_SIZE_HELP = f"values sharing one scale and bias with --kv-bits (default {DEFAULT_GROUP_SIZE}, as mlx-lm)"
 
 
@@ -63,12 +66,13 @@ class KVBits:
         return kv_heads * (dim * self.bits // 8 + 2 * (dim // self.group_size) * dtype.size)
 
 
-def kv_bits_setting(bits: int | None, group_size: int | None, compresses: bool = True) -> KVBits | None:
+def kv_bits_setting(bits: int | None, group_size: int | None, compresses: bool = True,
+                    store_bits: int | None = None) -> KVBits | None:
     """The ``--kv-bits`` / ``--kv-group-size`` choice, refused in one line where it
-    cannot apply (a method that keeps every row, a group size alone)."""
+    cannot apply (a method that keeps every row, a group size for no bits at all)."""
     if bits is None:
-        if group_size is not None:
-            raise CKVError("--kv-group-size needs --kv-bits")
+        if group_size is not None and store_bits is None:
+            raise CKVError("--kv-group-size needs --kv-bits or --store-bits")
         return None
     if not compresses:
         raise CKVError("--kv-bits packs the rows a method keeps, and --method full keeps every row as computed: "

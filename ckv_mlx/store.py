@@ -8,7 +8,10 @@ end of the document), for a model with layers that do not compress ``others.safe
 recurrent state) and ``manifest.json``. Raw arrays rather than safetensors because a
 store grows chunk by chunk while a document is read, and safetensors puts each tensor's
 size in a header before its data; raw rows append as they come, and one layer is read
-alone (memory-mapped) without touching the others.
+alone (memory-mapped) without touching the others. A store kept quantized (``kv_bits``,
+e.g. 8-bit: about half the bytes each re-selection reads) holds each row as
+``mx.quantize`` packs it, per KV head the packed values then the scales then the biases;
+its manifest and its key record the bits.
 
 The manifest, with each file's size and CRC-32, is written last into a private
 ``.tmp-*`` folder, which one rename then publishes: a store being written is never taken
@@ -34,6 +37,7 @@ import numpy as np
 
 from .errors import CKVError
 from .layer_caches import from_saved, to_saved
+from .quantized import KVBits
 
 STORE_FORMAT = "ckv-store/1"
 MANIFEST = "manifest.json"
@@ -62,12 +66,23 @@ def store_root() -> Path:
     return Path(os.environ.get(STORE_DIR_ENV) or cache_dir() / "stores")
 
 
-def read_mode(working_budget: int | None = None, chunk: int = 0, method: str = "", profile: str | None = None) -> dict:
-    """How a document was read, as its store key holds it: whole, or in bounded chunks,
-    whose stored rows depend on what the chunks kept (budget, chunk, method, profile)."""
-    if working_budget is None:
-        return {"read": "whole"}
-    return {"read": "bounded", "working_budget": working_budget, "chunk": chunk, "method": method, "profile": profile}
+def read_mode(working_budget: int | None = None, chunk: int = 0, method: str = "", profile: str | None = None,
+              kv_bits: KVBits | None = None) -> dict:
+    """How a document was read and stored, as its store key holds it: whole, or in
+    bounded chunks, whose stored rows depend on what the chunks kept (budget, chunk,
+    method, profile); and the bits the rows are stored with, if quantized."""
+    mode = {"read": "whole"} if working_budget is None else {
+        "read": "bounded", "working_budget": working_budget, "chunk": chunk, "method": method, "profile": profile}
+    return {**mode, "stored": _bits_record(kv_bits)} if kv_bits else mode
+
+
+def _bits_record(kv_bits: KVBits | None) -> dict | None:
+    return {"bits": kv_bits.bits, "group_size": kv_bits.group_size} if kv_bits else None
+
+
+def row_bytes(heads: int, dim: int, dtype: mx.Dtype, kv_bits: KVBits | None) -> int:
+    """Bytes of one token's keys (or values) in a store file."""
+    return kv_bits.row_bytes(heads, dim, dtype) if kv_bits else heads * dim * dtype.size
 
 
 def store_key(model_identity: str, tokens: list[int], mode: dict) -> str:
@@ -78,7 +93,7 @@ def store_key(model_identity: str, tokens: list[int], mode: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _layer_files(layer: int) -> tuple[str, str]:
+def layer_files(layer: int) -> tuple[str, str]:
     return f"{layer:03d}.keys", f"{layer:03d}.values"
 
 
@@ -86,8 +101,8 @@ class LayerRows:
     """Each layer's key and value rows as raw files in ``folder``, appended chunk by
     chunk (with running checksums) and read back one layer at a time."""
 
-    def __init__(self, folder: Path, layers: int):
-        self.folder, self.tokens = Path(folder), 0
+    def __init__(self, folder: Path, layers: int, kv_bits: KVBits | None = None):
+        self.folder, self.tokens, self.kv_bits = Path(folder), 0, kv_bits
         self.shapes: list[tuple[int, int, int] | None] = [None] * layers
         self.crcs = [[0, 0] for _ in range(layers)]
         self.dtype: mx.Dtype | None = None
@@ -104,11 +119,20 @@ class LayerRows:
         :meth:`advance` once every layer has them)."""
         self.dtype = self.dtype or keys.dtype
         self.shapes[layer] = (keys.shape[1], keys.shape[3], values.shape[3])
-        for i, (name, x) in enumerate(zip(_layer_files(layer), (keys, values))):
-            data = _raw(x)
+        for i, (name, x) in enumerate(zip(layer_files(layer), (keys, values))):
+            data = _raw(x, self.kv_bits)
             self.crcs[layer][i] = zlib.crc32(data, self.crcs[layer][i])
             with open(self.folder / name, "ab") as f:
                 f.write(data)
+
+    def restore_layer(self, layer: int, shape: tuple[int, int, int], dtype: mx.Dtype, data: list[np.ndarray]):
+        """Write back one layer's files as :meth:`files` hold them (``data``: the key
+        file's bytes, then the value file's)."""
+        self.dtype, self.shapes[layer] = dtype, shape
+        for i, (name, blob) in enumerate(zip(layer_files(layer), data)):
+            self.crcs[layer][i] = zlib.crc32(blob, self.crcs[layer][i])
+            with open(self.folder / name, "ab") as f:
+                f.write(blob.tobytes())
 
     def advance(self, rows: int):
         self.tokens += rows
@@ -117,63 +141,98 @@ class LayerRows:
         """Cut every file back to ``tokens`` rows (default :attr:`tokens`): an
         interrupted call's rows go."""
         self.tokens = self.tokens if tokens is None else tokens
-        for layer, shape in enumerate(self.shapes):
-            for name, dim in zip(_layer_files(layer), shape[1:] if shape else ()):
-                if (self.folder / name).exists():
-                    os.truncate(self.folder / name, self.tokens * shape[0] * dim * self.dtype.size)
+        for layer in range(len(self.shapes)):
+            for file in self.files(layer, self.tokens) or ():
+                if file.path.exists():
+                    os.truncate(file.path, file.nbytes)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the rows written."""
-        size = self.dtype.size if self.dtype else 0
-        return sum(self.tokens * h * (k + v) * size for h, k, v in filter(None, self.shapes))
+        return sum(f.nbytes for layer in range(len(self.shapes)) for f in self.files(layer) or ())
 
-    def files(self, layer: int) -> tuple["RowFile", "RowFile"] | None:
-        """Layer ``layer``'s key and value files; None before any row."""
-        if not self.tokens:
+    def files(self, layer: int, rows: int | None = None) -> tuple["RowFile", "RowFile"] | None:
+        """Layer ``layer``'s key and value files (of ``rows`` rows, default all); None
+        before any row."""
+        if self.shapes[layer] is None:
             return None
         heads, key_dim, value_dim = self.shapes[layer]
-        return tuple(RowFile(self.folder / name, self.dtype, self.tokens, heads, dim)
-                     for name, dim in zip(_layer_files(layer), (key_dim, value_dim)))
+        rows = self.tokens if rows is None else rows
+        return tuple(RowFile(self.folder / name, self.dtype, rows, heads, dim, self.kv_bits)
+                     for name, dim in zip(layer_files(layer), (key_dim, value_dim)))
 
 
-def _raw(x: mx.array) -> np.ndarray:
-    """``[1, heads, rows, dim]`` cache rows as contiguous ``[rows, heads, dim]`` bytes."""
+def _raw(x: mx.array, kv_bits: KVBits | None = None) -> np.ndarray:
+    """``[1, heads, rows, dim]`` cache rows as contiguous ``[rows, heads, ...]`` bytes:
+    the values, or packed by ``kv_bits`` (packed values, scales, biases per head)."""
     if x.dtype not in _RAW:
         raise CKVError(f"a KV cache in {x.dtype} cannot be stored: use float32, float16 or bfloat16")
+    if kv_bits is None:
+        return _row_major(x)
+    return np.concatenate([_row_major(a).view(np.uint8) for a in kv_bits.pack(x)], axis=-1)
+
+
+def _row_major(x: mx.array) -> np.ndarray:
+    """``[1, heads, rows, n]`` as a contiguous NumPy ``[rows, heads, n]``."""
     rows = x[0].transpose(1, 0, 2)
     return np.ascontiguousarray(np.array(rows.view(mx.uint16) if x.dtype == mx.bfloat16 else rows))
 
 
+def _from_numpy(block: np.ndarray, dtype: mx.Dtype) -> mx.array:
+    """A NumPy ``[rows, heads, n]`` block of ``dtype`` values as MLX ``[1, heads, rows, n]``."""
+    x = mx.array(block)
+    return (x.view(dtype) if dtype == mx.bfloat16 else x).transpose(1, 0, 2)[None]
+
+
 @dataclass(frozen=True)
 class RowFile:
-    """One layer's keys or values on disk: ``rows`` rows of ``heads x dim``."""
+    """One layer's keys or values on disk: ``rows`` rows of ``heads x dim`` values, or
+    packed by ``kv_bits``."""
 
     path: Path
     dtype: mx.Dtype
     rows: int
     heads: int
     dim: int
+    kv_bits: KVBits | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * row_bytes(self.heads, self.dim, self.dtype, self.kv_bits)
 
     def copy_into(self, buffer: mx.array, at: int) -> mx.array:
-        """``buffer`` (``[1, heads, >= at + rows, dim]``) with these rows at ``at``,
-        copied a block at a time, in place: memory grows by one block, not the file."""
-        mapped = np.memmap(self.path, dtype=_RAW[self.dtype], mode="r", shape=(self.rows, self.heads, self.dim))
+        """``buffer`` (``[1, heads, >= at + rows, dim]``) with these rows at ``at`` (in
+        the buffer's dtype, dequantized if packed), copied a block at a time, in place:
+        memory grows by one block, not the file."""
+        if not self.rows:
+            return buffer
+        width = row_bytes(1, self.dim, self.dtype, self.kv_bits)
+        mapped = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.rows, self.heads, width))
         for start in range(0, self.rows, READ_BLOCK_ROWS):
-            block = mx.array(mapped[start : start + READ_BLOCK_ROWS])
-            block = block.view(self.dtype) if self.dtype == mx.bfloat16 else block
-            end = start + block.shape[0]
-            buffer[..., at + start : at + end, :] = block.transpose(1, 0, 2)[None]
+            block = self._rows(mapped[start : start + READ_BLOCK_ROWS])
+            end = start + block.shape[2]
+            buffer[..., at + start : at + end, :] = block
             mx.eval(buffer)
         return buffer
+
+    def _rows(self, block: np.ndarray) -> mx.array:
+        """A block of the file's bytes as ``[1, heads, rows, dim]`` values."""
+        if self.kv_bits is None:
+            return _from_numpy(block.view(_RAW[self.dtype]), self.dtype)
+        words = self.dim * self.kv_bits.bits // 8
+        groups = self.dim // self.kv_bits.group_size * self.dtype.size
+        packed = (_from_numpy(np.ascontiguousarray(block[..., :words]).view(np.uint32), mx.uint32),
+                  *(_from_numpy(np.ascontiguousarray(block[..., a : a + groups]).view(_RAW[self.dtype]), self.dtype)
+                    for a in (words, words + groups)))
+        return self.kv_bits.unpack(packed)
 
 
 class StoreWriter(LayerRows):
     """Builds a store in a private folder; :meth:`publish` makes it visible at once."""
 
-    def __init__(self, root: Path, key: str, layers: int):
+    def __init__(self, root: Path, key: str, layers: int, kv_bits: KVBits | None = None):
         root = Path(root)
-        super().__init__(root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}", layers)
+        super().__init__(root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}", layers, kv_bits)
         self.root, self.key = root, key
         self.error: CKVError | None = None
         try:
@@ -212,18 +271,18 @@ class StoreWriter(LayerRows):
         except (OSError, RuntimeError) as e:  # RuntimeError: MLX's own write errors
             self.abort()
             if (self.root / self.key / MANIFEST).is_file():
-                return open_store(self.root, self.key)
+                return open_store(self.root, self.key, kv_bits=self.kv_bits)
             raise disk_error(self.root, e if isinstance(e, OSError) else OSError(str(e))) from None
-        return open_store(self.root, self.key, verify=False)
+        return open_store(self.root, self.key, verify=False, kv_bits=self.kv_bits)
 
     def _manifest(self) -> dict:
         layers = []
         for layer, ((heads, key_dim, value_dim), crcs) in enumerate(zip(self.shapes, self.crcs)):
             files = {name: {"bytes": (self.folder / name).stat().st_size, "crc32": crc}
-                     for name, crc in zip(_layer_files(layer), crcs)}
+                     for name, crc in zip(layer_files(layer), crcs)}
             layers.append({"kv_heads": heads, "key_dim": key_dim, "value_dim": value_dim, "files": files})
         return {"format": STORE_FORMAT, "key": self.key, "tokens": self.tokens, "dtype": str(self.dtype),
-                "layers": layers, "files": {name: _file_record(self.folder / name) for name in (QUERIES, OTHERS)
+                "kv_bits": _bits_record(self.kv_bits), "layers": layers, "files": {name: _file_record(self.folder / name) for name in (QUERIES, OTHERS)
                                             if (self.folder / name).exists()}}
 
     def abort(self):
@@ -257,11 +316,26 @@ class Store:
         """Bytes on disk."""
         return sum(f["bytes"] for layer in self.manifest["layers"] for f in layer["files"].values())
 
+    @property
+    def kv_bits(self) -> KVBits | None:
+        """The bits its rows are packed with (None: as computed)."""
+        bits = self.manifest.get("kv_bits")
+        return KVBits(bits["bits"], bits["group_size"]) if bits else None
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return _DTYPES[self.manifest["dtype"]]
+
+    def shape(self, layer: int) -> tuple[int, int, int]:
+        """Layer ``layer``'s KV heads, key size and value size."""
+        info = self.manifest["layers"][layer]
+        return info["kv_heads"], info["key_dim"], info["value_dim"]
+
     def files(self, layer: int) -> tuple[RowFile, RowFile]:
         """Layer ``layer``'s key and value files."""
-        info, dtype = self.manifest["layers"][layer], _DTYPES[self.manifest["dtype"]]
-        return tuple(RowFile(self.path / name, dtype, self.tokens, info["kv_heads"], dim)
-                     for name, dim in zip(_layer_files(layer), (info["key_dim"], info["value_dim"])))
+        heads, key_dim, value_dim = self.shape(layer)
+        return tuple(RowFile(self.path / name, self.dtype, self.tokens, heads, dim, self.kv_bits)
+                     for name, dim in zip(layer_files(layer), (key_dim, value_dim)))
 
     def queries(self) -> list[mx.array | None]:
         named = mx.load(str(self.path / QUERIES))
@@ -282,10 +356,11 @@ class Store:
             pass
 
 
-def open_store(root: Path, key: str, verify: bool = True) -> Store | None:
+def open_store(root: Path, key: str, verify: bool = True, kv_bits: KVBits | None = None) -> Store | None:
     """The published store ``key`` under ``root``, or None if there is none. With
-    ``verify``, every file's size and checksum is checked: a store that fails is removed
-    and :class:`StoreCorrupt` says so."""
+    ``verify``, every file's size and checksum is checked: a store that fails, or whose
+    rows are packed otherwise than ``kv_bits`` says, is removed and
+    :class:`StoreCorrupt` says so."""
     path = Path(root) / key
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -295,6 +370,9 @@ def open_store(root: Path, key: str, verify: bool = True) -> Store | None:
         return _corrupt(path, "its manifest is unreadable")
     if manifest.get("format") != STORE_FORMAT or manifest.get("key") != key:
         return _corrupt(path, f"format {manifest.get('format')!r}, expected {STORE_FORMAT}")
+    if manifest.get("kv_bits") != _bits_record(kv_bits):
+        return _corrupt(path, f"its rows are stored {_bits_text(manifest.get('kv_bits'))}, "
+                              f"not {_bits_text(_bits_record(kv_bits))}")
     if verify:
         for name, record in _records(manifest):
             problem = _check(path / name, record)
@@ -303,6 +381,10 @@ def open_store(root: Path, key: str, verify: bool = True) -> Store | None:
     store = Store(path, manifest)
     store.touch()
     return store
+
+
+def _bits_text(record: dict | None) -> str:
+    return f"{record['bits']}-bit" if record else "as computed"
 
 
 def _records(manifest: dict):

@@ -4,6 +4,7 @@ memory, reopening without reading, and every disk failure one line with the chat
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 
 import pytest
@@ -128,8 +129,8 @@ def saved_then_asked(doc, tmp_path, before: int, arch: str = "llama") -> Reply:
         engine.close()
 
 
-def resumed_then_asked(path, question: str, arch: str = "llama") -> tuple[Reply, object]:
-    engine, recorder = start(ChatSettings(), arch=arch)
+def resumed_then_asked(path, question: str, arch: str = "llama", head_dim: int = 16) -> tuple[Reply, object]:
+    engine, recorder = start(ChatSettings(), arch=arch, head_dim=head_dim)
     try:
         engine.resume(path)
         recorder.wait(Resumed)
@@ -144,7 +145,7 @@ def test_a_saved_session_refers_to_the_store_carries_the_conversation_and_resume
     original = saved_then_asked(doc, tmp_path, 2, arch)
     _, meta, arrays = load_caches(tmp_path / "s.ckv")
     assert meta["full_cache"]["store"] == list_stores(tmp_path / "stores")[0]["key"]
-    assert {"tail.0.keys", "tail.1.values", "selection.0"} <= set(arrays)
+    assert {"tail.000.keys", "tail.001.values", "selection.0"} <= set(arrays)
     assert bool(meta["others"]) == bool(meta["full_cache"]["others"]) == (arch != "llama")
     again, recorder = resumed_then_asked(tmp_path / "s.ckv", QUESTIONS[2], arch)
     assert again == original and not recorder.of(Progress)  # nothing read again
@@ -184,3 +185,35 @@ def test_a_full_disk_during_a_question_fails_in_one_line_and_the_chat_goes_on(do
         engine.close()
     assert failure.text.startswith("cannot write the full cache to") and "the disk is full" in failure.text
     assert answers == expected  # the failed question was taken back whole
+
+
+def test_an_8_bit_store_is_smaller_and_a_saved_chat_resumes_from_it_at_once(doc, tmp_path):
+    def settings(**extra):
+        return ChatSettings(method="snapkv", budget="48", max_tokens=6, store_dir=str(tmp_path / "stores"), **extra)
+
+    engine, recorder = start(settings(store_bits=8, kv_group_size=32), head_dim=32)
+    try:
+        engine.open(doc)
+        for question in QUESTIONS[:2]:
+            engine.ask(question)
+        recorder.wait(Reply, 2)
+        engine.save(tmp_path / "s.ckv")
+        recorder.wait(Saved)
+        engine.ask(QUESTIONS[2])
+        original = recorder.wait(Reply, 3)[2]
+        packed = recorder.of(CacheView)[-1]
+    finally:
+        engine.close()
+    engine, plain = start(settings(), head_dim=32)
+    try:
+        engine.open(doc)
+        engine.ask(QUESTIONS[0])
+        plain.wait(Reply)
+    finally:
+        engine.close()
+    assert packed.disk_bytes > 0
+    manifests = [json.loads((s["path"] / "manifest.json").read_text()) for s in list_stores(tmp_path / "stores")]
+    sizes = sorted(sum(f["bytes"] for layer in m["layers"] for f in layer["files"].values()) for m in manifests)
+    assert len(sizes) == 2 and sizes[0] == sizes[1] * (32 + 2 * 4) // (32 * 4)  # 8 bits + a float32 scale and bias per 32
+    again, recorder = resumed_then_asked(tmp_path / "s.ckv", QUESTIONS[2], head_dim=32)
+    assert again == original and not recorder.of(Progress)

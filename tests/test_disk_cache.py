@@ -5,15 +5,17 @@ kinds of layers too (plain mlx-lm the reference)."""
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_lm.models.cache import make_prompt_cache
 
 from ckv_mlx.conversation import Conversation
 from ckv_mlx.disk_cache import DiskFullCache, read_or_reuse
 from ckv_mlx.methods import METHODS, make_method
+from ckv_mlx.quantized import KVBits
 from ckv_mlx.session import Session
 from ckv_mlx import store
 from ckv_mlx.store import StoreWriter
 from fakes import fake_profile
-from tiny import MIXED_ARGS, TinyTokenizer, mac_model, plain_logits, tiny_model
+from tiny import MIXED_ARGS, TinyTokenizer, as_mlx_lm_quantizes, mac_model, plain_logits, tiny_model
 
 mx.random.seed(11)
 DOC = mx.random.randint(1, 128, (150,)).tolist()
@@ -133,3 +135,28 @@ def test_a_damaged_store_of_a_mixed_model_is_removed_and_read_again(tmp_path):
     read_or_reuse(session, tmp_path, "doc", "doc", lambda writer: read.append(session.prefill(DOC, store=writer)),
                   notes.append)
     assert read and "was damaged (others.safetensors fails its checksum)" in notes[-1]
+
+
+def test_questions_read_against_an_8_bit_store_see_its_rows_as_mx_quantize_packs_them(tmp_path):
+    """Each question attends to the stored rows packed (the document's, then the earlier
+    turns'), and to its own and the last answer's in full precision: plain mlx-lm with
+    the same rows packed is the reference."""
+    model = tiny_model("llama", layers=3, head_dim=32)
+    session = Session(model, TinyTokenizer(), make_method("snapkv")[0], region=16)
+    writer = StoreWriter(tmp_path, "doc", len(session.caches), KVBits(8, 32))
+    session.prefill(DOC, store=writer)
+    full = DiskFullCache(writer.publish(session.remembered_queries()), tmp_path / "tails")
+    conversation = Conversation(session, "per-question", 48, full)
+    conversation.open()
+    plain, unread, packed = make_prompt_cache(model), [], 0
+    for piece in (DOC[:-1], DOC[-1:]):  # as the session read it (rounding decides codes: the same calls)
+        model(mx.array([piece]), cache=plain)
+    for question in (Q1, Q2):
+        as_mlx_lm_quantizes(plain, plain[0].offset, 8, 32, start=packed)  # what the store holds: every row read before
+        packed = plain[0].offset
+        expected = model(mx.array([unread + question]), cache=plain)[:, -1]
+        logits = conversation.start(question)
+        np.testing.assert_allclose(np.array(logits), np.array(expected), atol=1e-4, rtol=1e-4)
+        unread = list(session.generate(logits, 3))
+        conversation.finish(unread)
+    assert full.nbytes == full.tokens * 3 * 2 * 2 * (32 + 2 * 4)  # layers x (K, V) x heads x (values, scale, bias)

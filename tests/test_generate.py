@@ -127,7 +127,7 @@ def test_the_question_tail_is_what_follows_the_document(tokenizer, raw):
         (["--kv-limit", "4MiB", "--method", "full"], "method full keeps everything"),
         (["--model", "/nonexistent/model/folder"], "model"),
         (["--kv-bits", "4", "--method", "full"], "--method full keeps every row as computed"),
-        (["--kv-group-size", "64"], "--kv-group-size needs --kv-bits"),
+        (["--kv-group-size", "64"], "--kv-group-size needs --kv-bits or --store-bits"),
     ],
 )
 def test_bad_input_gets_one_line(capsys, tokenizer, doc, args, words):

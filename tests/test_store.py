@@ -17,8 +17,9 @@ from ckv_mlx.disk_cache import DiskFullCache
 from ckv_mlx.errors import CKVError
 from ckv_mlx.methods import make_method
 from ckv_mlx.session import Session
+from ckv_mlx.quantized import KVBits
 from ckv_mlx.store import (
-    CONVERSATIONS, MANIFEST, StoreCorrupt, StoreWriter, list_stores, open_store, prune, store_key,
+    CONVERSATIONS, MANIFEST, StoreCorrupt, StoreWriter, list_stores, open_store, prune, read_mode, store_key,
 )
 from tiny import TinyTokenizer, mac_model, tiny_model
 
@@ -258,3 +259,37 @@ def test_the_stores_cli_lists_prunes_and_clears(tmp_path, capsys):
     session, writer = read_into_store(tmp_path, key="c")
     writer.publish(session.remembered_queries())
     assert main(["--dir", str(tmp_path), "clear", "c"]) == 0 and list_stores(tmp_path) == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_store_kept_8_bit_holds_each_row_as_mx_quantize_packs_it(tmp_path, dtype):
+    kv_bits = KVBits(8, 32)
+    model = tiny_model("llama", layers=2, head_dim=32) if dtype == "float32" else mac_model("llama", dtype, layers=2,
+                                                                                            head_dim=32)
+    session = Session(model, TinyTokenizer(), make_method("snapkv")[0])
+    writer = StoreWriter(tmp_path, "doc", len(session.caches), kv_bits)
+    session.prefill([t % 127 + 1 for t in DOC], store=writer)  # in the tiny vocabulary: finite rows
+    store = writer.publish(session.remembered_queries())
+    full = DiskFullCache(store, tmp_path / CONVERSATIONS)
+    for layer, cache in enumerate(session.caches):
+        for stored, held in zip(full.layer(layer), cache.fetch()):
+            expected = mx.dequantize(*mx.quantize(held, group_size=32, bits=8), group_size=32, bits=8)
+            assert stored.dtype == held.dtype and mx.array_equal(stored, expected) and mx.all(mx.isfinite(held))
+    width = {"float32": 4, "bfloat16": 2}[dtype]
+    packed_row = 2 * (32 + 2 * width)  # 2 KV heads x (32 bytes of values, a scale and a bias)
+    assert store.nbytes == len(DOC) * 2 * 2 * packed_row  # layers x (keys, values)
+    assert store.nbytes < 0.6 * session.kv_rows_bytes if dtype == "bfloat16" else store.nbytes < 0.33 * session.kv_rows_bytes
+    assert store.kv_bits == kv_bits and json.loads((store.path / "manifest.json").read_text())["kv_bits"] == {
+        "bits": 8, "group_size": 32}
+
+
+def test_a_store_packed_with_other_bits_is_never_taken_for_one_without(tmp_path):
+    assert store_key("m", DOC, read_mode()) != store_key("m", DOC, read_mode(kv_bits=KVBits(8)))
+    model = tiny_model("llama", layers=2, head_dim=32)
+    session = Session(model, TinyTokenizer(), make_method("snapkv")[0])
+    writer = StoreWriter(tmp_path, "doc", len(session.caches), KVBits(8, 32))
+    session.prefill(DOC, store=writer)
+    writer.publish(session.remembered_queries())
+    with pytest.raises(StoreCorrupt, match="its rows are stored 8-bit, not as computed"):
+        open_store(tmp_path, "doc")
+    assert open_store(tmp_path, "doc") is None  # removed

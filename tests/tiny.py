@@ -123,14 +123,15 @@ def mac_model(arch: str = "llama", dtype: str = "bfloat16", **kwargs):
     return model
 
 
-def as_mlx_lm_quantizes(cache, rows: int, bits: int, group_size: int):
-    """The first ``rows`` rows of every plain ``KVCache`` in ``cache`` as mlx-lm's
+def as_mlx_lm_quantizes(cache, rows: int, bits: int, group_size: int, start: int = 0):
+    """Rows ``start:rows`` of every plain ``KVCache`` in ``cache`` as mlx-lm's
     ``QuantizedKVCache`` holds them (``mx.quantize``), dequantized back in place."""
     for c in cache:
         if type(c) is KVCache:
             for x in (c.keys, c.values):
-                x[..., :rows, :] = mx.dequantize(*mx.quantize(x[..., :rows, :], group_size=group_size, bits=bits),
-                                                 group_size=group_size, bits=bits)
+                x[..., start:rows, :] = mx.dequantize(
+                    *mx.quantize(x[..., start:rows, :], group_size=group_size, bits=bits), group_size=group_size,
+                    bits=bits)
 
 
 def quantized_plain_logits(model, prompt, forced, bits, group_size):

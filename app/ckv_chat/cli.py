@@ -15,7 +15,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from ckv_mlx.methods import METHODS
     from ckv_mlx.models import MODEL_HELP, PRECISIONS
     from ckv_mlx.prompts import TRUNCATE_CHOICES
-    from ckv_mlx.quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_HELP
+    from ckv_mlx.quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_HELP, STORE_BITS_HELP
 
     p = argparse.ArgumentParser(prog="ckv-chat", description="Chat with a long document; the KV cache is compressed with CompressKV.")
     p.add_argument("--doc", type=Path, help="document to open: .pdf .txt .md .html .docx .epub")
@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "document's full cache: on disk, memory holding only what each question selects (default), or in memory")
     p.add_argument("--store-dir", help="where full caches on disk live (default: $CKV_STORE_DIR, else "
                    "stores/ in $XDG_CACHE_HOME/ckv-mlx); a document read before is not read again")
+    p.add_argument("--store-bits", type=int, choices=BITS, help=STORE_BITS_HELP)
     p.add_argument("--store-limit", help="disk for stored full caches before the least recently used go (default 20GiB)")
     p.add_argument("--resume", type=Path, help="a session saved with Ctrl+S: restore it without a new prefill")
     p.add_argument("--session", type=Path, help="where Ctrl+S saves the session (default: DOC.ckv here)")
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     try:
         args.kv_limit and parse_size(args.kv_limit)
         args.store_limit and parse_size(args.store_limit)
-        kv_bits_setting(args.kv_bits, args.kv_group_size, METHODS[args.method].compresses)
+        kv_bits_setting(args.kv_bits, args.kv_group_size, METHODS[args.method].compresses, args.store_bits)
     except CKVError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
                             budget=args.budget, policy=args.policy, max_tokens=args.max_tokens, kv_limit=args.kv_limit,
                             repetition_penalty=args.repetition_penalty, truncate=args.truncate,
                             kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
-                            full_cache=args.full_cache, store_dir=args.store_dir, store_limit=args.store_limit)
+                            full_cache=args.full_cache, store_dir=args.store_dir, store_limit=args.store_limit,
+                            store_bits=args.store_bits)
     app = ChatApp(lambda emit: ChatEngine(settings, emit), settings, doc=args.doc, resume=args.resume,
                   session=args.session)
     with quiet_libraries(log_path()):  # nothing but Textual may write to the terminal

@@ -33,7 +33,7 @@ from ..memory import mib, parse_size, plan_prefill
 from ..methods import make_method
 from ..models import LoadedModel, load_model
 from ..profiles import resolve_profile
-from ..quantized import kv_bits_setting
+from ..quantized import DEFAULT_GROUP_SIZE, KVBits, kv_bits_setting
 from ..prompts import TRUNCATE_CHOICES, cut_to_fit, document_prefix, question_tokens
 from ..session import PREFILL_STEP, Session
 from ..store import DEFAULT_LIMIT_BYTES, StoreWriter, read_mode, store_key, store_root
@@ -217,7 +217,7 @@ class ChatEngine:
         profile, path, notes = resolve_profile(self.settings.profile, self._loaded.shape)
         self._profile, self._profile_name = profile, (path.name if path else None)
         method, method_notes = make_method(self.settings.method, profile)
-        kv_bits = kv_bits_setting(self.settings.kv_bits, self.settings.kv_group_size)
+        kv_bits = kv_bits_setting(self.settings.kv_bits, self.settings.kv_group_size, store_bits=self.settings.store_bits)
         self._session = Session(self._loaded.model, self._loaded.tokenizer, method, region=self.settings.region,
                                 kv_bits=kv_bits)
         for note in notes + method_notes:
@@ -277,12 +277,13 @@ class ChatEngine:
         if self._full_cache_on_disk():
             if note:
                 self._emit(Notice(f"{note}; every row goes to disk, so each question selects from the whole document"))
-            mode = read_mode(working, PREFILL_STEP, session.method.name, self._profile_name)
+            store_bits = self._store_bits()
+            mode = read_mode(working, PREFILL_STEP, session.method.name, self._profile_name, store_bits)
             key = store_key(self._loaded.identity, document.prefix, mode)
             limit = parse_size(self.settings.store_limit) if self.settings.store_limit else DEFAULT_LIMIT_BYTES
             full = read_or_reuse(session, self._store_root(), key, document.path.name,
                                  lambda writer: self._read(document, working, None, writer),
-                                 lambda text: self._emit(Notice(text)), limit)
+                                 lambda text: self._emit(Notice(text)), limit, store_bits)
             return self._converse(document, budget, full)
         if note and question is None and document.turns:
             self._emit(Notice(f"{note}, scored by the first question"))
@@ -328,6 +329,10 @@ class ChatEngine:
 
     def _store_root(self) -> Path:
         return Path(self.settings.store_dir).expanduser() if self.settings.store_dir else store_root()
+
+    def _store_bits(self) -> KVBits | None:
+        settings = self.settings
+        return KVBits(settings.store_bits, settings.kv_group_size or DEFAULT_GROUP_SIZE) if settings.store_bits else None
 
     def _ask(self, question: str):
         document, session = self._document, self._session
@@ -440,7 +445,8 @@ class ChatEngine:
         full = self._conversation.full_on_disk
         if full is not None:  # the document's store is referred to; the conversation's rows are carried
             selection, arrays = self._conversation.disk_state()
-            metadata["full_cache"] = {**selection, "store": full.store.path.name, "store_dir": str(full.store.path.parent)}
+            metadata["full_cache"] = {**selection, "store": full.store.path.name, "store_dir": str(full.store.path.parent),
+                                      "store_bits": full.store.manifest["kv_bits"], "tail_tokens": full.tail.tokens}
             queries.update(arrays)
             queries.update(full.tail_arrays())
         save_caches(path, session.caches, metadata, queries)
@@ -466,7 +472,7 @@ class ChatEngine:
             self.settings = replace(self.settings, full_cache="memory")
         self._ensure_model(metadata["model"])
         session = self._session
-        session.kv_bits = kv_bits_setting(self.settings.kv_bits, self.settings.kv_group_size)
+        session.kv_bits = kv_bits_setting(self.settings.kv_bits, self.settings.kv_group_size, store_bits=self.settings.store_bits)
         try:
             session.take_over(caches, [queries.get(f"window.{i}") for i in range(len(caches))],
                               from_saved(queries, metadata.get("others", [])))
@@ -478,10 +484,11 @@ class ChatEngine:
         turns = [_Turn(**t) for t in metadata["turns"]]
         document = replace(self._fitted(document, text), turns=turns)
         budget = self._budget_tokens(self.settings, len(document.prefix))
-        full = self._resumed_full_cache(on_disk, queries) if on_disk else None
+        full = self._resumed_full_cache(on_disk, queries) if on_disk and "tail_tokens" in on_disk else None
         if on_disk and full is None:
-            self._emit(Notice(f"the stored cache of {document.path.name} is gone (removed past the disk limit, or "
-                              "damaged): reading it and the conversation again"))
+            why = ("is gone (removed past the disk limit, or damaged)" if "tail_tokens" in on_disk
+                   else "is referred to in an older session format")
+            self._emit(Notice(f"the stored cache of {document.path.name} {why}: reading it and the conversation again"))
             self._prefill(document)
         else:
             self._conversation = Conversation(session, self.settings.policy, budget, full)
@@ -494,9 +501,10 @@ class ChatEngine:
     def _resumed_full_cache(self, saved: dict, arrays: dict) -> DiskFullCache | None:
         """The saved session's full cache on disk: the document's store it refers to, and
         the conversation's rows it carries; None when the store is gone."""
-        full = stored_full_cache(Path(saved["store_dir"]), saved["store"], lambda text: self._emit(Notice(text)))
+        bits = KVBits(**saved["store_bits"]) if saved.get("store_bits") else None
+        full = stored_full_cache(Path(saved["store_dir"]), saved["store"], lambda text: self._emit(Notice(text)), bits)
         if full is not None:
-            full.restore_tail(arrays)
+            full.restore_tail(arrays, saved["tail_tokens"])
         return full
 
     def _maybe_view(self, force: bool = False):

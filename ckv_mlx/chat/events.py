@@ -28,6 +28,7 @@ class ChatSettings:
     full_cache: str = "disk"  # per-question keeps the full cache on disk (memory holds the selection) or in memory
     store_dir: str | None = None  # where full caches on disk live; None: stores/ in the user cache folder
     store_limit: str | None = None  # disk kept for them before the least recently used go; None: 20 GiB
+    store_bits: int | None = None  # the full cache on disk packed to this many bits (8: about half); None: as computed
 
 
 @dataclass(frozen=True)
