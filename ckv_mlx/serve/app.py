@@ -1,0 +1,135 @@
+"""The HTTP side of ckv-serve (Starlette): OpenAI's routes, errors as OpenAI's JSON,
+streams as server-sent events (sse-starlette). It never touches MLX: requests go to the
+:class:`~ckv_mlx.serve.worker.Worker` and its events come back through an asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from sse_starlette.sse import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from . import protocol
+from .protocol import APIError, Compression
+
+DISCONNECT_POLL_S = 0.5  # how often a request answered whole checks that its client is still there
+
+
+def create_app(worker, model_name: str, defaults: Compression, methods, max_tokens: int,
+               max_body_bytes: int) -> Starlette:
+    """The server for ``worker``'s model, served as ``model_name``."""
+
+    async def completions(request: HTTPRequest, kind: str):
+        try:
+            body = await _body(request, max_body_bytes)
+            parsed = protocol.parse(body, kind, model_name, defaults, max_tokens, methods)
+        except APIError as error:
+            return _error(error)
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        job = worker.submit(parsed, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        try:
+            first = await _next(events, request, job)
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        if first is None:  # the client left while the request waited or was read
+            return JSONResponse({}, status_code=499)
+        if first[0] == "error":
+            return _error(first[1])
+        if parsed.stream:
+            return EventSourceResponse(_stream(parsed, events, job), ping=15, sep="\n")
+        return await _whole(parsed, events, request, job)
+
+    async def chat(request: HTTPRequest):
+        return await completions(request, "chat")
+
+    async def complete(request: HTTPRequest):
+        return await completions(request, "completion")
+
+    async def models(request: HTTPRequest):
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "ckv-mlx"}]})
+
+    async def health(request: HTTPRequest):
+        return JSONResponse({"status": "ok", "model": model_name, "waiting": worker.waiting})
+
+    async def http_error(request: HTTPRequest, error: HTTPException):
+        code = "not_found" if error.status_code == 404 else None
+        return _error(APIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}", code=code))
+
+    routes = [Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/completions", complete, methods=["POST"]),
+              Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def _error(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def _body(request: HTTPRequest, limit: int) -> bytes:
+    """The request body, refused (413) past ``limit`` bytes before it is all read."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {int(declared):,} bytes, over this server's limit of {limit:,}")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise APIError(413, f"the request body is over this server's limit of {limit:,} bytes")
+    return bytes(body)
+
+
+async def _next(events: asyncio.Queue, request: HTTPRequest, job):
+    """The job's next event; None (and the job cancelled) once the client has gone."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancel()
+                return None
+
+
+async def _whole(parsed, events: asyncio.Queue, request: HTTPRequest, job) -> JSONResponse:
+    pieces = []
+    while (event := await _next(events, request, job)) is not None:
+        if event[0] == "text":
+            pieces.append(event[1])
+        elif event[0] == "error":
+            return _error(event[1])
+        else:
+            _, finish, usage, figures = event
+            return JSONResponse(protocol.response(parsed, "".join(pieces), finish, usage, figures))
+    return JSONResponse({}, status_code=499)
+
+
+async def _stream(parsed, events: asyncio.Queue, job):
+    """Server-sent events in OpenAI's chunk format, ending ``[DONE]``; a client that
+    disconnects cancels its job (the generator is closed)."""
+    try:
+        if parsed.kind == "chat":
+            yield {"data": json.dumps(protocol.chunk(parsed, first=True))}
+        while True:
+            event = await events.get()
+            if event[0] == "text":
+                yield {"data": json.dumps(protocol.chunk(parsed, event[1]))}
+            elif event[0] == "error":
+                yield {"data": json.dumps(event[1].body())}
+                break
+            else:
+                _, finish, usage, figures = event
+                yield {"data": json.dumps(protocol.chunk(parsed, finish=finish))}
+                if parsed.include_usage:
+                    yield {"data": json.dumps(protocol.usage_chunk(parsed, usage, figures))}
+                break
+        yield {"data": "[DONE]"}
+    finally:
+        job.cancel()

@@ -1,0 +1,96 @@
+"""`ckv-serve`: an OpenAI-compatible server whose caches are compressed.
+
+    ckv-serve                                   # the built-in model on http://127.0.0.1:8080/v1
+    ckv-serve --model mlx-community/Qwen3-4B-4bit --budget 256 --port 8000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..blas import ensure_fast_blas
+from ..errors import CKVError, exit_code
+
+DEFAULT_MAX_BODY = "32MiB"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from ..methods import METHODS
+    from ..models import MODEL_HELP, PRECISIONS
+    from ..quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_HELP, STORE_BITS_HELP
+
+    p = argparse.ArgumentParser(prog="ckv-serve", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--precision", choices=PRECISIONS, help="float32 or native (default: $CKV_PRECISION, else native on "
+                   "Metal and float32 on a CPU)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--profile", help="SRH profile (default: the model's shipped profile, if any)")
+    p.add_argument("--method", default="compresskv", choices=list(METHODS), help="default method (a request's "
+                   '"ckv": {"method": ...} overrides it)')
+    p.add_argument("--budget", default="128", help="default tokens per layer, or a share of the prompt: 5%%")
+    p.add_argument("--kv-bits", type=int, choices=BITS, help=KV_BITS_HELP)
+    p.add_argument("--kv-group-size", type=int, choices=GROUP_SIZES, help=GROUP_SIZE_HELP)
+    p.add_argument("--max-tokens", type=int, default=4096, help="the most tokens one answer may ask for (default 4096)")
+    p.add_argument("--max-body", default=DEFAULT_MAX_BODY, help=f"largest request body (default {DEFAULT_MAX_BODY})")
+    p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 2GiB (default: from the device's memory); a prefix "
+                   "whose full cache exceeds it is read in chunks that compress as they go")
+    p.add_argument("--store-dir", type=Path, help="where shared prefixes' full caches are stored on disk (default: "
+                   "$CKV_STORE_DIR, else stores/ in the user cache)")
+    p.add_argument("--store-limit", help="disk for stored prefixes before the least recently used go (default 20GiB)")
+    p.add_argument("--store-bits", type=int, choices=BITS, help=STORE_BITS_HELP)
+    p.add_argument("--no-store", action="store_true", help="read every prompt whole, storing nothing")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    ensure_fast_blas()
+    args = parse_args(argv)
+    return exit_code(lambda: serve(args))
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..memory import parse_size
+    from ..methods import METHODS, make_method
+    from ..models import load_model
+    from ..profiles import resolve_profile
+    from ..quantized import DEFAULT_GROUP_SIZE, KVBits, kv_bits_setting
+    from ..store import DEFAULT_LIMIT_BYTES, store_root
+    from .app import create_app
+    from .protocol import Compression
+    from .worker import ServeSettings, Worker
+
+    if args.max_tokens < 1:
+        raise CKVError("--max-tokens must be at least 1")
+    max_body = parse_size(args.max_body)
+    kv_bits_setting(args.kv_bits, args.kv_group_size, METHODS[args.method].compresses, args.store_bits)
+    group = args.kv_group_size or DEFAULT_GROUP_SIZE
+    settings = ServeSettings(
+        store_dir=None if args.no_store else (args.store_dir or store_root()),
+        store_limit=parse_size(args.store_limit) if args.store_limit else DEFAULT_LIMIT_BYTES,
+        store_bits=KVBits(args.store_bits, group) if args.store_bits else None, kv_limit=args.kv_limit,
+        kv_group_size=group,
+    )
+    loaded = load_model(args.model, args.precision)
+    profile, path, notes = resolve_profile(args.profile, loaded.shape)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    make_method(args.method, profile)  # a method that needs a profile it lacks is refused now, in one line
+    worker = Worker(loaded, profile, path.name if path else None, settings)
+    defaults = Compression(args.method, args.budget, args.kv_bits)
+    app = create_app(worker, loaded.name, defaults, list(METHODS), args.max_tokens, max_body)
+    print(f"serving {loaded.name} on http://{args.host}:{args.port}/v1 ({args.method}, budget {args.budget})",
+          file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The server's one MLX thread: requests run one at a time, in the order they came.
+
+Each request is read, compressed and answered by one :class:`~ckv_mlx.session.Session`.
+A long prefix of its prompt (the messages before the last one, or a completion prompt up
+to its last line) is looked up in the document store: found, the request reads only its
+new tokens against the stored rows and selects for its question (as the chat does with
+the full cache on disk); not found, the prefix is read into the store as it goes, for the
+next request that shares it. Every event of a request goes to its ``emit`` callback,
+from this thread: ``("ready", prompt_tokens)``, ``("text", piece)``, then ``("done",
+finish_reason, usage, figures)``, or ``("error", APIError)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+
+from ..budgets import parse_budget
+from ..disk_cache import read_or_reuse
+from ..errors import CKVError
+from ..memory import plan_prefill
+from ..methods import make_method
+from ..quantized import DEFAULT_GROUP_SIZE, KVBits, kv_bits_setting
+from ..session import PREFILL_STEP, Session
+from ..store import DEFAULT_LIMIT_BYTES, MANIFEST, read_mode, store_key
+from .protocol import APIError, Request, usage
+
+MIN_PREFIX_TOKENS = 256  # a shorter prefix is read again rather than stored
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeSettings:
+    """What the server's flags set for every request."""
+
+    store_dir: Path | None = None  # None: no store, every prompt read whole
+    store_limit: int = DEFAULT_LIMIT_BYTES
+    store_bits: KVBits | None = None
+    kv_limit: str | None = None
+    region: int | None = None
+    kv_group_size: int = DEFAULT_GROUP_SIZE  # for a request's kv_bits
+
+
+@dataclass
+class Job:
+    """A request waiting or running, and how to tell its client."""
+
+    request: Request
+    emit: Callable[[tuple], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self):
+        """Stop it (its client went away): a waiting job never starts."""
+        self.cancelled.set()
+
+
+class Worker:
+    """One model, one session, one thread; :meth:`submit` queues a request."""
+
+    def __init__(self, loaded, profile, profile_name: str | None, settings: ServeSettings):
+        self.loaded, self.profile, self.profile_name, self.settings = loaded, profile, profile_name, settings
+        self.session = Session(loaded.model, loaded.tokenizer, make_method("full")[0], region=settings.region)
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="ckv-serve-mlx", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return self._jobs.qsize()
+
+    def submit(self, request: Request, emit: Callable[[tuple], None]) -> Job:
+        job = Job(request, emit)
+        self._jobs.put(job)
+        return job
+
+    def close(self):
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _loop(self):
+        while (job := self._jobs.get()) is not None:
+            if job.cancelled.is_set():
+                continue
+            try:
+                self._run(job)
+            except APIError as error:
+                job.emit(("error", error))
+            except CKVError as error:
+                job.emit(("error", APIError(400, str(error))))
+            except Exception as error:  # a bug must not take the server down with it
+                _log.exception("internal error")
+                job.emit(("error", APIError(500, f"internal error ({type(error).__name__}: {error})",
+                                            kind="server_error")))
+            finally:
+                self.session.reset()  # nothing of a request outlives it
+                mx.clear_cache()
+
+    def _run(self, job: Job):
+        request, session = job.request, self.session
+        tokens, prefixes = self._prompt(request)
+        self._check_fits(request, len(tokens))
+        method, _ = make_method(request.compression.method, self.profile)
+        session.reset()
+        session.method = method
+        bits = request.compression.kv_bits
+        session.kv_bits = kv_bits_setting(bits, self.settings.kv_group_size if bits else None, method.compresses)
+        budget = parse_budget(request.compression.budget, len(tokens)) if method.compresses else None
+        session.layer_budgets(budget)  # a budget too small is refused before anything is read
+        logits, reused = self._read(tokens, prefixes, budget)
+        job.emit(("ready", len(tokens)))
+        text, finish, generated = self._answer(job, logits)
+        stats = session.stats
+        figures = {"method": method.name, "budget": budget, "kv_bits": request.compression.kv_bits,
+                   "kv_bytes_full": session.full_bytes, "kv_bytes_kept": stats.kv_bytes_kept,
+                   "prefix_tokens_reused": reused}
+        job.emit(("done", finish, usage(len(tokens), generated), figures))
+
+    def _prompt(self, request: Request) -> tuple[list[int], list[int]]:
+        """The prompt's tokens, and the lengths of its prefixes worth storing, longest
+        first: the messages before the last (each boundary), or a completion prompt up
+        to its last line."""
+        tokenizer = self.loaded.tokenizer
+        if request.kind == "chat":
+            tokens = list(tokenizer.apply_chat_template(request.messages, add_generation_prompt=True))
+            heads = [list(tokenizer.apply_chat_template(request.messages[:k])) for k in range(len(request.messages) - 1, 0, -1)]
+        else:
+            tokens = tokenizer.encode(request.prompt)
+            cut = request.prompt.rstrip("\n").rfind("\n")
+            heads = [tokenizer.encode(request.prompt[: cut + 1])] if cut > 0 else []
+        prefixes = [len(h) for h in heads if MIN_PREFIX_TOKENS <= len(h) < len(tokens) and tokens[: len(h)] == h]
+        return tokens, prefixes
+
+    def _check_fits(self, request: Request, prompt: int):
+        context = self.loaded.context_length
+        if context and prompt + request.max_tokens > context:
+            where = "messages" if request.kind == "chat" else "prompt"
+            raise APIError(400, f"the prompt is {prompt:,} tokens and max_tokens {request.max_tokens:,}: "
+                                f"{prompt + request.max_tokens:,} in all, over the model's context of {context:,}; "
+                                "shorten the prompt or lower max_tokens", where, "context_length_exceeded")
+
+    def _read(self, tokens: list[int], prefixes: list[int], budget: int | None):
+        """The prompt's last logits with the cache compressed to ``budget``, and how many
+        prompt tokens came from the store instead of being read."""
+        session, root = self.session, self.settings.store_dir
+        if not session.method.compresses or root is None or not prefixes:
+            logits = session.prefill(tokens)
+            session.compress(budget)
+            return logits, 0
+        keys = {n: self._key(tokens[:n], budget) for n in prefixes}
+        chosen = next((n for n in prefixes if (root / keys[n] / MANIFEST).is_file()), prefixes[0])
+        read = []
+
+        def read_prefix(writer):
+            read.append(chosen)
+            working, _ = plan_prefill(self.loaded, chosen, budget, self.settings.kv_limit, PREFILL_STEP)
+            session.prefill(tokens[:chosen], working_budget=working, store=writer)
+
+        full = read_or_reuse(session, root, keys[chosen], "the prompt's prefix", read_prefix, _log.info,
+                             self.settings.store_limit, self.settings.store_bits)
+        if full is None:  # the disk refused: the prefix is in memory
+            logits = session.feed(tokens[chosen:])
+            session.compress(budget)
+            return logits, 0
+        session.forget_rows()
+        logits = session.reselect(tokens[chosen:], full, budget)
+        full.close()
+        return logits, 0 if read else chosen
+
+    def _key(self, prefix: list[int], budget: int | None) -> str:
+        working, _ = plan_prefill(self.loaded, len(prefix), budget, self.settings.kv_limit, PREFILL_STEP)
+        mode = read_mode(working, PREFILL_STEP, self.session.method.name, self.profile_name, self.settings.store_bits)
+        return store_key(self.loaded.identity, prefix, mode)
+
+    def _answer(self, job: Job, logits) -> tuple[str, str, int]:
+        """Generate and stream the answer: its text, finish reason and token count.
+        Text that could be the start of a stop string is held back until it is not."""
+        request, tokenizer = job.request, self.loaded.tokenizer
+        if request.seed is not None:
+            mx.random.seed(request.seed)
+        detokenizer = tokenizer.detokenizer
+        detokenizer.reset()
+        hold = max((len(s) for s in request.stop), default=1) - 1
+        sent, count, stopped = 0, 0, None
+        tokens = self.session.generate(logits, request.max_tokens, temp=request.temperature,
+                                       should_stop=job.cancelled.is_set)
+        try:
+            for token in tokens:
+                count += 1
+                detokenizer.add_token(token)
+                text = detokenizer.text
+                stopped = _first_stop(text, request.stop)
+                if stopped is not None:
+                    break
+                if len(text) - hold > sent:
+                    job.emit(("text", text[sent : len(text) - hold]))
+                    sent = len(text) - hold
+        finally:
+            tokens.close()
+        if stopped is None:
+            detokenizer.finalize()
+            text = detokenizer.text
+            stopped = _first_stop(text, request.stop)
+        text = text if stopped is None else text[:stopped]
+        if len(text) > sent:
+            job.emit(("text", text[sent:]))
+        finish = "length" if stopped is None and count >= request.max_tokens else "stop"
+        return text, finish, count
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first of ``stops`` begins in ``text``, if any does."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None

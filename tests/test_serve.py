@@ -1,0 +1,259 @@
+"""ckv-serve on 127.0.0.1 through the official ``openai`` client: answers equal to the
+engine's for the same settings, streaming, every bad request refused with its code and
+the server still serving, a bounded load test, and a shared prefix read once."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import mlx.core as mx
+import pytest
+import uvicorn
+
+from ckv_mlx.methods import METHODS, make_method
+from ckv_mlx.models import LoadedModel
+from ckv_mlx.serve.app import create_app
+from ckv_mlx.serve.protocol import Compression
+from ckv_mlx.serve.worker import ServeSettings, Worker
+from ckv_mlx.session import Session
+from fakes import fake_profile, tiny_shape
+from test_chat_engine import smollm_tokenizer
+from tiny import tiny_model
+
+openai = pytest.importorskip("openai")
+
+MODEL = "tiny"
+DOCUMENT = " ".join(f"Item {i}: the orchard on row {i} grows {['apples', 'pears', 'plums'][i % 3]}." for i in range(60))
+MAX_BODY = 64 * 1024
+
+
+def loaded_tiny(context: int = 4096) -> LoadedModel:
+    model = tiny_model("llama", layers=2, vocab=49152)
+    return LoadedModel(model, smollm_tokenizer(), MODEL, tiny_shape(model), context, identity="tiny-serve")
+
+
+class Server:
+    """ckv-serve on a free loopback port, in a thread, for one test module."""
+
+    def __init__(self, store_dir, context: int = 4096):
+        self.loaded = loaded_tiny(context)
+        self.profile = fake_profile(self.loaded.model)
+        self.worker = Worker(self.loaded, self.profile, "fake", ServeSettings(store_dir=store_dir))
+        app = create_app(self.worker, MODEL, Compression("snapkv", "48"), list(METHODS), 512, MAX_BODY)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + path, data=body, method="POST",
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.worker.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    running = Server(tmp_path_factory.mktemp("stores"))
+    yield running
+    running.stop()
+
+
+def messages(question: str, document: str = DOCUMENT) -> list[dict]:
+    return [{"role": "system", "content": document}, {"role": "user", "content": question}]
+
+
+def engine_answer(server: Server, tokens: list[int], method: str, budget: int, max_tokens: int) -> str:
+    """What the engine answers for the same prompt and settings, the cache in memory."""
+    session = Session(server.loaded.model, server.loaded.tokenizer, make_method(method, server.profile)[0])
+    try:
+        logits = session.prefill(tokens)
+        session.compress(budget)
+        detokenizer = server.loaded.tokenizer.detokenizer  # as a streaming server decodes (mlx-lm's own server too)
+        for token in session.generate(logits, max_tokens):
+            detokenizer.add_token(token)
+        detokenizer.finalize()
+        return detokenizer.text
+    finally:
+        session.reset()
+
+
+def chat_tokens(server: Server, chat: list[dict]) -> list[int]:
+    return list(server.loaded.tokenizer.apply_chat_template(chat, add_generation_prompt=True))
+
+
+def test_a_chat_answers_as_the_engine_does_and_reports_its_cache(server):
+    chat = messages("Which fruit grows on row 7?")
+    reply = server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=8)
+    tokens = chat_tokens(server, chat)
+    assert reply.choices[0].message.content == engine_answer(server, tokens, "snapkv", 48, 8)
+    assert reply.object == "chat.completion" and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens == len(tokens) and reply.usage.completion_tokens <= 8
+    figures = reply.model_extra["ckv"]
+    assert figures["method"] == "snapkv" and figures["budget"] == 48
+    assert 0 < figures["kv_bytes_kept"] < figures["kv_bytes_full"]
+
+
+def test_a_stream_says_what_the_whole_answer_says(server):
+    chat = messages("Which fruit grows on row 12?")
+    whole = server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=8)
+    chunks = list(server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=8, stream=True,
+                                                        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_whole_and_streamed(server):
+    prompt = DOCUMENT + "\nQuestion: which fruit grows on row 4? Answer:"
+    whole = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=6)
+    tokens = server.loaded.tokenizer.encode(prompt)
+    assert whole.choices[0].text == engine_answer(server, tokens, "snapkv", 48, 6)
+    streamed = "".join(c.choices[0].text for c in server.client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=6, stream=True))
+    assert streamed == whole.choices[0].text
+
+
+def test_per_request_compression_overrides_the_servers(server):
+    chat = messages("Which fruit grows on row 9?")
+    reply = server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=6,
+                                                  extra_body={"ckv": {"method": "streamingllm", "budget": 40}})
+    assert reply.model_extra["ckv"]["method"] == "streamingllm" and reply.model_extra["ckv"]["budget"] == 40
+    assert reply.choices[0].message.content == engine_answer(server, chat_tokens(server, chat), "streamingllm", 40, 6)
+
+
+def test_stop_strings_cut_the_answer_where_they_begin(server):
+    chat = messages("Which fruit grows on row 3?")
+    full = server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=12).choices[0].message.content
+    stop = full[3:5]
+    assert stop, full
+    cut = server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=12, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in server.client.chat.completions.create(
+        model=MODEL, messages=chat, max_tokens=12, stop=stop, stream=True) if c.choices)
+    assert streamed == cut.choices[0].message.content
+
+
+def test_a_seeded_sample_repeats(server):
+    chat = messages("Name a fruit.")
+    answers = {server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=8, temperature=1.0,
+                                                     seed=7).choices[0].message.content for _ in range(2)}
+    assert len(answers) == 1
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server.client.models.list().data] == [MODEL]
+    with urllib.request.urlopen(f"{server.url}/health", timeout=10) as response:
+        assert json.loads(response.read())["status"] == "ok"
+
+
+def body(**fields) -> bytes:
+    return json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **fields}).encode()
+
+
+@pytest.mark.parametrize("path, payload, status, words", [
+    ("/v1/chat/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/chat/completions", b"[1, 2]", 400, "must be a JSON object"),
+    ("/v1/chat/completions", json.dumps({"messages": []}).encode(), 400, "'model' is required"),
+    ("/v1/chat/completions", body(model="gpt-4o"), 404, "does not exist: this server serves 'tiny'"),
+    ("/v1/chat/completions", json.dumps({"model": MODEL}).encode(), 400, "'messages' must be a non-empty list"),
+    ("/v1/chat/completions", body(messages=[{"role": "robot", "content": "x"}]), 400, "needs a role"),
+    ("/v1/chat/completions", body(max_tokens=-3), 400, "'max_tokens' must be a positive integer"),
+    ("/v1/chat/completions", body(max_tokens=10**9), 400, "more than this server allows (512)"),
+    ("/v1/chat/completions", body(temperature=7), 400, "'temperature' must be a number from 0 to 2"),
+    ("/v1/chat/completions", body(stop=[1, 2]), 400, "'stop' must be a string"),
+    ("/v1/chat/completions", body(ckv={"budget": 4}), 400, "budget 4 is too small"),
+    ("/v1/chat/completions", body(ckv={"method": "magic"}), 400, "unknown method 'magic'"),
+    ("/v1/chat/completions", body(ckv={"method": "full", "kv_bits": 4}), 400, "--method full keeps every row"),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": ""}).encode(), 400, "'prompt' must be a non-empty"),
+    ("/v1/chat/completions", body(messages=[{"role": "user", "content": "x" * (MAX_BODY + 10)}]), 413, "over this"),
+    ("/v1/chat/completions", body(messages=[{"role": "user", "content": "pear " * 5000}], max_tokens=8), 400,
+     "over the model's context of 4,096"),
+    ("/v1/nothing", body(), 404, "/v1/nothing"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_serves_on(server, path, payload, status, words):
+    code, answer = server.post(path, payload)
+    assert code == status and words in answer["error"]["message"], answer
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+    assert server.client.chat.completions.create(model=MODEL, messages=messages("Row 1?"), max_tokens=2).choices
+
+
+def test_the_openai_client_sees_the_error_too(server):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        server.client.chat.completions.create(model="gpt-4o", messages=messages("Hi"), max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="context_length_exceeded|over the model's context"):
+        server.client.chat.completions.create(model=MODEL, messages=messages("x", "pear " * 5000), max_tokens=2)
+
+
+def test_a_shared_prefix_is_read_once_and_the_next_request_reads_only_its_question(server):
+    document = DOCUMENT + " The packing shed is run by Ines Varga."
+    first = server.client.chat.completions.create(model=MODEL, messages=messages("Who runs the shed?", document),
+                                                  max_tokens=6)
+    again = server.client.chat.completions.create(model=MODEL, messages=messages("Who runs the shed?", document),
+                                                  max_tokens=6)
+    assert first.model_extra["ckv"]["prefix_tokens_reused"] == 0
+    assert again.model_extra["ckv"]["prefix_tokens_reused"] >= 256
+    assert again.choices[0].message.content == first.choices[0].message.content
+
+
+def test_eight_clients_fifty_requests_answer_as_one_at_a_time_and_memory_goes_back(server):
+    questions = [f"Which fruit grows on row {i}?" for i in range(10)]
+    serial = {q: server.client.chat.completions.create(model=MODEL, messages=messages(q), max_tokens=4)
+              .choices[0].message.content for q in questions}
+    mx.synchronize()
+    idle = mx.get_active_memory()
+
+    def ask(i: int) -> tuple[str, str]:
+        q = questions[i % len(questions)]
+        return q, server.client.chat.completions.create(model=MODEL, messages=messages(q), max_tokens=4).choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(50), timeout=600))
+    assert len(answers) == 50 and all(answer == serial[q] for q, answer in answers)
+    time.sleep(0.5)
+    mx.synchronize()
+    assert mx.get_active_memory() <= idle + 2**20
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_answer(server, monkeypatch):
+    seen, submit = [], server.worker.submit
+
+    def recorded(request, emit):
+        events = []
+        job = submit(request, lambda event: (events.append(event), emit(event)))
+        seen.append((job, events))
+        return job
+
+    monkeypatch.setattr(server.worker, "submit", recorded)
+    stream = server.client.chat.completions.create(model=MODEL, messages=messages("Tell me about the rows."),
+                                                   max_tokens=500, stream=True)
+    next(iter(stream))
+    stream.close()
+    (job, events), = seen
+    deadline = time.monotonic() + 60
+    while not events or events[-1][0] != "done":
+        assert time.monotonic() < deadline, "the answer did not end"
+        time.sleep(0.05)
+    assert job.cancelled.is_set() and events[-1][2]["completion_tokens"] < 500  # stopped, not run to the end
+    assert server.client.chat.completions.create(model=MODEL, messages=messages("Row 2?"), max_tokens=2).choices
