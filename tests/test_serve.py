@@ -5,7 +5,6 @@ the server still serving, a bounded load test, and a shared prefix read once."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -13,11 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import pytest
-import uvicorn
 
 from ckv_mlx.methods import METHODS, make_method
 from ckv_mlx.models import LoadedModel
-from ckv_mlx.serve.app import create_app
+from ckv_mlx.serve.app import BackgroundServer, create_app
 from ckv_mlx.serve.protocol import Compression
 from ckv_mlx.serve.worker import ServeSettings, Worker
 from ckv_mlx.session import Session
@@ -45,15 +43,8 @@ class Server:
         self.profile = fake_profile(self.loaded.model)
         self.worker = Worker(self.loaded, self.profile, "fake", ServeSettings(store_dir=store_dir))
         app = create_app(self.worker, MODEL, Compression("snapkv", "48"), list(METHODS), 512, MAX_BODY)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.http = BackgroundServer(app)
+        self.url = self.http.url
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
     def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
@@ -66,8 +57,7 @@ class Server:
             return error.code, json.loads(error.read())
 
     def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.http.stop()
         self.worker.close()
 
 
@@ -257,3 +247,42 @@ def test_a_client_that_leaves_mid_stream_stops_its_answer(server, monkeypatch):
         time.sleep(0.05)
     assert job.cancelled.is_set() and events[-1][2]["completion_tokens"] < 500  # stopped, not run to the end
     assert server.client.chat.completions.create(model=MODEL, messages=messages("Row 2?"), max_tokens=2).choices
+
+
+@pytest.mark.slow
+def test_the_built_in_model_streams_what_generate_answers(default_model, tmp_path, capsys):
+    from ckv_mlx.generate import main as generate
+    from ckv_mlx.profiles import resolve_profile
+
+    document = (tmp_path / "doc.txt")
+    document.write_text(" ".join(["The orchard manager is Helena Marsh.", DOCUMENT]))
+    question = "Who is the orchard manager?"
+    assert generate(["--doc", str(document), "--prompt", question, "--method", "compresskv", "--budget", "64",
+                     "--max-tokens", "10", "--json", "--store-dir", str(tmp_path / "generate")]) == 0
+    expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"]
+    profile, path, _ = resolve_profile(None, default_model.shape)
+    worker = Worker(default_model, profile, path.name, ServeSettings(store_dir=tmp_path / "serve"))
+    http = BackgroundServer(create_app(worker, default_model.name, Compression("compresskv", "64"), list(METHODS), 512,
+                                       2**24))
+    try:
+        client = openai.OpenAI(base_url=f"{http.url}/v1", api_key="unused", max_retries=0, timeout=600)
+        chat = [{"role": "user", "content": f"{document.read_text()}\n\n{question}"}]  # as generate renders it
+        reply = client.chat.completions.create(model=default_model.name, messages=chat, max_tokens=10, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
+    finally:
+        http.stop()
+        worker.close()
+    assert text == expected and text.strip()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--kv-bits", "4", "--method", "full"], "--method full keeps every row"),
+    (["--max-body", "lots"], "not a memory size"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+])
+def test_bad_flags_are_one_line_before_any_model_loads(capsys, args, words):
+    from ckv_mlx.serve.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1

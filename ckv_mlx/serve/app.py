@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 from sse_starlette.sse import EventSourceResponse
@@ -133,3 +134,25 @@ async def _stream(parsed, events: asyncio.Queue, job):
         yield {"data": "[DONE]"}
     finally:
         job.cancel()
+
+
+class BackgroundServer:
+    """``app`` served by uvicorn on a free loopback port, in a thread (tests, benchmarks)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", timeout_s: float = 30):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -149,7 +149,8 @@ class Worker:
         prompt tokens came from the store instead of being read."""
         session, root = self.session, self.settings.store_dir
         if not session.method.compresses or root is None or not prefixes:
-            logits = session.prefill(tokens)
+            working, _ = plan_prefill(self.loaded, len(tokens), budget, self.settings.kv_limit, PREFILL_STEP)
+            logits = session.prefill(tokens, working_budget=working)
             session.compress(budget)
             return logits, 0
         keys = {n: self._key(tokens[:n], budget) for n in prefixes}
