@@ -29,8 +29,8 @@ from .errors import CKVError
 from .memory import mib
 from .quantized import KVBits
 from .store import (
-    CONVERSATIONS, DEFAULT_LIMIT_BYTES, LayerRows, Store, StoreCorrupt, StoreWriter, layer_files, disk_error, open_store,
-    prune,
+    CONVERSATIONS, DEFAULT_LIMIT_BYTES, LayerRows, Store, StoreCorrupt, StoreWriter, disk_error,
+    layer_files, open_store, prune,
 )
 
 Keep = Callable[[int, mx.array, mx.array], None]
@@ -175,6 +175,30 @@ class StreamedLayer(_BaseCache):
         if window_size is not None or return_array:
             return create_causal_mask(n, self.offset, window_size=window_size)
         return "causal" if n > 1 else None
+
+
+def extended(session, full: DiskFullCache, tokens: list[int], root: Path, key: str) -> DiskFullCache:
+    """``full``, where ``session`` stands, with ``tokens`` read after it, published as the
+    store ``key`` (the rows copied, then the new ones): a longer prefix for the next
+    reader. ``session`` then stands at its end, as after :func:`read_or_reuse`."""
+    session.forget_rows()
+    session.read_on_disk(tokens, full)
+    writer = StoreWriter(root, key, len(full.tail.shapes), full.store.kv_bits)
+    try:
+        for layer in range(len(full.tail.shapes)):
+            files = [f for pair in (full.store.files(layer), full.tail.files(layer)) for f in pair]
+            keys, values = (np.concatenate([np.fromfile(f.path, np.uint8, f.nbytes) for f in files[i::2]]) for i in (0, 1))
+            writer.restore_layer(layer, full.store.shape(layer), full.store.dtype, [keys, values])
+        writer.advance(full.tokens)
+        store = writer.publish(session.remembered_queries(), session.others)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        full.close()
+    longer = DiskFullCache(store, root / CONVERSATIONS)
+    session.take_over(longer.empty_caches(session.region), store.queries(), store.others())
+    return longer
 
 
 def stored_full_cache(root: Path, key: str, notify: Callable[[str], None],

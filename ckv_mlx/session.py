@@ -417,11 +417,11 @@ class Session:
             mx.eval(cache.arrays())
             kept.append(cache)
 
-        *body, last = [tokens[i : i + PREFILL_STEP] for i in range(0, len(tokens), PREFILL_STEP)]
+        split = (len(tokens) - 1) // PREFILL_STEP * PREFILL_STEP  # the last piece, of at most a step, selects
+        body, last = tokens[:split], tokens[split:]
         read_before = full.tail.tokens
         try:
-            for piece in body:  # their rows join the full cache; the last piece's window selects
-                full.read(self.model, piece, self.model_caches(full.streamed(self.attentions)))
+            self.read_on_disk(body, full)  # their rows join the full cache; the last piece's window selects
             logits = full.read(self.model, last, self.model_caches(full.streamed(self.attentions, keep)))
         except BaseException:
             full.tail.truncate(read_before)  # an interrupted selection adds none of its pieces
@@ -432,6 +432,12 @@ class Session:
         self.stats.kv_bytes_kept, self.stats.kv_rows_kept = self.kv_bytes, self.kv_rows_bytes
         self.stats.layer_budgets = budgets
         return logits
+
+    def read_on_disk(self, tokens: list[int], full: DiskFullCache):
+        """Read ``tokens`` against every row of the full cache on disk, in pieces, their
+        rows joining it; nothing is kept in memory but the window queries."""
+        for start in range(0, len(tokens), PREFILL_STEP):
+            full.read(self.model, tokens[start : start + PREFILL_STEP], self.model_caches(full.streamed(self.attentions)))
 
     def forget_rows(self):
         """Free every row held (they are on disk), keeping the position, the window

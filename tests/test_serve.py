@@ -286,3 +286,20 @@ def test_bad_flags_are_one_line_before_any_model_loads(capsys, args, words):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_growing_conversation_reads_only_each_new_turn(server):
+    document = DOCUMENT + " The cold store opened in 1998."
+    chat = messages("When did the cold store open?", document)
+    first = server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=5)
+    chat += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "And the packing shed?"}]
+    second = server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=5)
+    chat += [{"role": "assistant", "content": second.choices[0].message.content},
+             {"role": "user", "content": "Which rows grow plums?"}]
+    third = server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=5)
+    tokens = chat_tokens(server, chat)
+    system, through_first = (len(list(server.loaded.tokenizer.apply_chat_template(chat[:k]))) for k in (1, 3))
+    assert second.model_extra["ckv"]["prefix_tokens_reused"] == system  # the document's; its first turn now stored
+    assert third.model_extra["ckv"]["prefix_tokens_reused"] == through_first  # read: the second turn, the question
+    assert third.choices[0].message.content == engine_answer(server, tokens, "snapkv", 48, 5)

@@ -5,7 +5,8 @@ A long prefix of its prompt (the messages before the last one, or a completion p
 to its last line) is looked up in the document store: found, the request reads only its
 new tokens against the stored rows and selects for its question (as the chat does with
 the full cache on disk); not found, the prefix is read into the store as it goes, for the
-next request that shares it. Every event of a request goes to its ``emit`` callback,
+next request that shares it. A conversation that grew since its prefix was stored reads
+the new turns onto the stored rows and stores the longer prefix for its next turn. Every event of a request goes to its ``emit`` callback,
 from this thread: ``("ready", prompt_tokens)``, ``("text", piece)``, then ``("done",
 finish_reason, usage, figures)``, or ``("error", APIError)``.
 """
@@ -22,7 +23,7 @@ from typing import Callable
 import mlx.core as mx
 
 from ..budgets import parse_budget
-from ..disk_cache import read_or_reuse
+from ..disk_cache import extended, read_or_reuse
 from ..errors import CKVError
 from ..memory import plan_prefill
 from ..methods import make_method
@@ -127,14 +128,24 @@ class Worker:
         to its last line."""
         tokenizer = self.loaded.tokenizer
         if request.kind == "chat":
-            tokens = list(tokenizer.apply_chat_template(request.messages, add_generation_prompt=True))
-            heads = [list(tokenizer.apply_chat_template(request.messages[:k])) for k in range(len(request.messages) - 1, 0, -1)]
+            try:
+                tokens = list(tokenizer.apply_chat_template(request.messages, add_generation_prompt=True))
+            except Exception as error:  # jinja's errors: a template that refuses a role or an order
+                raise APIError(400, f"the model's chat template refuses these messages ({error})", "messages") from None
+            heads = [head for k in range(len(request.messages) - 1, 0, -1) if (head := self._head(request.messages[:k]))]
         else:
             tokens = tokenizer.encode(request.prompt)
             cut = request.prompt.rstrip("\n").rfind("\n")
             heads = [tokenizer.encode(request.prompt[: cut + 1])] if cut > 0 else []
         prefixes = [len(h) for h in heads if MIN_PREFIX_TOKENS <= len(h) < len(tokens) and tokens[: len(h)] == h]
         return tokens, prefixes
+
+    def _head(self, messages: list[dict]) -> list[int] | None:
+        """The tokens of the first messages of a chat, if the template renders them alone."""
+        try:
+            return list(self.loaded.tokenizer.apply_chat_template(messages))
+        except Exception:  # e.g. a template that wants a user message: no prefix there
+            return None
 
     def _check_fits(self, request: Request, prompt: int):
         context = self.loaded.context_length
@@ -154,7 +165,8 @@ class Worker:
             session.compress(budget)
             return logits, 0
         keys = {n: self._key(tokens[:n], budget) for n in prefixes}
-        chosen = next((n for n in prefixes if (root / keys[n] / MANIFEST).is_file()), prefixes[0])
+        longest = prefixes[0]
+        chosen = next((n for n in prefixes if (root / keys[n] / MANIFEST).is_file()), longest)
         read = []
 
         def read_prefix(writer):
@@ -168,8 +180,10 @@ class Worker:
             logits = session.feed(tokens[chosen:])
             session.compress(budget)
             return logits, 0
+        if chosen < longest:  # an earlier turn's prefix: store this conversation's for the next turn
+            full = extended(session, full, tokens[chosen:longest], root, keys[longest])
         session.forget_rows()
-        logits = session.reselect(tokens[chosen:], full, budget)
+        logits = session.reselect(tokens[longest:], full, budget)
         full.close()
         return logits, 0 if read else chosen
 
