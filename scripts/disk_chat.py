@@ -13,7 +13,8 @@ this one frees, plus that peak, less the attention scores and logits an in-memor
 the same tokens allocates; against the target of what the issue lets RAM hold: the kept
 cache, the window queries, one layer's full rows and one chunk of rows); and reopening: a fresh session reusing the store,
 time to the first answer token, against the first read's (read, question, compression,
-first token). Writes OUT/disk_chat.json and OUT/disk_chat.md.
+first token). With ``--store-bits 16,8`` each length is measured with the store as computed
+and kept 8-bit, one after the other. Writes OUT/disk_chat.json and OUT/disk_chat.md.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--method", default="compresskv")
     p.add_argument("--budget", type=int, default=128)
     p.add_argument("--answer-tokens", type=int, default=16)
+    p.add_argument("--store-bits", type=lambda s: [int(x) for x in s.split(",")], default=[16],
+                   help="bits the store keeps per value, each measured in turn: 16 as computed, 8 packed (default 16)")
     p.add_argument("--out", type=Path, default=Path("docs/disk_chat"))
     return p.parse_args(argv)
 
@@ -65,15 +68,17 @@ def transients(session, tokens: list[int]) -> int:
     return extra
 
 
-def measure(loaded, method, tokens: list[int], questions: list[list[int]], args, root: Path) -> dict:
+def measure(loaded, method, tokens: list[int], questions: list[list[int]], args, root: Path, bits: int) -> dict:
     import mlx.core as mx
 
     from ckv_mlx.conversation import Conversation
     from ckv_mlx.disk_cache import read_or_reuse
+    from ckv_mlx.quantized import KVBits
     from ckv_mlx.session import PREFILL_STEP, Session
     from ckv_mlx.store import read_mode, store_key
 
-    row = {"tokens": len(tokens)}
+    store_bits = None if bits == 16 else KVBits(bits)
+    row = {"tokens": len(tokens), "store_bits": bits}
     session = Session(loaded.model, loaded.tokenizer, method)
     start = time.perf_counter()
     session.prefill(tokens)
@@ -86,10 +91,11 @@ def measure(loaded, method, tokens: list[int], questions: list[list[int]], args,
     fed = [questions[0]] + [[0] * args.answer_tokens + q for q in questions[1:]]  # what each selection reads
     extra = [transients(session, f) for f in fed]
 
-    key = store_key(loaded.identity, tokens, read_mode())
+    key = store_key(loaded.identity, tokens, read_mode(kv_bits=store_bits))
     session.reset()
     start = time.perf_counter()
-    full = read_or_reuse(session, root, key, "document", lambda w: session.prefill(tokens, store=w), print)
+    full = read_or_reuse(session, root, key, "document", lambda w: session.prefill(tokens, store=w), print,
+                         kv_bits=store_bits)
     row["read_and_store_s"] = time.perf_counter() - start
     row["disk_bytes"] = full.store.nbytes
     conversation = Conversation(session, "per-question", args.budget, full)
@@ -114,7 +120,8 @@ def measure(loaded, method, tokens: list[int], questions: list[list[int]], args,
 
     fresh = Session(loaded.model, loaded.tokenizer, method)
     start = time.perf_counter()
-    reopened = read_or_reuse(fresh, root, key, "document", lambda w: fresh.prefill(tokens, store=w), print)
+    reopened = read_or_reuse(fresh, root, key, "document", lambda w: fresh.prefill(tokens, store=w), print,
+                             kv_bits=store_bits)
     conversation = Conversation(fresh, "per-question", args.budget, reopened)
     conversation.open()
     logits = conversation.start(questions[0])
@@ -141,8 +148,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="ckv-disk-chat-") as root:
         for length in args.lengths:
             tokens = (haystack * (length // len(haystack) + 1))[:length]
-            results["lengths"][str(length)] = measure(loaded, method, tokens, questions, args, Path(root) / str(length))
-            print(f"{length} tokens done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+            for bits in args.store_bits:
+                name = str(length) if bits == 16 else f"{length}/{bits}-bit"
+                results["lengths"][name] = measure(loaded, method, tokens, questions, args, Path(root) / name.replace("/", "-"),
+                                                   bits)
+                print(f"{name} tokens done ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["targets"] = check_targets(results)
     write_report(args.out, "disk_chat", results, table(results))
@@ -152,7 +162,7 @@ def main(argv=None) -> int:
 def check_targets(results: dict) -> dict:
     """The issue's targets at the longest context (selection and reopening) and at
     every one (KV memory)."""
-    longest = results["lengths"][max(results["lengths"], key=int)]
+    longest = results["lengths"][max(results["lengths"], key=lambda name: int(name.split("/")[0]))]
     selection = max(q["reselect_s"] for q in longest["questions"]) / longest["read_s"]
     reopen = longest["reopen_ttft_s"] / longest["first_read_ttft_s"]
     kv_ok = all(q["kv_peak_bytes"] <= q["target_bytes"] for r in results["lengths"].values() for q in r["questions"])
@@ -183,8 +193,9 @@ def table(results: dict) -> str:
         worst = max(q, key=lambda x: x["peak_over_held_bytes"])
         selection = max(x["reselect_s"] for x in q)
         each = ", ".join(f"{x['reselect_s']:.2f}" for x in q)
+        size = f"{int(r['tokens']):,}" + (f", store {r['store_bits']}-bit" if r.get("store_bits", 16) != 16 else "")
         lines.append(
-            f"| {int(length):,} | {r['read_s']:.1f} | {r['read_and_store_s']:.1f} | {r['disk_bytes'] / mib:.1f} "
+            f"| {size} | {r['read_s']:.1f} | {r['read_and_store_s']:.1f} | {r['disk_bytes'] / mib:.1f} "
             f"| {each} | {selection / r['read_s']:.3f} "
             f"| {worst['peak_over_held_bytes'] / mib:.2f} | {worst['transient_bytes'] / mib:.2f} "
             f"| {_each_mib(q, 'kv_peak_bytes')} | {_each_mib(q, 'target_bytes')} "
