@@ -134,11 +134,11 @@ def _via_store(session, loaded, args, tokens: list[int], split: int, budget, wor
     read and stored; then the question selects from every row (as compressing the
     whole prompt in memory would)."""
     from .disk_cache import read_or_reuse
-    from .quantized import DEFAULT_GROUP_SIZE, KVBits
+    from .quantized import store_bits_setting
     from .store import read_mode, store_key, store_root
 
     document, question = tokens[:split], tokens[split:]
-    store_bits = KVBits(args.store_bits, args.kv_group_size or DEFAULT_GROUP_SIZE) if args.store_bits else None
+    store_bits = store_bits_setting(args.store_bits, args.kv_group_size)
     mode = read_mode(working, args.prefill_chunk, session.method.name, str(args.profile) if args.profile else None,
                      store_bits)
     root = Path(args.store_dir).expanduser() if args.store_dir else store_root()

@@ -80,6 +80,11 @@ def kv_bits_setting(bits: int | None, group_size: int | None, compresses: bool =
     return KVBits(bits, group_size or DEFAULT_GROUP_SIZE)
 
 
+def store_bits_setting(bits: int | None, group_size: int | None) -> KVBits | None:
+    """The ``--store-bits`` choice, in groups of ``--kv-group-size`` (default 64)."""
+    return KVBits(bits, group_size or DEFAULT_GROUP_SIZE) if bits else None
+
+
 class QuantizedRows(NamedTuple):
     """A layer's keys (or values) as attention reads them: packed rows, then full ones."""
 

@@ -33,7 +33,7 @@ from ..memory import mib, parse_size, plan_prefill
 from ..methods import make_method
 from ..models import LoadedModel, load_model
 from ..profiles import resolve_profile
-from ..quantized import DEFAULT_GROUP_SIZE, KVBits, kv_bits_setting
+from ..quantized import KVBits, kv_bits_setting, store_bits_setting
 from ..prompts import TRUNCATE_CHOICES, cut_to_fit, document_prefix, question_tokens
 from ..session import PREFILL_STEP, Session
 from ..store import DEFAULT_LIMIT_BYTES, StoreWriter, read_mode, store_key, store_root
@@ -331,8 +331,7 @@ class ChatEngine:
         return Path(self.settings.store_dir).expanduser() if self.settings.store_dir else store_root()
 
     def _store_bits(self) -> KVBits | None:
-        settings = self.settings
-        return KVBits(settings.store_bits, settings.kv_group_size or DEFAULT_GROUP_SIZE) if settings.store_bits else None
+        return store_bits_setting(self.settings.store_bits, self.settings.kv_group_size)
 
     def _ask(self, question: str):
         document, session = self._document, self._session

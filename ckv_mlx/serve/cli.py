@@ -58,7 +58,7 @@ def serve(args: argparse.Namespace) -> int:
     from ..methods import METHODS, make_method
     from ..models import load_model
     from ..profiles import resolve_profile
-    from ..quantized import DEFAULT_GROUP_SIZE, KVBits, kv_bits_setting
+    from ..quantized import DEFAULT_GROUP_SIZE, kv_bits_setting, store_bits_setting
     from ..store import DEFAULT_LIMIT_BYTES, store_root
     from .app import create_app
     from .protocol import Compression
@@ -72,7 +72,7 @@ def serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         store_dir=None if args.no_store else (args.store_dir or store_root()),
         store_limit=parse_size(args.store_limit) if args.store_limit else DEFAULT_LIMIT_BYTES,
-        store_bits=KVBits(args.store_bits, group) if args.store_bits else None, kv_limit=args.kv_limit,
+        store_bits=store_bits_setting(args.store_bits, group), kv_limit=args.kv_limit,
         kv_group_size=group,
     )
     loaded = load_model(args.model, args.precision)
