@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     from ckv_mlx.niah import DEFAULT_HAYSTACK, load_haystack
     from ckv_mlx.profiles import resolve_profile
     from ckv_mlx.serve.app import BackgroundServer, create_app
-    from ckv_mlx.serve.protocol import Compression
+    from ckv_mlx.serve.protocol import Compression, Limits
     from ckv_mlx.serve.worker import ServeSettings, Worker
 
     started = time.perf_counter()
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     results = {"model": loaded.name, "method": "compresskv", "budget": args.budget, "lengths": {}}
     with tempfile.TemporaryDirectory(prefix="ckv-serve-") as root:
         worker = Worker(loaded, profile, path.name if path else None, ServeSettings(store_dir=Path(root)))
-        app = create_app(worker, loaded.name, Compression("compresskv", args.budget), list(METHODS), 512, 2**26)
+        app = create_app(worker, loaded.name, Compression("compresskv", args.budget), list(METHODS), Limits(512, 2**26))
         http = BackgroundServer(app)
         client = openai.OpenAI(base_url=f"{http.url}/v1", api_key="unused", max_retries=0, timeout=600)
         try:

@@ -5,65 +5,75 @@ the server still serving, a bounded load test, and a shared prefix read once."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from email.message import Message
 
 import mlx.core as mx
 import pytest
 
 from ckv_mlx.methods import METHODS, make_method
 from ckv_mlx.models import LoadedModel
+from ckv_mlx.serve import protocol
 from ckv_mlx.serve.app import BackgroundServer, create_app
-from ckv_mlx.serve.protocol import Compression
+from ckv_mlx.serve.protocol import Compression, Limits
 from ckv_mlx.serve.worker import ServeSettings, Worker
-from ckv_mlx.session import Session
+from ckv_mlx.memory import plan_prefill
+from ckv_mlx.session import PREFILL_STEP, Session
 from fakes import fake_profile, tiny_shape
 from test_chat_engine import smollm_tokenizer
-from tiny import tiny_model
+from tiny import mac_model, tiny_model
 
 openai = pytest.importorskip("openai")
 
 MODEL = "tiny"
 DOCUMENT = " ".join(f"Item {i}: the orchard on row {i} grows {['apples', 'pears', 'plums'][i % 3]}." for i in range(60))
 MAX_BODY = 64 * 1024
+DEFAULTS = Compression("snapkv", "48")
+LIMITS = Limits(max_tokens=512, max_body_bytes=MAX_BODY)
 
 
-def loaded_tiny(context: int = 4096) -> LoadedModel:
-    model = tiny_model("llama", layers=2, vocab=49152)
+def loaded_tiny(context: int = 4096, model=None) -> LoadedModel:
+    model = model or tiny_model("llama", layers=2, vocab=49152)
     return LoadedModel(model, smollm_tokenizer(), MODEL, tiny_shape(model), context, identity="tiny-serve")
+
+
+def client_of(url: str):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 class Server:
     """ckv-serve on a free loopback port, in a thread, for one test module."""
 
-    def __init__(self, store_dir, context: int = 4096):
-        self.loaded = loaded_tiny(context)
+    def __init__(self, settings: ServeSettings, model=None):
+        self.loaded = loaded_tiny(model=model)
         self.profile = fake_profile(self.loaded.model)
-        self.worker = Worker(self.loaded, self.profile, "fake", ServeSettings(store_dir=store_dir))
-        app = create_app(self.worker, MODEL, Compression("snapkv", "48"), list(METHODS), 512, MAX_BODY)
-        self.http = BackgroundServer(app)
+        self.worker = Worker(self.loaded, self.profile, "fake", settings)
+        self.http = BackgroundServer(create_app(self.worker, MODEL, DEFAULTS, list(METHODS), LIMITS))
         self.url = self.http.url
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-    def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url + path, data=body, method="POST",
-                                         headers={"Content-Type": "application/json", **(headers or {})})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+        self.client = client_of(self.url)
 
     def stop(self):
         self.http.stop()
         self.worker.close()
 
 
+def post(url: str, body: bytes) -> tuple[int, Message, dict]:
+    """POST ``body`` as JSON: the status, the headers (any case) and the JSON answer."""
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, json.loads(error.read())
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    running = Server(tmp_path_factory.mktemp("stores"))
+    running = Server(ServeSettings(store_dir=tmp_path_factory.mktemp("stores")))
     yield running
     running.stop()
 
@@ -72,11 +82,13 @@ def messages(question: str, document: str = DOCUMENT) -> list[dict]:
     return [{"role": "system", "content": document}, {"role": "user", "content": question}]
 
 
-def engine_answer(server: Server, tokens: list[int], method: str, budget: int, max_tokens: int) -> str:
-    """What the engine answers for the same prompt and settings, the cache in memory."""
+def engine_answer(server: Server, tokens: list[int], method: str, budget: int, max_tokens: int,
+                  working: int | None = None) -> str:
+    """What the engine answers for the same prompt and settings, the cache in memory
+    (read in chunks keeping ``working`` tokens per layer between them, if given)."""
     session = Session(server.loaded.model, server.loaded.tokenizer, make_method(method, server.profile)[0])
     try:
-        logits = session.prefill(tokens)
+        logits = session.prefill(tokens, working_budget=working)
         session.compress(budget)
         detokenizer = server.loaded.tokenizer.detokenizer  # as a streaming server decodes (mlx-lm's own server too)
         for token in session.generate(logits, max_tokens):
@@ -183,7 +195,7 @@ def body(**fields) -> bytes:
     ("/v1/nothing", body(), 404, "/v1/nothing"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_serves_on(server, path, payload, status, words):
-    code, answer = server.post(path, payload)
+    code, _, answer = post(server.url + path, payload)
     assert code == status and words in answer["error"]["message"], answer
     assert set(answer["error"]) == {"message", "type", "param", "code"}
     assert server.client.chat.completions.create(model=MODEL, messages=messages("Row 1?"), max_tokens=2).choices
@@ -250,35 +262,124 @@ def test_a_client_that_leaves_mid_stream_stops_its_answer(server, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_built_in_model_streams_what_generate_answers(default_model, tmp_path, capsys):
+def test_the_built_in_model_answers_what_generate_answers(default_model, tmp_path, capsys):
+    """Chat streamed and whole, and a completion, each equal to ``generate``'s answer
+    (chat-templated, and ``--raw``) on the built-in model with its shipped profile."""
     from ckv_mlx.generate import main as generate
     from ckv_mlx.profiles import resolve_profile
 
-    document = (tmp_path / "doc.txt")
+    document = tmp_path / "doc.txt"
     document.write_text(" ".join(["The orchard manager is Helena Marsh.", DOCUMENT]))
     question = "Who is the orchard manager?"
-    assert generate(["--doc", str(document), "--prompt", question, "--method", "compresskv", "--budget", "64",
-                     "--max-tokens", "10", "--json", "--store-dir", str(tmp_path / "generate")]) == 0
-    expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"]
+
+    def generated(*raw: str) -> str:
+        assert generate(["--doc", str(document), "--prompt", question, "--method", "compresskv", "--budget", "64",
+                         "--max-tokens", "10", "--json", "--store-dir", str(tmp_path / "generate"), *raw]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"]
+
+    expected_chat, expected_raw = generated(), generated("--raw")
     profile, path, _ = resolve_profile(None, default_model.shape)
     worker = Worker(default_model, profile, path.name, ServeSettings(store_dir=tmp_path / "serve"))
-    http = BackgroundServer(create_app(worker, default_model.name, Compression("compresskv", "64"), list(METHODS), 512,
-                                       2**24))
+    http = BackgroundServer(create_app(worker, default_model.name, Compression("compresskv", "64"), list(METHODS)))
     try:
-        client = openai.OpenAI(base_url=f"{http.url}/v1", api_key="unused", max_retries=0, timeout=600)
+        client = client_of(http.url)
+        ask = dict(model=default_model.name, max_tokens=10)
         chat = [{"role": "user", "content": f"{document.read_text()}\n\n{question}"}]  # as generate renders it
-        reply = client.chat.completions.create(model=default_model.name, messages=chat, max_tokens=10, stream=True)
-        text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            messages=chat, stream=True, **ask) if c.choices)
+        whole = client.chat.completions.create(messages=chat, **ask).choices[0].message.content
+        completion = client.completions.create(prompt=f"{document.read_text()}\n{question}", **ask).choices[0].text
     finally:
         http.stop()
         worker.close()
-    assert text == expected and text.strip()
+    assert streamed == whole == expected_chat and whole.strip()
+    assert completion == expected_raw and completion.strip()
+
+
+def test_a_full_queue_is_told_to_retry_and_the_waiting_request_is_answered(server):
+    """With the model busy and one request waiting (the most allowed), the next gets
+    429 with Retry-After; the waiting one is answered once the model is free."""
+    http = BackgroundServer(create_app(server.worker, MODEL, DEFAULTS, list(METHODS), Limits(512, MAX_BODY, 1)))
+    release, running = threading.Event(), threading.Event()
+
+    def hold(event):  # the running job's first event keeps the MLX thread until released
+        if not running.is_set():
+            running.set()
+            release.wait(60)
+
+    try:
+        server.worker.submit(protocol.parse(body(max_tokens=2), "chat", MODEL, DEFAULTS, 512, list(METHODS)), hold)
+        assert running.wait(60)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(client_of(http.url).chat.completions.create, model=MODEL,
+                                  messages=messages("Row 5?"), max_tokens=2)
+            deadline = time.monotonic() + 60
+            while server.worker.waiting < 1:
+                assert time.monotonic() < deadline and not waiting.done(), "the request never queued"
+                time.sleep(0.02)
+            code, headers, answer = post(f"{http.url}/v1/chat/completions", body())
+            assert code == 429 and headers["Retry-After"] == "1", answer
+            assert "server is busy: 1 requests are waiting" in answer["error"]["message"]
+            assert answer["error"]["type"] == "rate_limit_error" and answer["error"]["code"] == "server_busy"
+            release.set()
+            assert waiting.result(timeout=120).choices[0].message.content is not None
+    finally:
+        release.set()
+        http.stop()
+    assert server.client.chat.completions.create(model=MODEL, messages=messages("Row 6?"), max_tokens=2).choices
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["in-memory", "stored"])
+def test_a_kv_limit_reads_the_prompt_in_chunks_and_answers_as_the_engine(tmp_path, stored):
+    """Under ``--kv-limit`` a prompt whose full cache would not fit is read in chunks
+    that compress as they go: the answer is the engine's read the same way. With the
+    store, the full cache goes to disk and the question selects from all of it."""
+    server = Server(ServeSettings(store_dir=tmp_path if stored else None))
+    try:
+        chat = messages("Which fruit grows on row 8?")
+        tokens = chat_tokens(server, chat)
+        limit = (48 + PREFILL_STEP + 40) * server.loaded.kv_bytes_per_token
+        working, _ = plan_prefill(server.loaded, len(tokens), 48, str(limit), PREFILL_STEP)
+        assert working == 88  # the prompt's full cache does not fit: 88 rows kept between chunks
+        server.worker.settings.kv_limit = str(limit)
+        reply = server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=6)
+        expected = engine_answer(server, tokens, "snapkv", 48, 6, working=None if stored else working)
+        assert reply.choices[0].message.content == expected
+        if stored:  # the second request reads only its question, from the full cache on disk
+            again = server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=6)
+            assert again.model_extra["ckv"]["prefix_tokens_reused"] > 256
+            assert again.choices[0].message.content == expected
+        server.worker.settings.kv_limit = str(40 * server.loaded.kv_bytes_per_token)
+        with pytest.raises(openai.BadRequestError, match="KV memory limit .* is too small for budget 48"):
+            server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=6)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_mac_model_is_served_as_the_engine_answers(tmp_path, dtype):
+    """Weights kept 4-bit, activations and KV in half precision, as on a Mac: whole and
+    streamed answers equal the engine's in the same dtype, and a stored prefix reused."""
+    server = Server(ServeSettings(store_dir=tmp_path), model=mac_model("llama", dtype, layers=2, vocab=49152))
+    try:
+        chat = messages("Which fruit grows on row 10?")
+        whole = server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=8)
+        assert whole.choices[0].message.content == engine_answer(server, chat_tokens(server, chat), "snapkv", 48, 8)
+        streamed = "".join(c.choices[0].delta.content or "" for c in server.client.chat.completions.create(
+            model=MODEL, messages=chat, max_tokens=8, stream=True) if c.choices)
+        assert streamed == whole.choices[0].message.content
+        assert streamed and whole.model_extra["ckv"]["prefix_tokens_reused"] == 0
+        figures = server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=8).model_extra["ckv"]
+        assert figures["prefix_tokens_reused"] > 256 and 0 < figures["kv_bytes_kept"] < figures["kv_bytes_full"]
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("args, words", [
     (["--kv-bits", "4", "--method", "full"], "--method full keeps every row"),
     (["--max-body", "lots"], "not a memory size"),
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["--max-waiting", "-1"], "--max-waiting must be 0 or more"),
 ])
 def test_bad_flags_are_one_line_before_any_model_loads(capsys, args, words):
     from ckv_mlx.serve.cli import main

@@ -18,19 +18,20 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import protocol
-from .protocol import APIError, Compression
+from .protocol import APIError, Compression, Limits
 
 DISCONNECT_POLL_S = 0.5  # how often a request answered whole checks that its client is still there
+RETRY_AFTER_S = 1  # what a busy server (429) tells clients to wait
 
 
-def create_app(worker, model_name: str, defaults: Compression, methods, max_tokens: int,
-               max_body_bytes: int) -> Starlette:
+def create_app(worker, model_name: str, defaults: Compression, methods, limits: Limits = Limits()) -> Starlette:
     """The server for ``worker``'s model, served as ``model_name``."""
 
     async def completions(request: HTTPRequest, kind: str):
         try:
-            body = await _body(request, max_body_bytes)
-            parsed = protocol.parse(body, kind, model_name, defaults, max_tokens, methods)
+            body = await _body(request, limits.max_body_bytes)
+            parsed = protocol.parse(body, kind, model_name, defaults, limits.max_tokens, methods)
+            _check_queue(worker.waiting, limits.max_waiting)
         except APIError as error:
             return _error(error)
         events: asyncio.Queue = asyncio.Queue()
@@ -72,7 +73,16 @@ def create_app(worker, model_name: str, defaults: Compression, methods, max_toke
 
 
 def _error(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if error.status == 429 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def _check_queue(waiting: int, limit: int):
+    """Refuse (429) a request that would wait behind ``limit`` others already."""
+    if waiting >= limit:
+        raise APIError(429, f"the server is busy: {waiting} requests are waiting for the model (the most is {limit}); "
+                            "retry shortly, or start ckv-serve with a larger --max-waiting",
+                       code="server_busy", kind="rate_limit_error")
 
 
 async def _body(request: HTTPRequest, limit: int) -> bytes:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from ..blas import ensure_fast_blas
 from ..errors import CKVError, exit_code
-
-DEFAULT_MAX_BODY = "32MiB"
+from .protocol import Limits
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,8 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", default="128", help="default tokens per layer, or a share of the prompt: 5%%")
     p.add_argument("--kv-bits", type=int, choices=BITS, help=KV_BITS_HELP)
     p.add_argument("--kv-group-size", type=int, choices=GROUP_SIZES, help=GROUP_SIZE_HELP)
-    p.add_argument("--max-tokens", type=int, default=4096, help="the most tokens one answer may ask for (default 4096)")
-    p.add_argument("--max-body", default=DEFAULT_MAX_BODY, help=f"largest request body (default {DEFAULT_MAX_BODY})")
+    p.add_argument("--max-tokens", type=int, default=Limits.max_tokens,
+                   help=f"the most tokens one answer may ask for (default {Limits.max_tokens})")
+    p.add_argument("--max-body", help=f"largest request body (default {Limits.max_body_bytes // 2**20}MiB)")
+    p.add_argument("--max-waiting", type=int, default=Limits.max_waiting, help="requests that may wait behind the "
+                   f"running one; more are answered 429 with Retry-After (default {Limits.max_waiting})")
     p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 2GiB (default: from the device's memory); a prefix "
                    "whose full cache exceeds it is read in chunks that compress as they go")
     p.add_argument("--store-dir", type=Path, help="where shared prefixes' full caches are stored on disk (default: "
@@ -66,7 +68,10 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 1:
         raise CKVError("--max-tokens must be at least 1")
-    max_body = parse_size(args.max_body)
+    if args.max_waiting < 0:
+        raise CKVError("--max-waiting must be 0 or more")
+    limits = Limits(args.max_tokens, parse_size(args.max_body) if args.max_body else Limits.max_body_bytes,
+                    args.max_waiting)
     kv_bits_setting(args.kv_bits, args.kv_group_size, METHODS[args.method].compresses, args.store_bits)
     group = args.kv_group_size or DEFAULT_GROUP_SIZE
     settings = ServeSettings(
@@ -82,7 +87,7 @@ def serve(args: argparse.Namespace) -> int:
     make_method(args.method, profile)  # a method that needs a profile it lacks is refused now, in one line
     worker = Worker(loaded, profile, path.name if path else None, settings)
     defaults = Compression(args.method, args.budget, args.kv_bits)
-    app = create_app(worker, loaded.name, defaults, list(METHODS), args.max_tokens, max_body)
+    app = create_app(worker, loaded.name, defaults, list(METHODS), limits)
     print(f"serving {loaded.name} on http://{args.host}:{args.port}/v1 ({args.method}, budget {args.budget})",
           file=sys.stderr)
     try:

@@ -39,6 +39,15 @@ class Compression:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server, and how many may wait for it."""
+
+    max_tokens: int = 4096  # the most tokens one answer may ask for
+    max_body_bytes: int = 32 * 2**20
+    max_waiting: int = 16  # requests queued behind the running one; more are told to retry (429)
+
+
+@dataclass(frozen=True)
 class Request:
     """One checked request: a chat (``messages``) or a completion (``prompt``)."""
 
