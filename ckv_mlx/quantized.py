@@ -134,24 +134,22 @@ def attention(queries: mx.array, keys: QuantizedRows, values: QuantizedRows, sca
     batch, n_heads, length, dim = queries.shape
     kv_heads = keys.rest.shape[1]
     group, kv_bits = n_heads // kv_heads, keys.kv_bits
-    q = (queries * scale).reshape(batch, kv_heads, group, length, dim)
-    packed_k = [x[:, :, None] for x in keys.packed]
-    scores = mx.concatenate([
-        mx.quantized_matmul(q, *packed_k, transpose=True, group_size=kv_bits.group_size, bits=kv_bits.bits),
-        q @ keys.rest[:, :, None].swapaxes(-1, -2),
-    ], axis=-1)
-    scores = _masked(scores, mask)
+    quantized = dict(group_size=kv_bits.group_size, bits=kv_bits.bits)
+    # A KV head's queries side by side as the rows of one product: no broadcast axis.
+    q = (queries * scale).reshape(batch, kv_heads, group * length, dim)
+    scores = mx.concatenate([mx.quantized_matmul(q, *keys.packed, transpose=True, **quantized),
+                             q @ keys.rest.swapaxes(-1, -2)], axis=-1)
+    scores = _masked(scores.reshape(batch, kv_heads, group, length, -1), mask)
     if sinks is None:
         probs = mx.softmax(scores, axis=-1, precise=True)
     else:
         sink = sinks.astype(mx.float32).reshape(kv_heads, group, 1, 1)
         lse = mx.logaddexp(mx.logsumexp(scores.astype(mx.float32), axis=-1, keepdims=True), sink)
         probs = mx.exp(scores.astype(mx.float32) - lse).astype(scores.dtype)
+    probs = probs.reshape(batch, kv_heads, group * length, -1)
     split = packed_rows(keys.packed)
-    packed_v = [x[:, :, None] for x in values.packed]
-    out = mx.quantized_matmul(probs[..., :split], *packed_v, transpose=False, group_size=kv_bits.group_size,
-                              bits=kv_bits.bits)
-    out = out + probs[..., split:] @ values.rest[:, :, None]
+    out = mx.quantized_matmul(probs[..., :split], *values.packed, transpose=False, **quantized)
+    out = out + probs[..., split:] @ values.rest
     return out.reshape(batch, n_heads, length, -1)
 
 
