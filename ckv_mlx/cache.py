@@ -236,7 +236,7 @@ class EvictingKVCache(_BaseCache):
 
     @property
     def meta_state(self):
-        bits, group_size = (self.kv_bits.bits, self.kv_bits.group_size) if self.kv_bits else (0, 0)
+        bits, group_size = (self.kv_bits.bits, self.kv_bits.group_size or 0) if self.kv_bits else (0, 0)
         return tuple(str(x) for x in (self.offset, self.budget or 0, self.region_setting or 0, bits, group_size))
 
     @meta_state.setter
@@ -244,7 +244,7 @@ class EvictingKVCache(_BaseCache):
         offset, budget, region, bits, group_size = (int(x) for x in (*v, 0, 0)[:5])  # files before KV bits: 3
         self.offset, self.region_setting = offset, region or None
         self.budget = budget or None
-        self.kv_bits = KVBits(bits, group_size) if bits else None
+        self.kv_bits = KVBits(bits, group_size or None) if bits else None
 
     @classmethod
     def from_state(cls, state, meta_state) -> "EvictingKVCache":

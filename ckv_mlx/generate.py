@@ -198,7 +198,7 @@ def _report(session, loaded, args, budget, profile_path, text, interrupted) -> d
         "requested_method": args.method,
         "budget": budget,
         "kv_bits": session.kv_bits.bits if session.kv_bits else None,
-        "kv_group_size": session.kv_bits.group_size if session.kv_bits else None,
+        "kv_group_size": session.kv_bits.group(loaded.shape.head_dim) if session.kv_bits else None,
         "layer_budgets": s.layer_budgets,
         "prompt_tokens": s.prompt_tokens,
         "generated_tokens": s.generated_tokens,

@@ -28,42 +28,50 @@ KV_BITS_HELP = ("store the rows each layer keeps quantized to this many bits per
 STORE_BITS_HELP = ("keep the full cache on disk packed to this many bits per value (8: about half the bytes each "
                    "question reads back; the selection then scores the packed rows), in groups of --kv-group-size "
                    "(default: as computed)")
-GROUP_SIZE_HELP = f"values sharing one scale and bias with --kv-bits (default {DEFAULT_GROUP_SIZE}, as mlx-lm)"
+GROUP_SIZE_HELP = (f"values sharing one scale and bias with --kv-bits (default {DEFAULT_GROUP_SIZE}, as mlx-lm, or "
+                   f"{min(GROUP_SIZES)} for a head size {DEFAULT_GROUP_SIZE} does not divide)")
 
 
 @dataclass(frozen=True)
 class KVBits:
-    """How kept rows are quantized: ``bits`` per value, ``group_size`` values per scale."""
+    """How kept rows are quantized: ``bits`` per value, ``group_size`` values per scale
+    (None: mlx-lm's 64, or 32 for a head size 64 does not divide, e.g. 96)."""
 
     bits: int
-    group_size: int = DEFAULT_GROUP_SIZE
+    group_size: int | None = None
 
     def __post_init__(self):
         if self.bits not in BITS:
             raise CKVError(f"--kv-bits {self.bits} is not supported: use {' or '.join(map(str, BITS))}")
-        if self.group_size not in GROUP_SIZES:
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
             raise CKVError(f"--kv-group-size {self.group_size} is not supported: use one of "
                            f"{', '.join(map(str, GROUP_SIZES))}")
 
-    def check_dim(self, dim: int):
-        """Refuse a head size the groups do not divide, in one line."""
-        if dim % self.group_size:
-            raise CKVError(f"head size {dim} is not a multiple of --kv-group-size {self.group_size}: "
-                           f"use a group size that divides it")
+    def group(self, dim: int) -> int:
+        """The group size for rows of ``dim`` values, refused in one line where none divides it."""
+        if self.group_size is not None:
+            if dim % self.group_size:
+                raise CKVError(f"head size {dim} is not a multiple of --kv-group-size {self.group_size}: "
+                               "use a group size that divides it")
+            return self.group_size
+        fitting = [g for g in (DEFAULT_GROUP_SIZE, min(GROUP_SIZES)) if dim % g == 0]
+        if not fitting:
+            raise CKVError(f"head size {dim} is not a multiple of {min(GROUP_SIZES)}, the smallest group mx.quantize "
+                           "packs: this model's rows cannot be quantized; run without --kv-bits / --store-bits")
+        return fitting[0]
 
     def pack(self, rows: mx.array) -> Packed:
         """``[1, kv_heads, rows, dim]`` rows quantized."""
-        self.check_dim(rows.shape[-1])
-        return tuple(mx.quantize(rows, group_size=self.group_size, bits=self.bits))
+        return tuple(mx.quantize(rows, group_size=self.group(rows.shape[-1]), bits=self.bits))
 
     def unpack(self, packed: Packed) -> mx.array:
         """Packed rows back in their dtype (the scales')."""
-        return mx.dequantize(*packed, group_size=self.group_size, bits=self.bits)
+        return mx.dequantize(*packed, group_size=self.group(packed_dim(packed, self.bits)), bits=self.bits)
 
     def row_bytes(self, kv_heads: int, dim: int, dtype: mx.Dtype) -> int:
         """Bytes of one token's packed keys or values: ``bits`` per value, plus a scale
         and a bias in ``dtype`` per group."""
-        return kv_heads * (dim * self.bits // 8 + 2 * (dim // self.group_size) * dtype.size)
+        return kv_heads * (dim * self.bits // 8 + 2 * (dim // self.group(dim)) * dtype.size)
 
 
 def kv_bits_setting(bits: int | None, group_size: int | None, compresses: bool = True,
@@ -77,12 +85,12 @@ def kv_bits_setting(bits: int | None, group_size: int | None, compresses: bool =
     if not compresses:
         raise CKVError("--kv-bits packs the rows a method keeps, and --method full keeps every row as computed: "
                        "choose a compressing method")
-    return KVBits(bits, group_size or DEFAULT_GROUP_SIZE)
+    return KVBits(bits, group_size)
 
 
 def store_bits_setting(bits: int | None, group_size: int | None) -> KVBits | None:
-    """The ``--store-bits`` choice, in groups of ``--kv-group-size`` (default 64)."""
-    return KVBits(bits, group_size or DEFAULT_GROUP_SIZE) if bits else None
+    """The ``--store-bits`` choice, in groups of ``--kv-group-size``."""
+    return KVBits(bits, group_size) if bits else None
 
 
 class QuantizedRows(NamedTuple):
@@ -101,6 +109,11 @@ class QuantizedRows(NamedTuple):
 
 def packed_rows(packed: Packed) -> int:
     return packed[0].shape[2]
+
+
+def packed_dim(packed: Packed, bits: int) -> int:
+    """Values per row of ``packed`` (32-bit words of ``bits``-bit values)."""
+    return packed[0].shape[-1] * 32 // bits
 
 
 def take(packed: Packed, rows: mx.array) -> Packed:
@@ -134,7 +147,7 @@ def attention(queries: mx.array, keys: QuantizedRows, values: QuantizedRows, sca
     batch, n_heads, length, dim = queries.shape
     kv_heads = keys.rest.shape[1]
     group, kv_bits = n_heads // kv_heads, keys.kv_bits
-    quantized = dict(group_size=kv_bits.group_size, bits=kv_bits.bits)
+    quantized = dict(group_size=kv_bits.group(dim), bits=kv_bits.bits)
     # A KV head's queries side by side as the rows of one product: no broadcast axis.
     q = (queries * scale).reshape(batch, kv_heads, group * length, dim)
     scores = mx.concatenate([mx.quantized_matmul(q, *keys.packed, transpose=True, **quantized),

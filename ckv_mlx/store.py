@@ -220,7 +220,7 @@ class RowFile:
         if self.kv_bits is None:
             return _from_numpy(block.view(_RAW[self.dtype]), self.dtype)
         words = self.dim * self.kv_bits.bits // 8
-        groups = self.dim // self.kv_bits.group_size * self.dtype.size
+        groups = self.dim // self.kv_bits.group(self.dim) * self.dtype.size
         packed = (_from_numpy(np.ascontiguousarray(block[..., :words]).view(np.uint32), mx.uint32),
                   *(_from_numpy(np.ascontiguousarray(block[..., a : a + groups]).view(_RAW[self.dtype]), self.dtype)
                     for a in (words, words + groups)))

@@ -256,3 +256,34 @@ def test_a_head_size_the_groups_do_not_divide_is_one_line():
     session.prefill(tokens(100))
     with pytest.raises(CKVError, match="head size 16 is not a multiple of --kv-group-size 32"):
         session.compress(32)
+
+
+@pytest.mark.parametrize("dim, group", [(64, 64), (128, 64), (96, 32), (32, 32)])
+def test_the_default_group_is_mlx_lms_64_or_32_where_64_does_not_divide(dim, group):
+    assert KVBits(8).group(dim) == group
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_head_size_of_96_packs_in_groups_of_32_and_decodes_as_mlx_lm_quantizes(bits):
+    """Phi-3's head size: no --kv-group-size given, the rows pack in groups of 32 and
+    the decode is masked mlx-lm's with its rows quantized in groups of 32."""
+    prompt, forced = tokens(96), tokens(8, seed=9)
+    model = tiny_model("llama", layers=2, heads=2, kv_heads=1, head_dim=96)
+    method, _ = make_method("snapkv", fake_profile(model))
+    session = Session(model, TinyTokenizer(), method, region=16, kv_bits=KVBits(bits))
+    kept = spied(session)
+    session.prefill(prompt)
+    session.compress(40)
+    assert session.caches[0].packed[0][1].shape[-1] == 96 // 32  # one scale per 32 values
+    ours = []
+    for token in forced:
+        session.make_room(1)
+        ours.append(model(mx.array([[token]]), cache=session.model_caches())[:, -1])
+    reference = masked_plain_logits(model, prompt, forced, kept, (bits, 32))
+    for a, b in zip(reference, ours):
+        np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-4 * max(1, np.abs(np.array(a)).max()))
+
+
+def test_a_head_size_no_group_divides_is_one_line():
+    with pytest.raises(CKVError, match="head size 80 is not a multiple of 32, the smallest group"):
+        KVBits(8).pack(mx.zeros((1, 1, 4, 80)))

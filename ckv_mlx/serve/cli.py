@@ -60,7 +60,7 @@ def serve(args: argparse.Namespace) -> int:
     from ..methods import METHODS, make_method
     from ..models import load_model
     from ..profiles import resolve_profile
-    from ..quantized import DEFAULT_GROUP_SIZE, kv_bits_setting, store_bits_setting
+    from ..quantized import kv_bits_setting, store_bits_setting
     from ..store import DEFAULT_LIMIT_BYTES, store_root
     from .app import create_app
     from .protocol import Compression
@@ -73,12 +73,11 @@ def serve(args: argparse.Namespace) -> int:
     limits = Limits(args.max_tokens, parse_size(args.max_body) if args.max_body else Limits.max_body_bytes,
                     args.max_waiting)
     kv_bits_setting(args.kv_bits, args.kv_group_size, METHODS[args.method].compresses, args.store_bits)
-    group = args.kv_group_size or DEFAULT_GROUP_SIZE
     settings = ServeSettings(
         store_dir=None if args.no_store else (args.store_dir or store_root()),
         store_limit=parse_size(args.store_limit) if args.store_limit else DEFAULT_LIMIT_BYTES,
-        store_bits=store_bits_setting(args.store_bits, group), kv_limit=args.kv_limit,
-        kv_group_size=group,
+        store_bits=store_bits_setting(args.store_bits, args.kv_group_size), kv_limit=args.kv_limit,
+        kv_group_size=args.kv_group_size,
     )
     loaded = load_model(args.model, args.precision)
     profile, path, notes = resolve_profile(args.profile, loaded.shape)

@@ -27,7 +27,7 @@ from ..disk_cache import extended, read_or_reuse
 from ..errors import CKVError
 from ..memory import plan_prefill
 from ..methods import make_method
-from ..quantized import DEFAULT_GROUP_SIZE, KVBits, kv_bits_setting
+from ..quantized import KVBits, kv_bits_setting
 from ..session import PREFILL_STEP, Session
 from ..store import DEFAULT_LIMIT_BYTES, MANIFEST, read_mode, store_key
 from .protocol import APIError, Request, usage
@@ -45,7 +45,7 @@ class ServeSettings:
     store_bits: KVBits | None = None
     kv_limit: str | None = None
     region: int | None = None
-    kv_group_size: int = DEFAULT_GROUP_SIZE  # for a request's kv_bits
+    kv_group_size: int | None = None  # for a request's kv_bits (None: 64, or 32 where 64 does not divide)
 
 
 @dataclass
