@@ -12,7 +12,7 @@ import mlx.core as mx
 from . import budgets
 from .errors import CKVError
 from .profiles import Defaults
-from .scoring import group_mean, head_scores, keep_top
+from .scoring import group_mean, head_scores, keep_top, key_novelty
 
 
 class Method:
@@ -90,6 +90,16 @@ class PyramidKV(SnapKV):
         return budgets.pyramid(n_layers, avg_budget, window=self.window)
 
 
+class KeyDiff(Method):
+    """Query-agnostic (KeyDiff, arXiv 2504.15364): each KV head keeps the keys least like
+    its others, whatever was asked; the window's rows stay, as for every method."""
+
+    name = "keydiff"
+
+    def scores(self, layer, window_queries, keys, scale, sinks=None):
+        return key_novelty(keys, self.window)
+
+
 class CompressKV(Method):
     """The paper: mean over the layer's Semantic Retrieval Heads, one token set per layer,
     error-aware layer budgets."""
@@ -124,7 +134,7 @@ class CompressKVGQA(CompressKV):
         return group_mean(per_head, heads, window_queries.shape[0] // kv_heads, kv_heads)
 
 
-METHODS = {m.name: m for m in (FullCache, CompressKV, CompressKVGQA, SnapKV, PyramidKV, StreamingLLM)}
+METHODS = {m.name: m for m in (FullCache, CompressKV, CompressKVGQA, SnapKV, PyramidKV, StreamingLLM, KeyDiff)}
 PROFILED = (CompressKV.name, CompressKVGQA.name)
 
 

@@ -85,6 +85,19 @@ def head_scores(
     return pool(prefix, kernel, pooling)
 
 
+def key_novelty(keys: mx.array, window: int) -> mx.array:
+    """KeyDiff's query-agnostic score of every prefix key: minus its cosine similarity
+    to its KV head's mean key direction (the mean of all ``N`` unit keys), so the keys
+    least like the rest score highest: ``[kv_heads, N - w]`` float32."""
+    unit = _unit(keys.astype(mx.float32))
+    anchor = _unit(unit.mean(axis=1, keepdims=True))
+    return -(unit[:, : keys.shape[1] - window] * anchor).sum(axis=-1)
+
+
+def _unit(x: mx.array) -> mx.array:
+    return x / mx.maximum(mx.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def group_mean(scores: mx.array, heads: list[int], group: int, kv_heads: int) -> mx.array:
     """Average per-head scores within each GQA group: ``[kv_heads, n]``.
 

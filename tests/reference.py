@@ -152,6 +152,22 @@ def select_compresskv_gqa(q_win, k, srh_heads, budget, window=8, kernel=5, pooli
     return np.stack(rows)
 
 
+def select_keydiff(k, budget, window=8):
+    """KeyDiff per KV head: the prefix keys least cosine-similar to the head's mean unit
+    key (over all T keys), plus the window, [Hkv, budget]."""
+    n_kv, T = k.shape[0], k.shape[1]
+    if T <= budget:
+        return np.tile(np.arange(T), (n_kv, 1))
+    k = np.asarray(k, dtype=np.float64)
+    unit = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    rows = []
+    for head in unit:
+        anchor = head.mean(axis=0)
+        cosine = head[: T - window] @ (anchor / np.linalg.norm(anchor))
+        rows.append(_keep(top_positions(-cosine, budget - window), T, window))
+    return np.stack(rows)
+
+
 def select_streamingllm(T, budget, sinks=4):
     """First `sinks` positions plus the last budget - sinks, ascending [budget]."""
     if T <= budget:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from ckv_mlx.methods import CompressKV, CompressKVGQA, PyramidKV, SnapKV, StreamingLLM, make_method
+from ckv_mlx.methods import CompressKV, CompressKVGQA, KeyDiff, PyramidKV, SnapKV, StreamingLLM, make_method
 from ckv_mlx.session import Session
 from fakes import fake_profile
 from reference_data import reference_file
@@ -64,6 +64,14 @@ def test_snapkv_matches_numpy_per_kv_head(seed):
     np.testing.assert_array_equal(got, ref.select_snapkv(q, k, 32))
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_keydiff_matches_numpy_per_kv_head_whatever_the_queries(seed):
+    q, k = random_layer(seed)
+    got = ours(KeyDiff(), q, k, 32)
+    np.testing.assert_array_equal(got, ref.select_keydiff(k, 32))
+    np.testing.assert_array_equal(ours(KeyDiff(), -3 * q, k, 32), got)  # the question does not matter
+
+
 def test_streamingllm_matches_numpy():
     q, k = random_layer(0)
     np.testing.assert_array_equal(ours(StreamingLLM(), q, k, 32)[0], ref.select_streamingllm(200, 32))
@@ -97,7 +105,7 @@ def session_selection(model, method, prompt_len, budget, seed=0):
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-@pytest.mark.parametrize("name", ["compresskv", "compresskv-gqa", "snapkv"])
+@pytest.mark.parametrize("name", ["compresskv", "compresskv-gqa", "snapkv", "keydiff"])
 def test_session_selects_like_numpy_on_a_tiny_model(name, arch):
     model = tiny_model(arch, layers=3, heads=6, kv_heads=2)
     profile = fake_profile(model)
@@ -109,6 +117,7 @@ def test_session_selects_like_numpy_on_a_tiny_model(name, arch):
             "compresskv": lambda: ref.select_compresskv(q, k, heads, budget)[None],
             "compresskv-gqa": lambda: ref.select_compresskv_gqa(q, k, heads, budget),
             "snapkv": lambda: ref.select_snapkv(q, k, budget),
+            "keydiff": lambda: ref.select_keydiff(k, budget),
         }[name]()
         np.testing.assert_array_equal(np.array(kept[layer]), want, err_msg=f"layer {layer}")
 
