@@ -8,7 +8,7 @@ import pytest
 from ckv_mlx.errors import CKVError
 
 from ckv_mlx.eval.report import (accuracy_table, budget_order, bytes_table, fidelity_table, followup_length_table,
-                                 followup_table, heatmap, load_records, method_order, relative_table, wilson_interval,
+                                 followup_table, heatmap, load_records, method_order, relative_table, ratio_interval, wilson_interval,
                                  write_report)
 
 
@@ -34,16 +34,24 @@ def test_accuracy_table_means_order_and_gaps():
     table = accuracy_table(RECORDS, "niah")
     assert table.splitlines()[0] == "| method | 32 | 64 | 5% |"
     assert [line.split(" |")[0][2:] for line in table.splitlines()[2:5]] == ["full", "compresskv", "snapkv"]
-    assert row(table, "full")[0].strip() == "66.7"
-    assert [c.strip(" |") for c in row(table, "snapkv")] == ["-", "33.3", "-"]
-    assert [c.strip(" |") for c in row(table, "compresskv")] == ["100.0", "66.7", "0.0"]
+    assert row(table, "full")[0].strip() == "66.7 [20.8, 93.9]"  # 2 of 3, with its Wilson interval
+    assert [c.strip(" |").split(" [")[0] for c in row(table, "snapkv")] == ["-", "33.3", "-"]
+    assert [c.strip(" |").split(" [")[0] for c in row(table, "compresskv")] == ["100.0", "66.7", "0.0"]
 
 
 def test_relative_table_divides_by_full_on_the_same_samples():
     table = relative_table(RECORDS, "niah")
     # snapkv@64: 1 of full's 2 -> 50 %; compresskv@64: 2 of 2 -> 100 %; compresskv@32 on sample a: 1/1
-    assert [c.strip(" |") for c in row(table, "snapkv")][1] == "50.0"
-    assert [c.strip(" |") for c in row(table, "compresskv")][:2] == ["100.0", "100.0"]
+    assert [c.strip(" |").split(" [")[0] for c in row(table, "snapkv")][1] == "50.0"
+    assert [c.strip(" |").split(" [")[0] for c in row(table, "compresskv")][:2] == ["100.0", "100.0"]
+    assert row(table, "compresskv")[0].strip() == "100.0 [100.0, 100.0]"  # the same on every resample
+
+
+def test_the_paired_bootstrap_interval_is_the_normal_one_for_a_large_sample():
+    pairs = [(1.0, 1.0)] * 100 + [(0.0, 1.0)] * 100  # half of full's: 0.5, standard error 0.035
+    low, high = ratio_interval(pairs)
+    assert low == pytest.approx(0.5 - 1.96 * 0.0354, abs=0.015) and high == pytest.approx(0.5 + 1.96 * 0.0354, abs=0.015)
+    assert ratio_interval(pairs) == (low, high)  # a fixed seed
 
 
 def test_budget_order_puts_tokens_first():

@@ -7,12 +7,14 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..errors import read_jsonl
 
-METHOD_ORDER = ("full", "compresskv", "compresskv-gqa", "snapkv", "pyramidkv", "streamingllm")
+METHOD_ORDER = ("full", "compresskv", "compresskv-gqa", "snapkv", "pyramidkv", "streamingllm", "keydiff")
+BOOTSTRAP_RESAMPLES = 2000
 RULER_TASKS = ("multikey", "multivalue", "variable-tracking", "frequent-words")
 
 
@@ -52,9 +54,13 @@ def budget_order(records) -> list[str]:
     return tokens + shares
 
 
+def _scores(records, method, budget, metric) -> list[float]:
+    return [r[metric] for r in records if r["method"] == method
+            and (method == "full" or r["budget"] == budget) and r.get(metric) is not None]
+
+
 def _cell(records, method, budget, metric) -> float | None:
-    values = [r[metric] for r in records if r["method"] == method
-              and (method == "full" or r["budget"] == budget) and r.get(metric) is not None]
+    values = _scores(records, method, budget, metric)
     return mean(values) if values else None
 
 
@@ -72,13 +78,14 @@ def _select(records, task, mode="query-aware"):
 
 
 def accuracy_table(records, task, metric="score", mode="query-aware") -> str:
-    """Mean ``metric`` (%) per method (rows) and budget (columns), with the KV share kept."""
+    """Mean ``metric`` (%) per method (rows) and budget (columns), with the KV share kept;
+    accuracy (``score``) with its 95 % Wilson interval."""
     chosen = _select(records, task, mode)
     budgets = budget_order(chosen)
+    shown = _with_interval if metric == "score" else lambda scores: _pct(mean(scores)) if scores else "-"
     rows = []
     for method in method_order(chosen):
-        cells = [_pct(_cell(chosen, method, b, metric)) for b in budgets]
-        rows.append([method] + cells)
+        rows.append([method] + [shown(_scores(chosen, method, b, metric)) for b in budgets])
     kept = [_pct(_share(chosen, b)) for b in budgets]
     rows.append(["*KV cache kept, %*"] + kept)
     return _table(["method"] + budgets, rows)
@@ -90,7 +97,8 @@ def _share(records, budget) -> float | None:
 
 
 def relative_table(records, task, metric="score", mode="query-aware") -> str:
-    """Each method's mean as % of the full cache's mean on the same samples."""
+    """Each method's mean as % of the full cache's mean on the same samples, with a 95 %
+    paired bootstrap interval over the samples."""
     chosen = _select(records, task, mode)
     full = {r["sample"]: r[metric] for r in chosen if r["method"] == "full"}
     budgets = budget_order(chosen)
@@ -103,7 +111,11 @@ def relative_table(records, task, metric="score", mode="query-aware") -> str:
             pairs = [(r[metric], full[r["sample"]]) for r in chosen
                      if r["method"] == method and r["budget"] == b and r["sample"] in full]
             base = sum(f for _, f in pairs)
-            cells.append("-" if not pairs or base == 0 else f"{100 * sum(m for m, _ in pairs) / base:.1f}")
+            if not pairs or base == 0:
+                cells.append("-")
+                continue
+            low, high = ratio_interval(pairs)
+            cells.append(f"{100 * sum(m for m, _ in pairs) / base:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
         rows.append([method] + cells)
     return _table(["method"] + budgets, rows)
 
@@ -159,6 +171,17 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     p = successes / n
     centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+
+
+def ratio_interval(pairs: list[tuple[float, float]], seed: int = 0) -> tuple[float, float]:
+    """95 % paired bootstrap interval of ``sum(method) / sum(full)`` over (method, full)
+    sample pairs, resampling the samples (a fixed seed: the same table every time)."""
+    method, full = np.array(pairs, dtype=np.float64).T
+    picks = np.random.default_rng(seed).integers(0, len(pairs), (BOOTSTRAP_RESAMPLES, len(pairs)))
+    sums, bases = method[picks].sum(axis=1), full[picks].sum(axis=1)
+    ratios = sums[bases > 0] / bases[bases > 0]
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def _with_interval(scores: list[float]) -> str:
