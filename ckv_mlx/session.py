@@ -71,12 +71,25 @@ class Session:
     def __init__(self, model, tokenizer, method: Method, region: int | None = None, kv_bits: KVBits | None = None):
         self.model, self.tokenizer, self._method = model, tokenizer, method
         self.region = region
-        self.kv_bits = kv_bits  # how the rows each compression keeps are stored (None: as computed)
         self.attentions = observe(attention_modules(model), method.window)
         self._recorder = None
         self.reset()
         mx.eval(model(mx.array([[0]]), cache=self.model_caches()))  # each window sees how its layer attends
+        self._head_dims = {c.keys.shape[-1] for c in self.caches if c.keys is not None}
         self.reset()
+        self.kv_bits = kv_bits
+
+    @property
+    def kv_bits(self) -> KVBits | None:
+        """How the rows each compression keeps are stored (None: as computed)."""
+        return self._kv_bits
+
+    @kv_bits.setter
+    def kv_bits(self, kv_bits: KVBits | None):
+        """Refused in one line now, before anything is read, where its groups divide no head."""
+        for dim in sorted(self._head_dims) if kv_bits else ():
+            kv_bits.group(dim)
+        self._kv_bits = kv_bits
 
     @property
     def caches(self) -> list[EvictingKVCache]:

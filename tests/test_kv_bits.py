@@ -250,12 +250,16 @@ def test_unsupported_bits_or_groups_are_one_line(bits, group_size, words):
         KVBits(bits, group_size)
 
 
-def test_a_head_size_the_groups_do_not_divide_is_one_line():
-    session = Session(tiny_model("llama", layers=2, head_dim=16), TinyTokenizer(), make_method("snapkv")[0],
-                      kv_bits=KVBits(8, 32))
-    session.prefill(tokens(100))
-    with pytest.raises(CKVError, match="head size 16 is not a multiple of --kv-group-size 32"):
-        session.compress(32)
+@pytest.mark.parametrize("kv_bits, words", [(KVBits(8, 32), "head size 16 is not a multiple of --kv-group-size 32"),
+                                             (KVBits(4), "head size 16 is not a multiple of 32, the smallest group")])
+def test_a_head_size_the_groups_do_not_divide_is_one_line_before_anything_is_read(kv_bits, words):
+    model = tiny_model("llama", layers=2, head_dim=16)
+    with pytest.raises(CKVError, match=words):
+        Session(model, TinyTokenizer(), make_method("snapkv")[0], kv_bits=kv_bits)
+    session = Session(model, TinyTokenizer(), make_method("snapkv")[0])
+    with pytest.raises(CKVError, match=words):
+        session.kv_bits = kv_bits  # as the chat, the server and the eval set it
+    assert session.kv_bits is None
 
 
 @pytest.mark.parametrize("dim, group", [(64, 64), (128, 64), (96, 32), (32, 32)])
