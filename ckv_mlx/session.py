@@ -86,10 +86,14 @@ class Session:
 
     @kv_bits.setter
     def kv_bits(self, kv_bits: KVBits | None):
-        """Refused in one line now, before anything is read, where its groups divide no head."""
+        self.check_packable(kv_bits)
+        self._kv_bits = kv_bits
+
+    def check_packable(self, kv_bits: KVBits | None):
+        """Refuse ``kv_bits`` in one line, before anything is read, where its groups
+        divide none of this model's head sizes (kept rows, or a store's)."""
         for dim in sorted(self._head_dims) if kv_bits else ():
             kv_bits.group(dim)
-        self._kv_bits = kv_bits
 
     @property
     def caches(self) -> list[EvictingKVCache]:

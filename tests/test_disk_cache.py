@@ -9,6 +9,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from ckv_mlx.conversation import Conversation
 from ckv_mlx.disk_cache import DiskFullCache, read_or_reuse
+from ckv_mlx.errors import CKVError
 from ckv_mlx.methods import METHODS, make_method
 from ckv_mlx.quantized import KVBits
 from ckv_mlx.session import Session
@@ -160,3 +161,11 @@ def test_questions_read_against_an_8_bit_store_see_its_rows_as_mx_quantize_packs
         unread = list(session.generate(logits, 3))
         conversation.finish(unread)
     assert full.nbytes == full.tokens * 3 * 2 * 2 * (32 + 2 * 4)  # layers x (K, V) x heads x (values, scale, bias)
+
+
+def test_store_bits_the_heads_do_not_take_are_refused_before_anything_is_read(tmp_path):
+    session = Session(tiny_model("llama", layers=2, head_dim=16), TinyTokenizer(), make_method("snapkv")[0])
+    read = []
+    with pytest.raises(CKVError, match="head size 16 is not a multiple of 32, the smallest group"):
+        read_or_reuse(session, tmp_path, "doc", "the document", read.append, lambda text: None, kv_bits=KVBits(8))
+    assert not read and not list(tmp_path.iterdir())  # nothing read, nothing left on disk
