@@ -224,7 +224,7 @@ def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[Stor
     ``read(writer)`` reads into ``session``, stored as it goes (packed by ``kv_bits``,
     which ``key`` must hold: :func:`~ckv_mlx.store.read_mode`). When the disk refuses,
     ``read`` still runs (told why), without a store: None, the full cache in memory."""
-    session.check_packable(kv_bits)
+    session.packable(kv_bits)
     full = stored_full_cache(root, key, notify, kv_bits)
     if full is not None:
         notify(f"{name} was read before: its stored cache ({mib(full.nbytes)} on disk) is used, nothing to read")

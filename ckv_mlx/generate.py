@@ -20,7 +20,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from .models import MODEL_HELP
     from .models import PRECISIONS
     from .prompts import TRUNCATE_CHOICES
-    from .quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_HELP, STORE_BITS_HELP
+    from .quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_CHOICES, KV_BITS_HELP, STORE_BITS_HELP
     from .session import PREFILL_STEP
 
     p = argparse.ArgumentParser(
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--truncate", choices=TRUNCATE_CHOICES, default="none", help="what to drop when the document exceeds the context (default: refuse)")
     p.add_argument("--region", type=int, default=None, help="rows per layer for generated tokens before re-scoring "
                    "(default: a quarter of each layer's budget, at least 8)")
-    p.add_argument("--kv-bits", type=int, choices=BITS, help=KV_BITS_HELP)
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS_CHOICES, help=KV_BITS_HELP)
     p.add_argument("--kv-group-size", type=int, choices=GROUP_SIZES, help=GROUP_SIZE_HELP)
     p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 512MiB (default: 75%% of a Mac GPU's recommended "
                    "working set, or of MLX's memory limit on a CPU, less the weights); a prompt whose full cache "
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from .models import load_model
     from .profiles import resolve_profile
     from .prompts import document_prefix, prompt_tokens, question_tail
-    from .quantized import kv_bits_setting
+    from .quantized import AS_COMPUTED_NOTE, kv_bits_setting
     from .session import Session
 
     if args.max_tokens < 1:
@@ -105,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         notes.append(f"dropped {dropped:,} document tokens ({args.truncate}) to fit the context")
     kv_bits = kv_bits_setting(args.kv_bits, args.kv_group_size, method.compresses, args.store_bits)
     session = Session(loaded.model, loaded.tokenizer, method, region=args.region, kv_bits=kv_bits)
+    if kv_bits and not session.kv_bits:
+        notes.append(AS_COMPUTED_NOTE)
     budget = parse_budget(args.budget, len(tokens)) if method.compresses else None
     session.layer_budgets(budget)
     working, memory_note = plan_prefill(loaded, len(tokens), budget, args.kv_limit, args.prefill_chunk)

@@ -11,7 +11,7 @@ the packed layer: rows kept again at a re-score stay bit for bit what they were.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -19,12 +19,19 @@ import mlx.core as mx
 from .errors import CKVError
 
 BITS = (4, 8)
+AS_COMPUTED = 16  # --kv-bits 16: the kept rows in the model's own dtype
+KV_BITS_CHOICES = (AS_COMPUTED, *BITS)
+DEFAULT_BITS = 8  # docs/results.md: the same answers and KL as unquantized rows, in about half the bytes
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 64  # mlx-lm's --kv-group-size
 
 Packed = tuple  # (weights uint32, scales, biases), each [1, kv_heads, rows, ...]
 KV_BITS_HELP = ("store the rows each layer keeps quantized to this many bits per value (mx.quantize, as mlx-lm's "
-                "--kv-bits), the region's new tokens in full precision until the next re-score (default: off)")
+                f"--kv-bits), the region's new tokens in full precision until the next re-score; {AS_COMPUTED}: as "
+                f"computed (default {DEFAULT_BITS} for a compressing method, as computed where no group divides the "
+                "head size)")
+AS_COMPUTED_NOTE = (f"no group mx.quantize packs divides this model's head size: the kept rows stay as computed "
+                    f"(the default --kv-bits {DEFAULT_BITS} does not apply)")
 STORE_BITS_HELP = ("keep the full cache on disk packed to this many bits per value (8: about half the bytes each "
                    "question reads back; the selection then scores the packed rows), in groups of --kv-group-size "
                    "(default: as computed)")
@@ -39,6 +46,7 @@ class KVBits:
 
     bits: int
     group_size: int | None = None
+    implied: bool = field(default=False, compare=False)  # the default, not asked for: dropped where it cannot pack
 
     def __post_init__(self):
         if self.bits not in BITS:
@@ -76,16 +84,33 @@ class KVBits:
 
 def kv_bits_setting(bits: int | None, group_size: int | None, compresses: bool = True,
                     store_bits: int | None = None) -> KVBits | None:
-    """The ``--kv-bits`` / ``--kv-group-size`` choice, refused in one line where it
-    cannot apply (a method that keeps every row, a group size for no bits at all)."""
-    if bits is None:
+    """The ``--kv-bits`` / ``--kv-group-size`` choice (None: not given, so 8 bits for a
+    compressing method; 16: as computed), refused in one line where it cannot apply (a
+    method that keeps every row, a group size for no bits at all)."""
+    if bits is None and compresses:
+        return KVBits(DEFAULT_BITS, group_size, implied=True)
+    if bits in (None, AS_COMPUTED):
         if group_size is not None and store_bits is None:
-            raise CKVError("--kv-group-size needs --kv-bits or --store-bits")
+            raise CKVError("--kv-group-size groups the values --kv-bits or --store-bits pack, and here nothing is "
+                           f"packed: drop it, or add --kv-bits {' or '.join(map(str, BITS))} with a compressing method")
         return None
     if not compresses:
         raise CKVError("--kv-bits packs the rows a method keeps, and --method full keeps every row as computed: "
-                       "choose a compressing method")
+                       f"choose a compressing method, or --kv-bits {AS_COMPUTED}")
     return KVBits(bits, group_size)
+
+
+def for_heads(kv_bits: KVBits | None, head_dims) -> KVBits | None:
+    """``kv_bits`` as they apply to heads of ``head_dims`` values: refused in one line
+    where asked for and no group divides a head size; the default is dropped there."""
+    try:
+        for dim in sorted(head_dims) if kv_bits else ():
+            kv_bits.group(dim)
+    except CKVError:
+        if kv_bits.implied:
+            return None
+        raise
+    return kv_bits
 
 
 def store_bits_setting(bits: int | None, group_size: int | None) -> KVBits | None:

@@ -21,7 +21,7 @@ from .errors import CKVError
 from .families import attention_modules
 from .layer_caches import all_trimmable, arrays, copies, fresh_others, nbytes
 from .methods import Method
-from .quantized import KVBits
+from .quantized import KVBits, for_heads
 from .store import STORED_QUERIES, StoreWriter
 
 PREFILL_STEP = 512
@@ -86,14 +86,13 @@ class Session:
 
     @kv_bits.setter
     def kv_bits(self, kv_bits: KVBits | None):
-        self.check_packable(kv_bits)
-        self._kv_bits = kv_bits
+        self._kv_bits = self.packable(kv_bits)
 
-    def check_packable(self, kv_bits: KVBits | None):
-        """Refuse ``kv_bits`` in one line, before anything is read, where its groups
-        divide none of this model's head sizes (kept rows, or a store's)."""
-        for dim in sorted(self._head_dims) if kv_bits else ():
-            kv_bits.group(dim)
+    def packable(self, kv_bits: KVBits | None) -> KVBits | None:
+        """``kv_bits`` for this model's head sizes, refused in one line before anything
+        is read where asked for and no group divides them (kept rows, or a store's);
+        the default falls back to as computed there."""
+        return for_heads(kv_bits, self._head_dims)
 
     @property
     def caches(self) -> list[EvictingKVCache]:

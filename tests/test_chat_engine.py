@@ -3,7 +3,9 @@ and a one-line Failure (never an exception) for each bad request."""
 
 from __future__ import annotations
 
+import json
 import threading
+from dataclasses import replace
 from functools import lru_cache
 
 import mlx.core as mx
@@ -175,6 +177,20 @@ def test_bad_requests_fail_with_one_line_and_leave_the_session_usable(doc, tmp_p
     assert all(p.total == recorder.of(DocumentReady)[0].tokens for p in recorder.of(Progress))
 
 
+@pytest.mark.parametrize("head_dim, packed", [(16, None), (32, 8)])
+def test_the_kept_rows_are_8_bit_by_default_or_as_computed_with_a_note(doc, head_dim, packed):
+    engine, recorder = start(ChatSettings(method="snapkv", budget="48", max_tokens=2), head_dim=head_dim)
+    try:
+        engine.open(doc)
+        engine.ask("Where?")
+        recorder.wait(Reply)
+    finally:
+        engine.close()
+    assert recorder.of(CacheView)[-1].kv_bits == packed
+    noted = [n.text for n in recorder.of(Notice) if "the kept rows stay as computed" in n.text]
+    assert len(noted) == (packed is None)
+
+
 def test_budget_too_small_is_refused_before_prefill(doc):
     engine, recorder = start(ChatSettings(method="snapkv", budget="4"))
     try:
@@ -201,7 +217,8 @@ def test_budget_change_applies_now_when_the_full_cache_is_kept(doc):
 
 
 def test_budget_change_after_the_cache_was_dropped_needs_a_reread(doc):
-    engine, recorder = start(ChatSettings(method="snapkv", budget="64", policy="first-question", max_tokens=3))
+    settings = ChatSettings(method="snapkv", budget="64", policy="first-question", max_tokens=3, kv_bits=16)
+    engine, recorder = start(settings)  # as computed: no note that head size 16 cannot pack
     try:
         engine.open(doc)
         engine.ask("Where?")
@@ -220,25 +237,38 @@ def test_budget_change_after_the_cache_was_dropped_needs_a_reread(doc):
     assert view.position == before.position  # the same document and turn, read again
 
 
-@pytest.mark.parametrize("arch, kv_bits", [("llama", None), ("gemma3_text", None), ("qwen3_next", None), ("llama", 4),
+def saved_before_the_default(path):
+    """Rewrite a session saved as computed as the sessions saved before 8 bits became
+    the default recorded it: ``kv_bits`` null."""
+    arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
+    info = json.loads(meta["ckv"])
+    info["settings"]["kv_bits"] = None
+    mx.save_safetensors(str(path), arrays, metadata={**meta, "ckv": json.dumps(info)})
+
+
+@pytest.mark.parametrize("arch, kv_bits", [("llama", 16), ("gemma3_text", 16), ("qwen3_next", None), ("llama", 4),
                                            ("gemma3_text", 8)])
 def test_saved_session_resumes_and_continues_identically(doc, tmp_path, arch, kv_bits):
     """Sliding-window and recurrent layers (mlx-lm's own caches) are saved beside ours,
-    and kept rows quantized stay packed as they were."""
+    and kept rows quantized stay packed as they were (None: the default, 8 bits; 16: as
+    computed, also when saved before the default, which recorded null)."""
     settings = ChatSettings(method="snapkv", budget="48", policy="first-question", max_tokens=5, kv_bits=kv_bits,
-                            kv_group_size=32 if kv_bits else None)
+                            kv_group_size=32 if kv_bits in (4, 8) else None)
+    packed = None if kv_bits == 16 else kv_bits or 8
     engine, recorder = start(settings, arch=arch, head_dim=32)
     try:
         engine.open(doc)
         engine.ask("Where are the orchards?")
         recorder.wait(Reply)
         caches, _ = saved(engine, recorder, tmp_path / "s.ckv")
-        assert all((c.kv_bits and c.kv_bits.bits) == kv_bits and (c.packed is not None) == bool(kv_bits) for c in caches)
-        assert (recorder.of(CacheView)[-1].kv_bits) == kv_bits
+        assert all((c.kv_bits and c.kv_bits.bits) == packed and (c.packed is not None) == bool(packed) for c in caches)
+        assert (recorder.of(CacheView)[-1].kv_bits) == packed
         engine.ask("What fruit?")
         original = recorder.wait(Reply, 2)[1]
     finally:
         engine.close()
+    if not packed:
+        saved_before_the_default(tmp_path / "s.ckv")
     engine, recorder = start(ChatSettings(), arch=arch, head_dim=32)
     try:
         engine.resume(tmp_path / "s.ckv")
@@ -247,7 +277,8 @@ def test_saved_session_resumes_and_continues_identically(doc, tmp_path, arch, kv
         again = recorder.wait(Reply)[0]
     finally:
         engine.close()
-    assert resumed.settings == settings and resumed.turns[0][0] == "Where are the orchards?"
+    assert resumed.settings == replace(settings, kv_bits=packed or 16)
+    assert resumed.turns[0][0] == "Where are the orchards?"
     assert again == original
     assert not recorder.of(Progress)  # no prefill
 
@@ -324,7 +355,8 @@ def test_a_document_over_the_memory_limit_is_read_in_chunks_with_the_first_quest
     reads = []
     prefill = Session.prefill
     monkeypatch.setattr(Session, "prefill", lambda self, tokens, *a, **kw: reads.append(kw) or prefill(self, tokens, *a, **kw))
-    settings = ChatSettings(method="snapkv", budget="64", max_tokens=3, kv_limit="400KiB", full_cache="memory")
+    settings = ChatSettings(method="snapkv", budget="64", max_tokens=3, kv_limit="400KiB", full_cache="memory",
+                            kv_bits=16)  # as computed: no note that head size 16 cannot pack
     engine, recorder = start(settings)
     try:
         engine.open(path)

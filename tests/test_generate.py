@@ -21,9 +21,16 @@ def allocated_full(tokens: int) -> int:
     return -(-tokens // 256) * 256 * ROW
 
 
-def allocated_kept(budgets: list[int]) -> int:
-    """A compressed layer allocates its budget + a region of a quarter of it (at least 8 rows)."""
-    return sum(b + max(8, -(-b // 4)) for b in budgets) * LAYER_ROW
+def packed_row(bits: int) -> int:
+    """Bytes of one token's keys (or values) packed: 3 KV heads, a float32 scale and bias per 64 values."""
+    return 3 * (64 * bits // 8 + 2 * 4)
+
+
+def allocated_kept(budgets: list[int], bits: int | None = None) -> int:
+    """A compressed layer allocates its budget (packed to ``bits``, if any) + a region of
+    a quarter of it (at least 8 rows), as computed."""
+    kept_row = 2 * packed_row(bits) if bits else LAYER_ROW
+    return sum(b * kept_row + max(8, -(-b // 4)) * LAYER_ROW for b in budgets)
 
 
 @pytest.fixture(scope="module")
@@ -71,21 +78,23 @@ def test_json_report(capsys, tokenizer, doc, method):
             assert budgets == [64] * 30
         else:  # the shipped profile of the built-in model
             assert report["profile"].endswith("ckv_mlx/profiles/data/smollm2-135m-instruct.json")
-        assert report["kv_bytes_kept"] == allocated_kept(budgets)
-        assert report["kv_rows_kept"] == 64 * 30 * LAYER_ROW  # the rows holding tokens, labelled apart
+        assert report["kv_bits"] == 8  # the default for a compressing method
+        assert report["kv_bytes_kept"] == allocated_kept(budgets, 8)
+        assert report["kv_rows_kept"] == 64 * 30 * 2 * packed_row(8)  # the rows holding tokens, labelled apart
     assert 0 < report["generated_tokens"] <= 12
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [16, 4])  # 8, the default, in test_json_report
 def test_kv_bits_keep_the_rows_packed_and_say_so(capsys, tokenizer, doc, bits):
     code, out, err = run(capsys, "--doc", doc, "--prompt", "Where does Mara keep bees?", "--method", "snapkv",
                          "--budget", "64", "--max-tokens", "6", "--kv-bits", str(bits), "--json")
     report = json.loads(out.strip().splitlines()[-1])
-    assert code == 0 and report["kv_bits"] == bits and report["kv_group_size"] == 64 and report["text"]
-    packed_row = 3 * (64 * bits // 8 + 2 * 4)  # keys or values of one token: 3 KV heads, a float32 scale and bias
-    assert report["kv_bytes_kept"] == 30 * (64 * 2 * packed_row + 16 * LAYER_ROW)  # the region in full precision
-    assert f"kept rows {bits}-bit (groups of 64)" in err  # the summary, beside the JSON on stdout
+    packed = bits if bits != 16 else None  # 16: as computed
+    assert code == 0 and report["kv_bits"] == packed and report["text"]
+    assert report["kv_group_size"] == (64 if packed else None)
+    assert report["kv_bytes_kept"] == allocated_kept([64] * 30, packed)  # the region in full precision
+    assert (f"kept rows {bits}-bit (groups of 64)" in err) == bool(packed)  # the summary, beside the JSON on stdout
 
 
 @pytest.mark.slow
@@ -98,7 +107,7 @@ def test_a_prompt_over_the_kv_limit_is_read_in_chunks(capsys, tokenizer, doc):
     assert report["kv_bytes_full"] == allocated_full(report["prompt_tokens"]) > 2 * 6 * 2**20
     assert report["peak_kv_bytes"] <= 6 * 2**20
     assert sum(report["layer_budgets"]) == 64 * 30
-    assert report["kv_bytes_kept"] == allocated_kept(report["layer_budgets"])
+    assert report["kv_bytes_kept"] == allocated_kept(report["layer_budgets"], 8)
 
 
 @pytest.mark.parametrize("raw", [True, False])
@@ -127,7 +136,8 @@ def test_the_question_tail_is_what_follows_the_document(tokenizer, raw):
         (["--kv-limit", "4MiB", "--method", "full"], "method full keeps everything"),
         (["--model", "/nonexistent/model/folder"], "model"),
         (["--kv-bits", "4", "--method", "full"], "--method full keeps every row as computed"),
-        (["--kv-group-size", "64"], "--kv-group-size needs --kv-bits or --store-bits"),
+        (["--kv-bits", "16", "--kv-group-size", "64"], "here nothing is packed"),
+        (["--method", "full", "--kv-group-size", "64"], "here nothing is packed"),
     ],
 )
 def test_bad_input_gets_one_line(capsys, tokenizer, doc, args, words):

@@ -10,7 +10,7 @@ from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
 from ckv_mlx.cache import EvictingKVCache, load_caches, save_caches
 from ckv_mlx.errors import CKVError
 from ckv_mlx.methods import make_method
-from ckv_mlx.quantized import KVBits, QuantizedRows, attention
+from ckv_mlx.quantized import KVBits, QuantizedRows, attention, kv_bits_setting
 from ckv_mlx.session import Session
 from fakes import fake_profile
 from tiny import (
@@ -260,6 +260,32 @@ def test_a_head_size_the_groups_do_not_divide_is_one_line_before_anything_is_rea
     with pytest.raises(CKVError, match=words):
         session.kv_bits = kv_bits  # as the chat, the server and the eval set it
     assert session.kv_bits is None
+
+
+def test_the_default_is_8_bits_for_a_compressing_method_and_as_computed_where_it_cannot_pack():
+    """Not asked for, the kept rows are 8-bit; a head size no group divides keeps
+    them as computed instead of refusing the run."""
+    default = kv_bits_setting(None, None)
+    assert default == KVBits(8) and default.implied
+    assert kv_bits_setting(None, None, compresses=False) is None  # full keeps every row as computed
+    assert kv_bits_setting(16, None) is None and kv_bits_setting(16, None, compresses=False) is None
+    assert kv_bits_setting(None, 32) == KVBits(8, 32)
+    model = tiny_model("llama", layers=2, head_dim=16)
+    session = Session(model, TinyTokenizer(), make_method("snapkv")[0], kv_bits=default)
+    assert session.kv_bits is None
+    session = Session(tiny_model("llama", layers=2, head_dim=32), TinyTokenizer(), make_method("snapkv")[0],
+                      kv_bits=default)
+    assert session.kv_bits == KVBits(8)
+
+
+@pytest.mark.parametrize("bits, group_size, compresses, words", [
+    (8, None, False, "choose a compressing method, or --kv-bits 16"),
+    (16, 64, True, "here nothing is packed"),
+    (None, 64, False, "here nothing is packed"),
+])
+def test_a_kv_bits_choice_that_cannot_apply_is_one_line(bits, group_size, compresses, words):
+    with pytest.raises(CKVError, match=words):
+        kv_bits_setting(bits, group_size, compresses)
 
 
 @pytest.mark.parametrize("dim, group", [(64, 64), (128, 64), (96, 32), (32, 32)])

@@ -17,6 +17,7 @@ import pytest
 
 from ckv_mlx.methods import METHODS, make_method
 from ckv_mlx.models import LoadedModel
+from ckv_mlx.quantized import KVBits
 from ckv_mlx.serve import protocol
 from ckv_mlx.serve.app import BackgroundServer, create_app
 from ckv_mlx.serve.protocol import Compression, Limits
@@ -83,10 +84,11 @@ def messages(question: str, document: str = DOCUMENT) -> list[dict]:
 
 
 def engine_answer(server: Server, tokens: list[int], method: str, budget: int, max_tokens: int,
-                  working: int | None = None) -> str:
+                  working: int | None = None, kv_bits: KVBits | None = None) -> str:
     """What the engine answers for the same prompt and settings, the cache in memory
     (read in chunks keeping ``working`` tokens per layer between them, if given)."""
-    session = Session(server.loaded.model, server.loaded.tokenizer, make_method(method, server.profile)[0])
+    session = Session(server.loaded.model, server.loaded.tokenizer, make_method(method, server.profile)[0],
+                      kv_bits=kv_bits)
     try:
         logits = session.prefill(tokens, working_budget=working)
         session.compress(budget)
@@ -143,6 +145,29 @@ def test_per_request_compression_overrides_the_servers(server):
                                                   extra_body={"ckv": {"method": "streamingllm", "budget": 40}})
     assert reply.model_extra["ckv"]["method"] == "streamingllm" and reply.model_extra["ckv"]["budget"] == 40
     assert reply.choices[0].message.content == engine_answer(server, chat_tokens(server, chat), "streamingllm", 40, 6)
+
+
+@pytest.mark.parametrize("server_bits", [None, 4])
+def test_kv_bits_are_the_servers_for_compressing_requests_and_never_for_full(tmp_path, server_bits):
+    """Not asked for, a compressing request's kept rows take the server's --kv-bits (8
+    when none is given); a full-cache request inherits nothing, and 16 is as computed."""
+    server = Server(ServeSettings(kv_bits=server_bits), model=tiny_model("llama", layers=2, vocab=49152, head_dim=32))
+    try:
+        chat = messages("Which fruit grows on row 5?")
+
+        def bits_of(ckv: dict | None) -> int | None:
+            reply = server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=4,
+                                                          extra_body={"ckv": ckv} if ckv else None)
+            return reply.model_extra["ckv"]["kv_bits"]
+
+        expected = server_bits or 8
+        assert bits_of(None) == expected and bits_of({"method": "full"}) is None
+        assert bits_of({"kv_bits": 16}) is None and bits_of({"kv_bits": 4 if expected == 8 else 8}) != expected
+        reply = server.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=6)
+        assert reply.choices[0].message.content == engine_answer(server, chat_tokens(server, chat), "snapkv", 48, 6,
+                                                                 kv_bits=KVBits(expected))
+    finally:
+        server.stop()
 
 
 def test_stop_strings_cut_the_answer_where_they_begin(server):

@@ -15,7 +15,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from ckv_mlx.methods import METHODS
     from ckv_mlx.models import MODEL_HELP, PRECISIONS
     from ckv_mlx.prompts import TRUNCATE_CHOICES
-    from ckv_mlx.quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_HELP, STORE_BITS_HELP
+    from ckv_mlx.quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_CHOICES, KV_BITS_HELP, STORE_BITS_HELP
 
     p = argparse.ArgumentParser(prog="ckv-chat", description="Chat with a long document; the KV cache is compressed with CompressKV.")
     p.add_argument("--doc", type=Path, help="document to open: .pdf .txt .md .html .docx .epub")
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "context: refuse it (default; /truncate chooses later) or drop part of it at the start, middle or end")
     p.add_argument("--repetition-penalty", type=float, help="mlx-lm's repetition penalty over the last 20 tokens of "
                    "the answer, e.g. 1.1 (default: off)")
-    p.add_argument("--kv-bits", type=int, choices=BITS, help=KV_BITS_HELP)
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS_CHOICES, help=KV_BITS_HELP)
     p.add_argument("--kv-group-size", type=int, choices=GROUP_SIZES, help=GROUP_SIZE_HELP)
     p.add_argument("--kv-limit", help="KV cache memory limit, e.g. 512MiB (default: 75%% of a Mac GPU's recommended "
                    "working set, or of MLX's memory limit on a CPU, less the weights); a document whose full cache "

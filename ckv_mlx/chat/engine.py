@@ -33,7 +33,7 @@ from ..memory import mib, parse_size, plan_prefill
 from ..methods import make_method
 from ..models import LoadedModel, load_model
 from ..profiles import resolve_profile
-from ..quantized import KVBits, kv_bits_setting, store_bits_setting
+from ..quantized import AS_COMPUTED, AS_COMPUTED_NOTE, KVBits, kv_bits_setting, store_bits_setting
 from ..prompts import TRUNCATE_CHOICES, cut_to_fit, document_prefix, question_tokens
 from ..session import PREFILL_STEP, Session
 from ..store import DEFAULT_LIMIT_BYTES, StoreWriter, read_mode, store_key, store_root
@@ -217,9 +217,12 @@ class ChatEngine:
         profile, path, notes = resolve_profile(self.settings.profile, self._loaded.shape)
         self._profile, self._profile_name = profile, (path.name if path else None)
         method, method_notes = make_method(self.settings.method, profile)
-        kv_bits = kv_bits_setting(self.settings.kv_bits, self.settings.kv_group_size, store_bits=self.settings.store_bits)
+        kv_bits = kv_bits_setting(self.settings.kv_bits, self.settings.kv_group_size,
+                                  store_bits=self.settings.store_bits)  # packs nothing while the method is full
         self._session = Session(self._loaded.model, self._loaded.tokenizer, method, region=self.settings.region,
                                 kv_bits=kv_bits)
+        if kv_bits and not self._session.kv_bits:
+            notes.append(AS_COMPUTED_NOTE)
         for note in notes + method_notes:
             self._emit(Notice(note))
 
@@ -435,7 +438,8 @@ class ChatEngine:
         queries.update({f"window.{i}": q for i, q in enumerate(session.remembered_queries()) if q is not None})
         metadata = {
             "format": SESSION_FORMAT, "model": self._loaded.name, "profile": self._profile_name,
-            "settings": asdict(self.settings), "document": str(document.path.resolve()),
+            "settings": asdict(replace(self.settings, kv_bits=session.kv_bits.bits if session.kv_bits else AS_COMPUTED)),
+            "document": str(document.path.resolve()),
             "document_hash": document.digest, "turns": [asdict(t) for t in document.turns],
             "conversation_turns": self._conversation.turns, "prefill_s": session.stats.prefill_s,
             "kv_bytes_full": session.stats.kv_bytes_full, "prompt_tokens": session.stats.prompt_tokens,
@@ -467,11 +471,14 @@ class ChatEngine:
                            f"open it anew with --doc {document}")
         on_disk = metadata.get("full_cache")
         self.settings = ChatSettings(**metadata["settings"])
+        if self.settings.kv_bits is None:  # saved before the kept rows were 8-bit by default
+            self.settings = replace(self.settings, kv_bits=AS_COMPUTED)
         if self._full_cache_on_disk() and not on_disk:  # saved with it in memory, or before it could be on disk
             self.settings = replace(self.settings, full_cache="memory")
         self._ensure_model(metadata["model"])
         session = self._session
-        session.kv_bits = kv_bits_setting(self.settings.kv_bits, self.settings.kv_group_size, store_bits=self.settings.store_bits)
+        session.kv_bits = kv_bits_setting(self.settings.kv_bits, self.settings.kv_group_size,
+                                          store_bits=self.settings.store_bits)
         try:
             session.take_over(caches, [queries.get(f"window.{i}") for i in range(len(caches))],
                               from_saved(queries, metadata.get("others", [])))

@@ -20,7 +20,7 @@ class ChatSettings:
     policy: str = DEFAULT_POLICY
     max_tokens: int = 512
     region: int | None = None
-    kv_bits: int | None = None  # the kept rows quantized to this many bits (None: as computed)
+    kv_bits: int | None = None  # the kept rows quantized to this many bits (16: as computed; None: 8, the default)
     kv_group_size: int | None = None  # values per scale and bias with kv_bits; None: 64 (mlx-lm), or 32 where 64 does not divide
     kv_limit: str | None = None
     repetition_penalty: float | None = None  # mlx-lm's, over the answer's last 20 tokens; None: off

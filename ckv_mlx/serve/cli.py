@@ -18,7 +18,7 @@ from .protocol import Limits
 def parse_args(argv=None) -> argparse.Namespace:
     from ..methods import METHODS
     from ..models import MODEL_HELP, PRECISIONS
-    from ..quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_HELP, STORE_BITS_HELP
+    from ..quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_CHOICES, KV_BITS_HELP, STORE_BITS_HELP
 
     p = argparse.ArgumentParser(prog="ckv-serve", description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("--model", help=MODEL_HELP)
@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="compresskv", choices=list(METHODS), help="default method (a request's "
                    '"ckv": {"method": ...} overrides it)')
     p.add_argument("--budget", default="128", help="default tokens per layer, or a share of the prompt: 5%%")
-    p.add_argument("--kv-bits", type=int, choices=BITS, help=KV_BITS_HELP)
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS_CHOICES, help=KV_BITS_HELP)
     p.add_argument("--kv-group-size", type=int, choices=GROUP_SIZES, help=GROUP_SIZE_HELP)
     p.add_argument("--max-tokens", type=int, default=Limits.max_tokens,
                    help=f"the most tokens one answer may ask for (default {Limits.max_tokens})")
@@ -77,7 +77,7 @@ def serve(args: argparse.Namespace) -> int:
         store_dir=None if args.no_store else (args.store_dir or store_root()),
         store_limit=parse_size(args.store_limit) if args.store_limit else DEFAULT_LIMIT_BYTES,
         store_bits=store_bits_setting(args.store_bits, args.kv_group_size), kv_limit=args.kv_limit,
-        kv_group_size=args.kv_group_size,
+        kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
     )
     loaded = load_model(args.model, args.precision)
     profile, path, notes = resolve_profile(args.profile, loaded.shape)
@@ -85,7 +85,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     make_method(args.method, profile)  # a method that needs a profile it lacks is refused now, in one line
     worker = Worker(loaded, profile, path.name if path else None, settings)
-    defaults = Compression(args.method, args.budget, args.kv_bits)
+    defaults = Compression(args.method, args.budget)
     app = create_app(worker, loaded.name, defaults, list(METHODS), limits)
     print(f"serving {loaded.name} on http://{args.host}:{args.port}/v1 ({args.method}, budget {args.budget})",
           file=sys.stderr)

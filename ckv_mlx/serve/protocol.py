@@ -31,7 +31,8 @@ class APIError(Exception):
 
 @dataclass(frozen=True)
 class Compression:
-    """How a request's cache is compressed: a method, a budget ("128", "5%"), KV bits."""
+    """How a request's cache is compressed: a method, a budget ("128", "5%"), KV bits
+    (None: the server's)."""
 
     method: str = "compresskv"
     budget: str = "128"
@@ -176,9 +177,10 @@ def _compression(extension, defaults: Compression, methods) -> Compression:
         chosen = replace(chosen, budget=str(extension["budget"]))
     if chosen.method not in methods:
         raise APIError(400, f"unknown method {chosen.method!r}: choose one of {', '.join(methods)}", "ckv.method")
-    if chosen.kv_bits not in (None, 16, 8, 4):
-        raise APIError(400, f"ckv.kv_bits {chosen.kv_bits!r}: use 8 or 4 (16 or null: as computed)", "ckv.kv_bits")
-    return replace(chosen, kv_bits=None if chosen.kv_bits == 16 else chosen.kv_bits)
+    if chosen.kv_bits not in (None, 16, 8, 4):  # quantized.KV_BITS_CHOICES, without importing MLX
+        raise APIError(400, f"ckv.kv_bits {chosen.kv_bits!r}: use 8 or 4, or 16 for the kept rows as computed "
+                       "(null: the server's)", "ckv.kv_bits")
+    return chosen
 
 
 def response(request: Request, text: str, finish: str, usage: dict, figures: dict) -> dict:

@@ -27,7 +27,7 @@ from ..disk_cache import extended, read_or_reuse
 from ..errors import CKVError
 from ..memory import plan_prefill
 from ..methods import make_method
-from ..quantized import KVBits, kv_bits_setting
+from ..quantized import AS_COMPUTED, KVBits, kv_bits_setting
 from ..session import PREFILL_STEP, Session
 from ..store import DEFAULT_LIMIT_BYTES, MANIFEST, read_mode, store_key
 from .protocol import APIError, Request, usage
@@ -45,7 +45,8 @@ class ServeSettings:
     store_bits: KVBits | None = None
     kv_limit: str | None = None
     region: int | None = None
-    kv_group_size: int | None = None  # for a request's kv_bits (None: 64, or 32 where 64 does not divide)
+    kv_bits: int | None = None  # a compressing request's unless it names its own (None: 8; 16: as computed)
+    kv_group_size: int | None = None  # for the kv_bits (None: 64, or 32 where 64 does not divide)
 
 
 @dataclass
@@ -109,15 +110,16 @@ class Worker:
         method, _ = make_method(request.compression.method, self.profile)
         session.reset()
         session.method = method
-        bits = request.compression.kv_bits
-        session.kv_bits = kv_bits_setting(bits, self.settings.kv_group_size if bits else None, method.compresses)
+        bits = request.compression.kv_bits or (self.settings.kv_bits if method.compresses else None)
+        packs = method.compresses and bits != AS_COMPUTED
+        session.kv_bits = kv_bits_setting(bits, self.settings.kv_group_size if packs else None, method.compresses)
         budget = parse_budget(request.compression.budget, len(tokens)) if method.compresses else None
         session.layer_budgets(budget)  # a budget too small is refused before anything is read
         logits, reused = self._read(tokens, prefixes, budget)
         job.emit(("ready", len(tokens)))
         text, finish, generated = self._answer(job, logits)
         stats = session.stats
-        figures = {"method": method.name, "budget": budget, "kv_bits": request.compression.kv_bits,
+        figures = {"method": method.name, "budget": budget, "kv_bits": session.kv_bits.bits if session.kv_bits else None,
                    "kv_bytes_full": session.full_bytes, "kv_bytes_kept": stats.kv_bytes_kept,
                    "prefix_tokens_reused": reused}
         job.emit(("done", finish, usage(len(tokens), generated), figures))
