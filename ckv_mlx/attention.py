@@ -18,6 +18,7 @@ import sys
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import base
+from mlx_lm.models.base import create_causal_mask
 
 from . import quantized
 from .errors import CKVError
@@ -107,10 +108,29 @@ class LayerWindow:
 
 
 def attention(queries, keys, values, cache, scale, mask=None, sinks=None) -> mx.array:
-    """mlx-lm's attention, or over rows kept partly quantized."""
+    """mlx-lm's attention, or over rows kept partly quantized; a cache's padding rows
+    (per-head budgets) hidden from every query head of their KV head."""
+    visible = getattr(cache, "visible_rows", lambda: None)()
+    if visible is not None:
+        mask = with_visible_rows(mask, visible, queries.shape)
     if isinstance(keys, quantized.QuantizedRows):
         return quantized.attention(queries, keys, values, scale, mask, sinks)
     return _mlx_lm_sdpa(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+
+
+def with_visible_rows(mask, visible: mx.array, query_shape) -> mx.array:
+    """mlx-lm's ``mask`` (None, "causal", boolean or additive) and ``visible``
+    (``[kv_heads, S]``) as one ``[1, n_heads, L, S]`` mask."""
+    _, n_heads, length, _ = query_shape
+    kv_heads, rows = visible.shape
+    seen = mx.repeat(visible, n_heads // kv_heads, axis=0)[None, :, None, :]
+    if mask is None:
+        return seen
+    if isinstance(mask, str):
+        mask = create_causal_mask(length, rows - length)
+    if mask.dtype == mx.bool_:
+        return seen & mask
+    return mx.where(seen, mask, mx.finfo(mask.dtype).min)
 
 
 def observed_sdpa(queries, keys, values, cache, scale, mask=None, sinks=None):

@@ -6,7 +6,10 @@ all) and fixes the capacity at ``budget + region``: new tokens fill the region, 
 caller evicts back to the budget before it overflows, so the memory of a compressed
 layer is bounded. ``nbytes`` is what is allocated (the capacity), as in mlx-lm;
 ``rows_nbytes`` is the part holding tokens. With ``kv_bits`` the kept rows are stored
-quantized (``quantized.py``).
+quantized (``quantized.py``). Per-head budgets (AdaKV) keep unequal rows per KV head: a
+head keeping fewer than the layer's widest fills the rest with padding rows that
+attention never sees (:meth:`EvictingKVCache.visible_rows`); they are allocated, so
+``nbytes`` counts them.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class EvictingKVCache(_BaseCache):
         self.length = 0  # rows held, packed ones included
         self.budget: int | None = None
         self.region_setting = region
+        self.valid: mx.array | None = None  # [kv_heads, kept rows] bool, False on padding; None: none
 
     @property
     def region(self) -> int:
@@ -79,9 +83,24 @@ class EvictingKVCache(_BaseCache):
     def compressed(self) -> bool:
         return self.budget is not None
 
+    @property
+    def bound(self) -> int:
+        """Rows a compressed layer holds before its region: its budget, or the widest
+        head's kept rows where per-head budgets made them more."""
+        return max(self.budget, 0 if self.valid is None else self.valid.shape[1])
+
     def free_slots(self) -> int:
         """Rows that can be appended before a compressed layer must evict."""
-        return self.budget + self.region - self.length
+        return self.bound + self.region - self.length
+
+    def visible_rows(self) -> mx.array | None:
+        """Which held rows each KV head attends to, ``[kv_heads, length]`` bool (None:
+        every row, no padding)."""
+        if self.valid is None:
+            return None
+        kv_heads, kept = self.valid.shape
+        region = mx.ones((kv_heads, max(self.length - kept, 0)), mx.bool_)
+        return mx.concatenate([self.valid, region], axis=1)[:, : self.length]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self._append(keys, values)
@@ -104,24 +123,26 @@ class EvictingKVCache(_BaseCache):
         if self.packed is not None:
             size = max(needed - self.packed_rows, self.region)
         elif self.compressed:
-            size = max(needed, self.budget + self.region)
+            size = max(needed, self.bound + self.region)
         else:
             size = allocated_rows(needed, self.step)
         self.keys = _resized(self.keys, keys, used, size)
         self.values = _resized(self.values, values, used, size)
 
     def compress(self, keep: mx.array, budget: int, kv_bits: KVBits | None = None):
-        """Keep rows ``keep`` (``[kv_heads or 1, k]``, sorted) and bound the layer.
+        """Keep rows ``keep`` (``[kv_heads or 1, k]``, sorted; -1: a padding row of a
+        head keeping fewer) and bound the layer.
 
-        ``budget`` (>= k) is the number of rows eviction returns to; the capacity
-        becomes ``budget + region``. With ``kv_bits`` (kept from then on) the kept rows
-        are packed and only the region's rows are in full precision.
+        ``budget`` is the number of rows eviction returns to; the capacity becomes
+        ``budget + region`` (or k + region, for k > budget). With ``kv_bits`` (kept from
+        then on) the kept rows are packed and only the region's rows are in full precision.
         """
         kv_bits = kv_bits or self.kv_bits
         if self.packed is not None and kv_bits != self.kv_bits:  # other bits: from the rows as they read now
             self.keys, self.values = self.fetch()
             self.packed = None
-        self.budget = max(budget, keep.shape[-1])
+        keep, self.valid = self._visible_selection(keep)
+        self.budget = budget
         if kv_bits is None:
             kept_k, kept_v = (take_rows(x, keep) for x in self.fetch())
             self.keys = self.values = None
@@ -132,6 +153,16 @@ class EvictingKVCache(_BaseCache):
         self.kv_bits, self.length = kv_bits, keep.shape[-1]
         self.keys, self.values = (mx.zeros((*x.shape[:2], self.region, x.shape[3]), x.dtype)
                                   for x in (self.keys, self.values))
+
+    def _visible_selection(self, keep: mx.array) -> tuple[mx.array, mx.array | None]:
+        """``keep``'s rows (padding at row 0) and which each KV head sees: not padding,
+        and not padding before (None: all)."""
+        rows = mx.maximum(keep, 0)
+        visible = keep >= 0
+        held = self.visible_rows()
+        if held is not None:
+            visible = visible & mx.take_along_axis(held, mx.broadcast_to(rows, (held.shape[0], rows.shape[-1])), axis=1)
+        return rows, (None if visible.all().item() else visible)
 
     def _packed_selection(self, keep: mx.array, kv_bits: KVBits) -> tuple[Packed, Packed]:
         """Rows ``keep`` packed: rows packed before are taken as they are, full ones
@@ -165,7 +196,7 @@ class EvictingKVCache(_BaseCache):
         packed rows never are, so they are shared)."""
         twin = EvictingKVCache(self.region_setting)
         twin.offset, twin.length, twin.budget = self.offset, self.length, self.budget
-        twin.packed, twin.kv_bits = self.packed, self.kv_bits
+        twin.packed, twin.kv_bits, twin.valid = self.packed, self.kv_bits, self.valid
         if self.keys is not None:
             twin.keys, twin.values = mx.array(self.keys), mx.array(self.values)
         return twin
@@ -189,7 +220,7 @@ class EvictingKVCache(_BaseCache):
     def arrays(self) -> list[mx.array]:
         """Every array the cache allocates."""
         held = [] if self.keys is None else [self.keys, self.values]
-        return held + [x for p in self.packed or () for x in p]
+        return held + [x for p in self.packed or () for x in p] + ([] if self.valid is None else [self.valid])
 
     def size(self) -> int:
         return self.length
@@ -215,7 +246,12 @@ class EvictingKVCache(_BaseCache):
     def rows_nbytes(self) -> int:
         """Bytes of the rows holding tokens (at most :attr:`nbytes`)."""
         packed = sum(x.nbytes for p in self.packed or () for x in p)
-        return packed + (self.length - self.packed_rows) * self.row_bytes
+        held = packed + (self.length - self.packed_rows) * self.row_bytes
+        if self.valid is None:
+            return held
+        kv_heads, kept = self.valid.shape
+        per_head_row = (packed // self.packed_rows if self.packed else self.row_bytes) // kv_heads
+        return held - (kv_heads * kept - self.valid.sum().item()) * per_head_row
 
     def make_mask(self, n: int, return_array: bool = False, window_size=None):
         if window_size is not None or return_array:
@@ -226,12 +262,14 @@ class EvictingKVCache(_BaseCache):
     def state(self):
         if self.keys is None:
             return []
-        return self._unpacked() + (self.packed or ())
+        visible = () if self.valid is None else (self.valid.astype(mx.uint8),)
+        return self._unpacked() + (self.packed or ()) + visible
 
     @state.setter
     def state(self, v):
         self.keys, self.values = v[0], v[1]
-        self.packed = (tuple(v[2]), tuple(v[3])) if len(v) > 2 else None
+        self.packed = (tuple(v[2]), tuple(v[3])) if len(v) > 3 else None
+        self.valid = v[-1].astype(mx.bool_) if len(v) in (3, 5) else None  # padding rows (per-head budgets)
         self.length = self.packed_rows + self.keys.shape[2]
 
     @property

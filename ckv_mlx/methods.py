@@ -2,7 +2,8 @@
 
 Each method answers two questions and nothing else; the cache does the cutting.
 ``layer_budgets`` splits an average budget over layers; ``keep_indices`` picks the rows
-of one layer to keep, ``[kv_heads or 1, budget]``, from its window queries and keys.
+of one layer to keep, ``[kv_heads or 1, budget]``, from its window queries and keys (with
+per-head budgets, AdaKV's, ``[kv_heads, widest]``, -1 where a head keeps fewer).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import mlx.core as mx
 from . import budgets
 from .errors import CKVError
 from .profiles import Defaults
-from .scoring import group_mean, head_scores, keep_top, key_novelty
+from .scoring import group_mean, head_scores, keep_per_head, keep_top, key_novelty
 
 
 class Method:
@@ -20,6 +21,7 @@ class Method:
 
     name = ""
     compresses = True
+    per_head_budgets = False  # AdaKV: the layer's budget shared out over its KV heads by score
 
     def __init__(
         self, window: int = Defaults.window, kernel: int = Defaults.kernel, pooling: str = Defaults.pooling
@@ -31,16 +33,22 @@ class Method:
 
     def keep_indices(
         self, layer: int, window_queries: mx.array, keys: mx.array, scale: float, budget: int,
-        sinks: mx.array | None = None,
+        sinks: mx.array | None = None, visible: mx.array | None = None,
     ) -> mx.array:
         """Rows of ``keys`` (``[kv_heads, N, d]``) to keep, sorted; all when N <= budget.
-        ``sinks``: the layer's learned attention-sink logit per query head, if it has them."""
+        ``sinks``: the layer's learned attention-sink logit per query head, if it has them;
+        ``visible``: ``[kv_heads, N]``, False on padding rows, which are never kept."""
         n = keys.shape[1]
         if n <= budget:
             return mx.arange(n)[None]
-        return keep_top(self.scores(layer, window_queries, keys, scale, sinks), budget, self.window)
+        scores = self.scores(layer, window_queries, keys, scale, sinks, visible)
+        if visible is not None:
+            prefix = visible[:, : n - self.window]
+            scores = mx.where(prefix if scores.shape[0] > 1 else prefix.any(axis=0, keepdims=True), scores, -mx.inf)
+        select = keep_per_head if self.per_head_budgets else keep_top
+        return select(scores, budget, self.window)
 
-    def scores(self, layer: int, window_queries, keys, scale, sinks=None) -> mx.array:
+    def scores(self, layer: int, window_queries, keys, scale, sinks=None, visible=None) -> mx.array:
         raise NotImplementedError
 
 
@@ -60,7 +68,7 @@ class StreamingLLM(Method):
         super().__init__(**kwargs)
         self.sinks = sinks
 
-    def keep_indices(self, layer, window_queries, keys, scale, budget, sinks=None):
+    def keep_indices(self, layer, window_queries, keys, scale, budget, sinks=None, visible=None):
         n = keys.shape[1]
         if n <= budget:
             return mx.arange(n)[None]
@@ -74,11 +82,19 @@ class SnapKV(Method):
 
     name = "snapkv"
 
-    def scores(self, layer, window_queries, keys, scale, sinks=None):
+    def scores(self, layer, window_queries, keys, scale, sinks=None, visible=None):
         heads = list(range(window_queries.shape[0]))
-        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling, sinks)
+        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling, sinks, visible)
         kv_heads = keys.shape[0]
         return group_mean(per_head, heads, len(heads) // kv_heads, kv_heads)
+
+
+class AdaSnapKV(SnapKV):
+    """SnapKV scoring, the layer's budget shared out over its KV heads by score mass
+    (AdaKV, arXiv 2407.11550)."""
+
+    name = "snapkv-ada"
+    per_head_budgets = True
 
 
 class PyramidKV(SnapKV):
@@ -96,7 +112,7 @@ class KeyDiff(Method):
 
     name = "keydiff"
 
-    def scores(self, layer, window_queries, keys, scale, sinks=None):
+    def scores(self, layer, window_queries, keys, scale, sinks=None, visible=None):
         return key_novelty(keys, self.window)
 
 
@@ -115,9 +131,9 @@ class CompressKV(Method):
             return budgets.uniform(n_layers, avg_budget)
         return budgets.error_aware(self.profile.layer_errors, avg_budget)
 
-    def scores(self, layer, window_queries, keys, scale, sinks=None):
+    def scores(self, layer, window_queries, keys, scale, sinks=None, visible=None):
         heads = self.profile.srh_heads(layer)
-        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling, sinks)
+        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling, sinks, visible)
         return per_head.mean(axis=0, keepdims=True)
 
 
@@ -127,15 +143,24 @@ class CompressKVGQA(CompressKV):
 
     name = "compresskv-gqa"
 
-    def scores(self, layer, window_queries, keys, scale, sinks=None):
+    def scores(self, layer, window_queries, keys, scale, sinks=None, visible=None):
         heads = self.profile.srh_heads(layer)
-        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling, sinks)
+        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling, sinks, visible)
         kv_heads = keys.shape[0]
         return group_mean(per_head, heads, window_queries.shape[0] // kv_heads, kv_heads)
 
 
-METHODS = {m.name: m for m in (FullCache, CompressKV, CompressKVGQA, SnapKV, PyramidKV, StreamingLLM, KeyDiff)}
-PROFILED = (CompressKV.name, CompressKVGQA.name)
+class AdaCompressKVGQA(CompressKVGQA):
+    """``compresskv-gqa`` scoring and error-aware layer budgets, each layer's budget
+    shared out over its KV heads by their SRHs' score mass (AdaKV)."""
+
+    name = "compresskv-gqa-ada"
+    per_head_budgets = True
+
+
+METHODS = {m.name: m for m in (FullCache, CompressKV, CompressKVGQA, AdaCompressKVGQA, SnapKV, AdaSnapKV, PyramidKV,
+                               StreamingLLM, KeyDiff)}
+PROFILED = (CompressKV.name, CompressKVGQA.name, AdaCompressKVGQA.name)
 
 
 def make_method(name: str, profile=None) -> tuple[Method, list[str]]:
@@ -152,7 +177,7 @@ def make_method(name: str, profile=None) -> tuple[Method, list[str]]:
             f"no SRH profile for this model: {name} falls back to SnapKV scoring "
             "(make one with `python -m ckv_mlx.profile`, or pass --profile)"
         )
-        return SnapKV(), [note]
+        return (AdaSnapKV() if METHODS[name].per_head_budgets else SnapKV()), [note]
     d = profile.defaults
     method = METHODS[name](profile, window=d.window, kernel=d.kernel, pooling=d.pooling)
     notes = [] if profile.layer_errors else [f"profile has no layer errors: {name} uses uniform budgets"]

@@ -198,7 +198,9 @@ def _masked(scores: mx.array, mask) -> mx.array:
     if isinstance(mask, str):
         length, rows = scores.shape[-2:]
         mask = mx.arange(rows - length, rows)[:, None] >= mx.arange(rows)[None]
-    if mask.ndim > 3:
+    if mask.ndim > 3 and mask.shape[1] > 1:  # per query head: [1, n_heads, L, N]
+        mask = mask.reshape(*scores.shape[:3], *mask.shape[-2:])
+    elif mask.ndim > 3:
         mask = mx.expand_dims(mask, -3)
     if mask.dtype == mx.bool_:
         return mx.where(mask, scores, mx.finfo(scores.dtype).min)

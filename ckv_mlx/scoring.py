@@ -6,20 +6,28 @@ Shapes (batch dimension dropped): window queries ``[Hq, w, d]`` post-RoPE, keys
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
 
 SCORE_BLOCK = 512  # keys scored at once: scoring allocates [query heads, window, SCORE_BLOCK] float32
+HEAD_FLOOR = 0.2  # per-head budgets: each KV head keeps at least this share of an equal split (kvpress's AdaKV)
 
 
-def _block_logits(queries: mx.array, keys: mx.array, heads: mx.array, start: int, stop: int) -> mx.array:
+def _block_logits(queries: mx.array, keys: mx.array, heads: mx.array, start: int, stop: int,
+                  visible: mx.array | None = None) -> mx.array:
     """Float32 logits ``[len(heads), w, stop - start]`` of the window rows (``queries``,
     ``[kv_heads, group, w, d]``, already scaled) over ``keys[:, start:stop]``, the chosen
     ``heads`` only; window row ``r`` sees every prefix key and the window keys up to its
-    own position (causal inside the window)."""
+    own position (causal inside the window), and no row ``visible`` (``[kv_heads, N]``)
+    marks as padding."""
     n, w = keys.shape[1], queries.shape[2]
     block = keys[:, None, start:stop].astype(mx.float32)
-    logits = (queries @ block.swapaxes(-1, -2)).reshape(-1, w, stop - start)[heads]
+    logits = queries @ block.swapaxes(-1, -2)
+    if visible is not None:
+        logits = mx.where(visible[:, None, None, start:stop], logits, -mx.inf)
+    logits = logits.reshape(-1, w, stop - start)[heads]
     if stop <= n - w:
         return logits
     visible = mx.arange(start, stop)[None, :] <= (n - w) + mx.arange(w)[:, None]
@@ -57,12 +65,14 @@ def head_scores(
     kernel: int,
     pooling: str,
     sinks: mx.array | None = None,
+    visible: mx.array | None = None,
 ) -> mx.array:
     """Pooled importance of every prefix position, one row per chosen query head: each
     window row's softmax attention over all keys, summed over the window rows, the
     window's own columns dropped, pooled: ``[len(heads), N - w]`` float32. A layer with
     learned attention ``sinks`` (one logit per query head, as gpt-oss) gives each head's
-    sink its share of the softmax, as its attention does.
+    sink its share of the softmax, as its attention does. Padding rows (False in
+    ``visible``, ``[kv_heads, N]``) take no share and score 0.
 
     Computed ``SCORE_BLOCK`` keys at a time in two passes (each row's log-normaliser,
     then the probabilities), so memory does not grow with N beyond the result.
@@ -73,12 +83,12 @@ def head_scores(
     heads = mx.array(heads)
     normaliser = None if sinks is None else mx.broadcast_to(sinks.astype(mx.float32)[heads][:, None], (heads.size, w))
     for start in range(0, n, SCORE_BLOCK):
-        part = mx.logsumexp(_block_logits(queries, keys, heads, start, min(start + SCORE_BLOCK, n)), axis=-1)
+        part = mx.logsumexp(_block_logits(queries, keys, heads, start, min(start + SCORE_BLOCK, n), visible), axis=-1)
         normaliser = part if normaliser is None else mx.logaddexp(normaliser, part)
         mx.eval(normaliser)
     sums = []
     for start in range(0, n - w, SCORE_BLOCK):
-        logits = _block_logits(queries, keys, heads, start, min(start + SCORE_BLOCK, n - w))
+        logits = _block_logits(queries, keys, heads, start, min(start + SCORE_BLOCK, n - w), visible)
         sums.append(mx.exp(logits - normaliser[..., None]).sum(axis=1))
         mx.eval(sums[-1])
     prefix = mx.concatenate(sums, axis=-1) if sums else mx.zeros((heads.size, 0))
@@ -123,3 +133,26 @@ def keep_top(scores: mx.array, budget: int, window: int) -> mx.array:
     recent = mx.broadcast_to(mx.arange(prefix, prefix + window), (rows, window))
     keep = recent if best is None else mx.concatenate([best, recent], axis=-1)
     return mx.sort(keep.astype(mx.int32), axis=-1)
+
+
+def keep_per_head(scores: mx.array, budget: int, window: int, floor: float = HEAD_FLOOR) -> mx.array:
+    """AdaKV's indices: the layer's ``kv_heads x (budget - window)`` best prefix positions
+    over all its KV heads together (each head's best ``floor`` share of an equal split
+    first), plus the window. ``scores`` ``[kv_heads, N - w]`` (-inf: never kept); returns
+    sorted ``[kv_heads, widest + window]`` int32, -1 where a head keeps fewer than the widest."""
+    heads, prefix = scores.shape
+    top = budget - window
+    if top <= 0 or heads == 1:
+        return keep_top(scores, budget, window)
+    ranks = mx.argsort(mx.argsort(-scores, axis=-1), axis=-1)  # each position's rank within its head
+    boosted = mx.where((ranks < math.ceil(top * floor)) & (scores > -mx.inf), mx.inf, scores).reshape(-1)
+    best = mx.argpartition(-boosted, kth=heads * top - 1)[: heads * top]
+    chosen = mx.zeros(heads * prefix, mx.bool_)
+    chosen[best] = True
+    chosen = chosen.reshape(heads, prefix) & (scores > -mx.inf)
+    widest = chosen.sum(axis=1).max().item()
+    positions = mx.arange(prefix)[None]
+    picked = mx.sort(mx.where(chosen, positions, prefix + positions), axis=-1)[:, :widest]
+    picked = mx.where(picked < prefix, picked, -1)
+    recent = mx.broadcast_to(mx.arange(prefix, prefix + window), (heads, window))
+    return mx.sort(mx.concatenate([picked, recent], axis=-1).astype(mx.int32), axis=-1)

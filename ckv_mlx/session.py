@@ -467,7 +467,7 @@ class Session:
         attention, cache = self.attentions[layer], cache or self.caches[layer]
         keys = cache.fetch()[0][0]
         keep = self.method.keep_indices(
-            layer, attention.window_queries, keys, attention.scale, budget, attention.sinks
+            layer, attention.window_queries, keys, attention.scale, budget, attention.sinks, cache.visible_rows()
         )
         cache.compress(keep, budget, kv_bits)
 

@@ -127,8 +127,7 @@ def select_snapkv(q_win, k, budget, window=8, kernel=5, pooling="avg"):
     n_kv, T = k.shape[0], k.shape[1]
     if T <= budget:
         return np.tile(np.arange(T), (n_kv, 1))
-    scores = _head_scores(q_win, k, np.arange(q_win.shape[0]), window, kernel, pooling)
-    grouped = scores.reshape(n_kv, -1, T - window).mean(axis=1)
+    grouped = snapkv_grouped(q_win, k, window, kernel, pooling)
     return np.stack([_keep(top_positions(s, budget - window), T, window) for s in grouped])
 
 
@@ -150,6 +149,34 @@ def select_compresskv_gqa(q_win, k, srh_heads, budget, window=8, kernel=5, pooli
         head_scores = scores[mine] if mine.any() else scores
         rows.append(_keep(top_positions(head_scores.mean(axis=0), budget - window), T, window))
     return np.stack(rows)
+
+
+def select_adakv(grouped, budget, window=8, floor=0.2):
+    """AdaKV over per-KV-head scores ``grouped`` ([Hkv, T - w]): each head's best
+    ceil(floor x (budget - w)) positions, then the best of the rest over all heads until
+    Hkv x (budget - w) are chosen; plus the window. Rows padded with -1 at the front to
+    the widest head: [Hkv, widest + w]."""
+    n_kv, prefix = grouped.shape
+    top = budget - window
+    guaranteed = int(np.ceil(top * floor))
+    chosen = np.zeros_like(grouped, dtype=bool)
+    for head in range(n_kv):
+        chosen[head, np.argsort(-grouped[head])[:guaranteed]] = True
+    rest = np.where(chosen, -np.inf, grouped).ravel()
+    chosen.ravel()[np.argsort(-rest)[: n_kv * top - chosen.sum()]] = True
+    widest = chosen.sum(axis=1).max()
+    rows = []
+    for head in range(n_kv):
+        kept = _keep(np.flatnonzero(chosen[head]), prefix + window, window)
+        rows.append(np.concatenate([np.full(widest + window - len(kept), -1), kept]))
+    return np.stack(rows)
+
+
+def snapkv_grouped(q_win, k, window=8, kernel=5, pooling="avg"):
+    """SnapKV's per-KV-head scores [Hkv, T - w]: every query head, averaged per group."""
+    n_kv, T = k.shape[0], k.shape[1]
+    scores = _head_scores(q_win, k, np.arange(q_win.shape[0]), window, kernel, pooling)
+    return scores.reshape(n_kv, -1, T - window).mean(axis=1)
 
 
 def select_keydiff(k, budget, window=8):

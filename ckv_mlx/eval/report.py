@@ -13,7 +13,8 @@ from matplotlib.figure import Figure
 
 from ..errors import read_jsonl
 
-METHOD_ORDER = ("full", "compresskv", "compresskv-gqa", "snapkv", "pyramidkv", "streamingllm", "keydiff")
+METHOD_ORDER = ("full", "compresskv", "compresskv-gqa", "compresskv-gqa-ada", "snapkv", "snapkv-ada", "pyramidkv",
+                "streamingllm", "keydiff")
 BOOTSTRAP_RESAMPLES = 2000
 RULER_TASKS = ("multikey", "multivalue", "variable-tracking", "frequent-words")
 
