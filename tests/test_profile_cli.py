@@ -81,9 +81,11 @@ def test_validate(profiled, capsys, tmp_path):
 def test_runs_on_the_papers_needles_and_haystack(tmp_path, capsys, default_model):
     folder = reference_file("srh_detection")
     code, err, _ = run(capsys, "srh", "--needles", folder / "needles.jsonl", "--haystack", folder / "haystack_part1.txt",
-                    "--lengths", "300", "--depths", "50", "--max-tokens", "8", "--out", tmp_path / "ref.json")
+                    "--lengths", "300", "--depths", "50", "--max-tokens", "8", "--out", tmp_path / "ref.json",
+                    "--skip-needles", "1")
     trials = records(tmp_path / "ref.srh.jsonl")
-    assert len(trials) == 3 and all(t["span"] is not None for t in trials)
+    assert [t["needle"] for t in trials] == [1, 2]  # the file's lines, the first left out
+    assert all(t["span"] is not None for t in trials)
     # the tiny model may answer none of them: then the one-line refusal, no profile
     assert code == 0 or ("no trial was answered" in err and code == 2)
 
@@ -91,5 +93,7 @@ def test_runs_on_the_papers_needles_and_haystack(tmp_path, capsys, default_model
 def test_bad_input_is_one_line(tmp_path, capsys, default_model):
     code, err, _ = run(capsys, "srh", "--lengths", "9000", "--out", tmp_path / "x.json")
     assert code == 2 and "exceeds the model's context" in err
+    code, err, _ = run(capsys, "srh", "--skip-needles", "6", "--out", tmp_path / "x.json")
+    assert code == 2 and "has 6 needles; leave out fewer" in err and err.count("\n") == 1
     code, err, _ = run(capsys, "layers", "--profile", tmp_path / "missing.json")
     assert code == 2 and "missing.json" in err

@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     srh = commands.add_parser("srh", help="find the Semantic Retrieval Heads; write a profile")
     srh.add_argument("--model", help=model_help)
     srh.add_argument("--needles", type=Path, help="needles JSONL (default: the shipped set)")
+    srh.add_argument("--skip-needles", type=int, default=0,
+                     help="leave out the file's first needles, e.g. the 3 the evaluation asks for (default 0)")
     srh.add_argument("--haystack", type=Path, help="haystack .txt or folder of them (default: shipped)")
     srh.add_argument("--lengths", type=_ints, help="prompt lengths in tokens (default: 5 from 1,000 to 90%% of the context)")
     srh.add_argument("--depths", type=_ints, default=DEFAULT_DEPTHS, help="needle depths in %% (default: 10 from 0 to 100)")
@@ -155,6 +157,10 @@ def _srh(args, argv):
     needles, haystack = load_needles(needles_path), load_haystack(haystack_path)
     if args.max_tokens < 1:
         raise CKVError("--max-tokens must be at least 1")
+    if not 0 <= args.skip_needles < len(needles):
+        raise CKVError(f"--skip-needles {args.skip_needles}: {_shown(needles_path)} has {len(needles)} needles; "
+                       "leave out fewer")
+    needles = needles[args.skip_needles :]
     loaded = load_model(args.model)
     warn_if_slow_blas()
     shape = loaded.shape
@@ -179,7 +185,7 @@ def _srh(args, argv):
         length, depth, i = job
         prompt = needle_prompt(loaded.tokenizer, haystack, [needles[i]], length, [depth], args.style)
         record = srh_trial(session, loaded.tokenizer, prompt, args.max_tokens)
-        return {"length": length, "depth": depth, "needle": i, **record}
+        return {"length": length, "depth": depth, "needle": args.skip_needles + i, **record}  # its line in the file
 
     print(f"SRH sweep of {loaded.name}: {len(needles)} needles x {len(lengths)} lengths {lengths} "
           f"x {len(args.depths)} depths; run log {trials}", file=sys.stderr)
@@ -192,7 +198,9 @@ def _srh(args, argv):
     minutes = sum(r["seconds"] for r in log.records) / 60
     provenance = Provenance(
         how="profiled", source=_source(), command=_command(argv), created=date.today().isoformat(),
-        data=(f"SRH needle sweep: {len(needles)} needles from {_shown(needles_path)} and haystack {_shown(haystack_path)}, "
+        data=(f"SRH needle sweep: {len(needles)} needles from {_shown(needles_path)}"
+              + (f" (after its first {args.skip_needles})" if args.skip_needles else "")
+              + f" and haystack {_shown(haystack_path)}, "
               f"lengths {lengths} tokens, depths {args.depths} %, {args.style} prompts, greedy, at most "
               f"{args.max_tokens} answer tokens; {counted} of {len(log.records)} trials counted "
               "(ROUGE-1 recall > 0.5)"),
