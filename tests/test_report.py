@@ -39,6 +39,15 @@ def test_accuracy_table_means_order_and_gaps():
     assert [c.strip(" |").split(" [")[0] for c in row(table, "compresskv")] == ["100.0", "66.7", "0.0"]
 
 
+def test_kv_kept_is_one_row_when_every_method_allocates_alike_else_one_per_method():
+    assert row(accuracy_table(RECORDS, "niah"), "*KV cache kept, %*")[1].strip() == "10.0"
+    padded = RECORDS + [rec("snapkv-ada", "64", 1.0, "a", kv_fraction=0.12)]
+    table = accuracy_table(padded, "niah")
+    assert "*KV cache kept, %*" not in table
+    assert row(table, "*KV kept, % (snapkv-ada)*")[1].strip() == "12.0"
+    assert row(table, "*KV kept, % (snapkv)*")[1].strip() == "10.0"
+
+
 def test_relative_table_divides_by_full_on_the_same_samples():
     table = relative_table(RECORDS, "niah")
     # snapkv@64: 1 of full's 2 -> 50 %; compresskv@64: 2 of 2 -> 100 %; compresskv@32 on sample a: 1/1

@@ -87,13 +87,17 @@ def accuracy_table(records, task, metric="score", mode="query-aware") -> str:
     rows = []
     for method in method_order(chosen):
         rows.append([method] + [shown(_scores(chosen, method, b, metric)) for b in budgets])
-    kept = [_pct(_share(chosen, b)) for b in budgets]
-    rows.append(["*KV cache kept, %*"] + kept)
+    kept = {m: tuple(_pct(_share(chosen, b, m)) for b in budgets) for m in method_order(chosen) if m != "full"}
+    per_budget = [set(column) - {"-"} for column in zip(*kept.values())]
+    if all(len(shares) <= 1 for shares in per_budget):  # every method allocates the same share: one row
+        rows.append(["*KV cache kept, %*", *(next(iter(shares), "-") for shares in per_budget)])
+    else:  # e.g. per-head budgets' padding: each method's own
+        rows += [[f"*KV kept, % ({m})*", *shares] for m, shares in kept.items()]
     return _table(["method"] + budgets, rows)
 
 
-def _share(records, budget) -> float | None:
-    values = [r["kv_fraction"] for r in records if r["budget"] == budget and r["method"] != "full"]
+def _share(records, budget, method: str) -> float | None:
+    values = [r["kv_fraction"] for r in records if r["budget"] == budget and r["method"] == method]
     return mean(values) if values else None
 
 
