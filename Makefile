@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml scripts/setup_system.sh
 demo: setup
 	HF_HUB_OFFLINE=1 $(PY) -m ckv_mlx.generate --doc samples/report.txt --raw \
 		--prompt "Question: Who is the chief executive officer? Answer: The chief executive officer is" \
-		--method compresskv --budget 512 --max-tokens 8
+		--budget 512 --max-tokens 8
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import DEFAULT_METHOD
 from .blas import ensure_fast_blas, warn_if_slow_blas
 from .errors import CKVError, exit_code
 
@@ -33,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: $CKV_PRECISION, else native on Metal and float32 on a CPU)")
     p.add_argument("--doc", type=Path, help="document: .pdf .txt .md")
     p.add_argument("--prompt", default=None, help=f"question (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--method", default="compresskv", choices=list(METHODS))
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
     p.add_argument("--budget", default="128", help="tokens per layer (average), or a fraction of the prompt: 5%% or 0.05 (ignored by full)")
     p.add_argument("--profile", type=Path, help="SRH profile (default: the model's shipped profile, if any)")
     p.add_argument("--max-tokens", type=int, default=256)

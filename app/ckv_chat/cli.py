@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ckv_mlx import DEFAULT_METHOD
 from ckv_mlx.blas import ensure_fast_blas
 
 
@@ -25,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: $CKV_PRECISION, else native on Metal and float32 on a CPU)")
     p.add_argument("--profile", help="SRH profile (default: the model's shipped profile in ckv_mlx/profiles/data/, "
                    "or in $CKV_PROFILES_DIR when set, if any)")
-    p.add_argument("--method", default="compresskv", choices=list(METHODS))
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
     p.add_argument("--budget", default="128", help="tokens per layer (average), or a share of the document: 5%%")
     p.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICIES,
                    help=f"what follow-up questions use (default {DEFAULT_POLICY}; see the README)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import DEFAULT_METHOD
+
 DEFAULT_POLICY = "per-question"
 
 
@@ -15,7 +17,7 @@ class ChatSettings:
     model: str | None = None
     precision: str | None = None  # float32 or native (load_model's); None: $CKV_PRECISION, else the device's
     profile: str | None = None
-    method: str = "compresskv"
+    method: str = DEFAULT_METHOD
     budget: str = "128"
     policy: str = DEFAULT_POLICY
     max_tokens: int = 512

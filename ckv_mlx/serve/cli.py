@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .. import DEFAULT_METHOD
 from ..blas import ensure_fast_blas
 from ..errors import CKVError, exit_code
 from .protocol import Limits
@@ -27,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--profile", help="SRH profile (default: the model's shipped profile, if any)")
-    p.add_argument("--method", default="compresskv", choices=list(METHODS), help="default method (a request's "
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS), help="default method (a request's "
                    '"ckv": {"method": ...} overrides it)')
     p.add_argument("--budget", default="128", help="default tokens per layer, or a share of the prompt: 5%%")
     p.add_argument("--kv-bits", type=int, choices=KV_BITS_CHOICES, help=KV_BITS_HELP)

@@ -13,6 +13,8 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 
+from .. import DEFAULT_METHOD
+
 ROLES = ("system", "user", "assistant", "developer")
 MAX_STOP = 4  # as OpenAI's API
 
@@ -34,7 +36,7 @@ class Compression:
     """How a request's cache is compressed: a method, a budget ("128", "5%"), KV bits
     (None: the server's)."""
 
-    method: str = "compresskv"
+    method: str = DEFAULT_METHOD
     budget: str = "128"
     kv_bits: int | None = None
 
