@@ -22,7 +22,8 @@ class Case:
 def sweep(
     loaded, cases: list[Case], methods: list[str], budgets: list[int], raw: bool = True, max_tokens: int = 12, profile=None
 ) -> Iterator[dict]:
-    """One record per case, method and budget (``full`` once per case).
+    """One record per case, method and budget (``full`` once per case), with the KV bytes
+    allocated after the answer and what a full cache of as many tokens allocates.
 
     Cases that share a document share its prefill.
     """
@@ -47,4 +48,6 @@ def sweep(
                     "prompt_tokens": len(prefix) + len(question),
                     "text": text,
                     "correct": case.expected.lower() in text.lower(),
+                    "kv_bytes": session.kv_bytes,
+                    "full_bytes": session.full_bytes,
                 }

@@ -50,6 +50,7 @@ def read(session, tokens, budget, working, chunk, tokenizer, question=None) -> d
 def main(argv=None) -> int:
     ensure_fast_blas()
     args = parse_args(argv)
+    from ckv_mlx.cache import allocated_rows
     from ckv_mlx.memory import plan_prefill, weight_bytes
     from ckv_mlx.methods import make_method
     from ckv_mlx.models import load_model
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     needle = load_needles()[0]
     prompt = needle_prompt(loaded.tokenizer, load_haystack(), [needle], args.length, [50])
     tokens = prompt.document + prompt.question
-    full = len(tokens) * loaded.kv_bytes_per_token
+    full = allocated_rows(len(tokens)) * loaded.kv_bytes_per_token
     limit = int(full / args.ratio)
     working, note = plan_prefill(loaded, len(tokens), args.budget, str(limit), args.chunk)
     print(f"note: {note}", file=sys.stderr)

@@ -20,7 +20,7 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 KEY = "71432"
 QUESTION = "What is the pass key? The pass key is"
-METHODS = ("full", "snapkv", "streamingllm")
+METHODS = ("full", "compresskv", "compresskv-gqa", "snapkv", "pyramidkv", "streamingllm", "keydiff")
 
 
 def haystack(depth: float, sentences: int = 100) -> str:
@@ -36,14 +36,17 @@ def run(budget: int = 128, methods=METHODS, depths=DEPTHS, model: str | None = N
     cases = [Case(haystack(depth), QUESTION, KEY) for depth in depths]
     records = list(sweep(loaded, cases, list(methods), [budget], max_tokens=8))
     found = {name: [r["correct"] for r in records if r["method"] == name] for name in methods}
-    return {"model": loaded.name, "prompt_tokens": records[-1]["prompt_tokens"], "budget": budget, "depths": list(depths), "found": found}
+    kv_share = {name: max(r["kv_bytes"] / r["full_bytes"] for r in records if r["method"] == name) for name in methods}
+    return {"model": loaded.name, "prompt_tokens": records[-1]["prompt_tokens"], "budget": budget, "depths": list(depths),
+            "found": found, "kv_share": kv_share}
 
 
 def table(result: dict) -> str:
-    head = "| method | " + " | ".join(f"{d:.0%}" for d in result["depths"]) + " | found |"
-    rule = "|---" * (len(result["depths"]) + 2) + "|"
+    head = "| method | " + " | ".join(f"{d:.0%}" for d in result["depths"]) + " | found | KV allocated, % of full |"
+    rule = "|---" * (len(result["depths"]) + 3) + "|"
     rows = [
-        f"| {name} | " + " | ".join("yes" if f else "no" for f in hits) + f" | {sum(hits)}/{len(hits)} |"
+        f"| {name} | " + " | ".join("yes" if f else "no" for f in hits)
+        + f" | {sum(hits)}/{len(hits)} | {100 * result['kv_share'][name]:.1f} |"
         for name, hits in result["found"].items()
     ]
     return "\n".join([head, rule, *rows])

@@ -25,7 +25,7 @@ QUESTIONS = [  # completion style: the default model answers these far better th
     ("In which city did the new plant open? Answer: The new plant opened in", "Yakima"),
     ("How many full-time employees does the company have? Answer: The company has", "2,140"),
 ]
-METHODS = ["full", "snapkv", "pyramidkv", "streamingllm"]
+METHODS = ["full", "compresskv", "compresskv-gqa", "snapkv", "pyramidkv", "streamingllm", "keydiff"]
 BUDGETS = [128, 512, 1024]
 
 
@@ -39,6 +39,8 @@ def table(records: list[dict]) -> str:
         rows.append(f"| {expected} | " + " | ".join("yes" if c["correct"] else "no" for c in cells) + " |")
     totals = [sum(r["correct"] for r in records if (r["method"], r["budget"]) == c) for c in columns]
     rows.append("| **correct** | " + " | ".join(f"**{t}/{len(QUESTIONS)}**" for t in totals) + " |")
+    shares = [max(r["kv_bytes"] / r["full_bytes"] for r in records if (r["method"], r["budget"]) == c) for c in columns]
+    rows.append("| *KV allocated, % of full* | " + " | ".join(f"{100 * s:.1f}" for s in shares) + " |")
     return "\n".join([head, rule, *rows])
 
 

@@ -22,7 +22,7 @@ def result():
         load_model()
     except CKVError as e:  # the model wheel comes with `make setup`
         pytest.skip(f"built-in model unavailable: {e}")
-    return passkey.run(budget=128)
+    return passkey.run(budget=128, methods=("full", "snapkv", "streamingllm"))
 
 
 def test_document_is_about_2400_tokens(result):
@@ -41,3 +41,10 @@ def test_snapkv_at_128_answers_like_the_full_cache(result):
 def test_streamingllm_at_128_loses_a_mid_document_key(result):
     depths, found = result["depths"], result["found"]["streamingllm"]
     assert not any(found[depths.index(d)] for d in (0.4, 0.6)), result
+
+
+def test_kv_share_is_the_allocated_bytes(result):
+    """128 rows per layer and a region of a quarter of them, against a full cache in 256-row steps."""
+    full_rows = 256 * -(-result["prompt_tokens"] // 256)
+    assert result["kv_share"]["snapkv"] == pytest.approx((128 + 32) / full_rows)
+    assert result["kv_share"]["full"] == 1
