@@ -2,16 +2,18 @@
 # The evaluation runs behind docs/results.md, on the built-in model and its shipped profile.
 # Each step is resumable: killed and started again, it continues; with larger grids
 # (e.g. --lengths 1000,2000,4000,7000) it adds only the missing records.
-# Usage: bash scripts/results.sh [niah|uniform|firstk|chunked|coverage|ablation|mixed|followup|gemma_niah|kv_bits]...   (default: all ten)
+# Usage: bash scripts/results.sh [niah|uniform|firstk|chunked|coverage|ablation|mixed|agnostic|followup|gemma_niah|kv_bits]...
+# (default: all eleven)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1
 PG=../shared/reference/compresskv/haystack/paul_graham_essays
-LENGTHS=${LENGTHS:-1000}  # niah, mixed and followup; docs/results.md used 1000,2000,4000,7000
+LENGTHS=${LENGTHS:-1000}  # niah, mixed, agnostic and followup; docs/results.md says which each used
 
-niah() {  # NIAH, completion style, Paul Graham haystack, 10 depths x 3 needles, query-aware
-    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths "$LENGTHS" \
+niah() {  # NIAH, completion style, Paul Graham haystack, 10 depths x NEEDLES needles (default 3), query-aware
+    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths "$LENGTHS" --needle-count "${NEEDLES:-3}" \
+        --methods full,compresskv,compresskv-gqa,snapkv,pyramidkv,streamingllm,keydiff \
         --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity --out docs/eval/niah
 }
 
@@ -58,6 +60,11 @@ mixed() {  # both modes, fidelity and RULER-style QA on a smaller grid
         --lengths "$LENGTHS" --depths 50 --samples 2 --budgets 64,256 --max-tokens 12 --out docs/eval/mixed
 }
 
+agnostic() {  # NIAH with the question outside the window (query-agnostic) and in it, KeyDiff beside the window methods
+    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --lengths "$LENGTHS" --depths 25,50,75 \
+        --methods full,compresskv-gqa,snapkv,keydiff --budgets 64,256 --max-tokens 8 --no-fidelity --out docs/eval/agnostic
+}
+
 coverage() {  # which needle tokens each method keeps, layer by layer, on the two 7K samples compresskv misses at 64
     for depth in 11 22; do
         $PY scripts/needle_coverage.py --length 7000 --depth $depth --needle 2 --budget 64 --span sentence
@@ -66,7 +73,8 @@ coverage() {  # which needle tokens each method keeps, layer by layer, on the tw
 
 followup() {  # a second question about another needle, under each multi-turn policy
     $PY -m ckv_mlx.eval --tasks followup --haystack "$PG" --lengths "$LENGTHS" --depths 25 \
-        --methods full,compresskv,snapkv,streamingllm --budgets 64,256 --max-tokens 8 --out docs/eval/followup
+        --methods full,compresskv,compresskv-gqa,snapkv,streamingllm,keydiff --budgets 64,256 --max-tokens 8 \
+        --out docs/eval/followup
 }
 
 gemma_niah() {  # Gemma 3 270M (base, 1 KV head, 3 global layers of 18): NIAH at 1K-4K, 5 depths x 3 needles
@@ -81,6 +89,6 @@ kv_bits() {  # kept rows quantized: NIAH and fidelity, compresskv at 64-512 toke
         --out docs/eval/kv-bits
 }
 
-for step in "${@:-niah uniform firstk chunked coverage ablation mixed followup gemma_niah kv_bits}"; do
+for step in "${@:-niah uniform firstk chunked coverage ablation mixed agnostic followup gemma_niah kv_bits}"; do
     for s in $step; do $s; done
 done

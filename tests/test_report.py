@@ -7,7 +7,8 @@ import pytest
 
 from ckv_mlx.errors import CKVError
 
-from ckv_mlx.eval.report import (accuracy_table, budget_order, bytes_table, fidelity_table, followup_length_table,
+from ckv_mlx.eval.report import (accuracy_table, budget_order, bytes_table, difference_interval, difference_table,
+                                 fidelity_table, followup_length_table,
                                  followup_table, heatmap, load_records, method_order, relative_table, ratio_interval, wilson_interval,
                                  write_report)
 
@@ -61,6 +62,32 @@ def test_the_paired_bootstrap_interval_is_the_normal_one_for_a_large_sample():
     low, high = ratio_interval(pairs)
     assert low == pytest.approx(0.5 - 1.96 * 0.0354, abs=0.015) and high == pytest.approx(0.5 + 1.96 * 0.0354, abs=0.015)
     assert ratio_interval(pairs) == (low, high)  # a fixed seed
+
+
+def test_the_paired_difference_interval_is_the_normal_one_for_a_large_sample():
+    # a - b is +1 on 30 of 200 samples, 0 elsewhere: mean 0.15, standard error sqrt(0.15 x 0.85 / 200) = 0.0252
+    pairs = [(1.0, 0.0)] * 30 + [(1.0, 1.0)] * 100 + [(0.0, 0.0)] * 70
+    low, high = difference_interval(pairs)
+    assert low == pytest.approx(0.15 - 1.96 * 0.0252, abs=0.01) and high == pytest.approx(0.15 + 1.96 * 0.0252, abs=0.01)
+
+
+def test_difference_table_pairs_samples_and_says_ahead_level_or_behind():
+    n = 40
+    records = [rec("compresskv-gqa", "64", 1.0, s) for s in range(n)]
+    records += [rec("snapkv", "64", float(s >= 10), s) for s in range(n)]  # gqa answers 10 more of 40
+    records += [rec("pyramidkv", "64", float(s != 3), s) for s in range(n)]  # one more: within the noise
+    records += [rec("keydiff", "64", 1.0, s) for s in range(n)] + [rec("keydiff", "64", 1.0, "only keydiff")]
+    records += [rec("compresskv", "64", float(s >= 12), s) for s in range(n)]
+    table = difference_table(records, "niah")
+    assert table.splitlines()[0] == "| comparison | 64 |"
+    assert row(table, "compresskv-gqa vs snapkv")[0].strip(" |").startswith("+25.0 [")
+    assert row(table, "compresskv-gqa vs snapkv")[0].strip(" |").endswith("] ahead")
+    assert row(table, "compresskv-gqa vs pyramidkv")[0].strip(" |").startswith("+2.5 [+0.0, ")
+    assert row(table, "compresskv-gqa vs pyramidkv")[0].strip(" |").endswith("] level")
+    assert row(table, "compresskv-gqa vs keydiff")[0].strip(" |") == "+0.0 [+0.0, +0.0] level"  # its extra sample unpaired
+    assert row(table, "compresskv vs keydiff")[0].strip(" |").endswith("] behind")
+    assert "compresskv vs compresskv-gqa" not in table and "vs full" not in table
+    assert difference_table([r for r in records if r["method"] in ("snapkv", "keydiff")], "niah") == ""
 
 
 def test_budget_order_puts_tokens_first():

@@ -125,6 +125,29 @@ def relative_table(records, task, metric="score", mode="query-aware") -> str:
     return _table(["method"] + budgets, rows)
 
 
+def difference_table(records, task, metric="score", mode="query-aware") -> str:
+    """Each CompressKV variant against each baseline of the same bits, on the samples both
+    answered: the difference in mean ``metric`` (points), its 95 % paired bootstrap interval,
+    and whether the variant is ahead, level or behind by that interval."""
+    chosen = _select(records, task, mode)
+    methods = [m for m in method_order(chosen) if m != "full"]
+    variants = [m for m in methods if m.startswith("compresskv")]
+    budgets = budget_order(chosen)
+    rows = []
+    for variant in variants:
+        for baseline in methods:
+            if baseline.startswith("compresskv") or baseline.partition(" ")[2] != variant.partition(" ")[2]:
+                continue
+            cells = []
+            for b in budgets:
+                ours = {r["sample"]: r[metric] for r in chosen if r["method"] == variant and r["budget"] == b}
+                theirs = {r["sample"]: r[metric] for r in chosen if r["method"] == baseline and r["budget"] == b}
+                common = sorted(ours.keys() & theirs.keys())
+                cells.append(compared([(ours[s], theirs[s]) for s in common]) if common else "-")
+            rows.append([f"{variant} vs {baseline}"] + cells)
+    return _table(["comparison"] + budgets, rows) if rows else ""
+
+
 def modes_table(records, task, metric="score") -> str:
     """Query-aware and query-agnostic side by side, per budget."""
     aware, agnostic = _select(records, task, "query-aware"), _select(records, task, "query-agnostic")
@@ -178,15 +201,36 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
+def _resampled_sums(pairs: list[tuple[float, float]], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both sides' sums over bootstrap resamples of the sample pairs (a fixed seed: the same
+    table every time)."""
+    first, second = np.array(pairs, dtype=np.float64).T
+    picks = np.random.default_rng(seed).integers(0, len(pairs), (BOOTSTRAP_RESAMPLES, len(pairs)))
+    return first[picks].sum(axis=1), second[picks].sum(axis=1)
+
+
 def ratio_interval(pairs: list[tuple[float, float]], seed: int = 0) -> tuple[float, float]:
     """95 % paired bootstrap interval of ``sum(method) / sum(full)`` over (method, full)
-    sample pairs, resampling the samples (a fixed seed: the same table every time)."""
-    method, full = np.array(pairs, dtype=np.float64).T
-    picks = np.random.default_rng(seed).integers(0, len(pairs), (BOOTSTRAP_RESAMPLES, len(pairs)))
-    sums, bases = method[picks].sum(axis=1), full[picks].sum(axis=1)
-    ratios = sums[bases > 0] / bases[bases > 0]
-    low, high = np.percentile(ratios, [2.5, 97.5])
+    sample pairs, resampling the samples."""
+    sums, bases = _resampled_sums(pairs, seed)
+    low, high = np.percentile(sums[bases > 0] / bases[bases > 0], [2.5, 97.5])
     return float(low), float(high)
+
+
+def difference_interval(pairs: list[tuple[float, float]], seed: int = 0) -> tuple[float, float]:
+    """95 % paired bootstrap interval of ``mean(a - b)`` over (a, b) sample pairs."""
+    firsts, seconds = _resampled_sums(pairs, seed)
+    low, high = np.percentile((firsts - seconds) / len(pairs), [2.5, 97.5])
+    return float(low), float(high)
+
+
+def compared(pairs: list[tuple[float, float]]) -> str:
+    """``mean(a - b)`` in points with its 95 % paired interval, and what the interval says:
+    ahead or behind when it excludes 0, level when it spans it."""
+    difference = sum(a - b for a, b in pairs) / len(pairs)
+    low, high = difference_interval(pairs)
+    verdict = "ahead" if low > 0 else "behind" if high < 0 else "level"
+    return f"{100 * difference:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] {verdict}"
 
 
 def _with_interval(scores: list[float]) -> str:
@@ -305,6 +349,9 @@ def write_report(records, out_dir) -> str:
                 continue
             text = f"## {task}, {mode}: accuracy (%)\n\n{accuracy_table(records, task, mode=mode)}\n"
             text += f"As % of the full cache on the same samples:\n\n{relative_table(records, task, mode=mode)}\n"
+            if differences := difference_table(records, task, mode=mode):
+                text += ("Each CompressKV variant against each baseline on the same samples: the difference in "
+                         f"accuracy (points) with its 95 % paired bootstrap interval:\n\n{differences}\n")
             if any(r.get("kv_bits") for r in chosen):
                 text += f"By the KV kept (quantized rows count their bits):\n\n{bytes_table(records, task, mode)}\n"
             if task == "niah":
