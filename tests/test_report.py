@@ -49,6 +49,13 @@ def test_kv_kept_is_one_row_when_every_method_allocates_alike_else_one_per_metho
     assert row(table, "*KV kept, % (snapkv)*")[1].strip() == "10.0"
 
 
+def test_kv_kept_comes_from_records_with_allocated_bytes_where_a_method_has_them():
+    older = rec("snapkv", "64", 1.0, "old", kv_fraction=0.064)  # rows held, before allocated bytes
+    newer = [rec("snapkv", "64", 1.0, s, kv_fraction=0.078, kv_bytes=1) for s in ("x", "y")]
+    assert row(accuracy_table([older] + newer, "niah"), "*KV cache kept, %*")[0].strip(" |") == "7.8"
+    assert row(accuracy_table([older], "niah"), "*KV cache kept, %*")[0].strip(" |") == "6.4"
+
+
 def test_relative_table_divides_by_full_on_the_same_samples():
     table = relative_table(RECORDS, "niah")
     # snapkv@64: 1 of full's 2 -> 50 %; compresskv@64: 2 of 2 -> 100 %; compresskv@32 on sample a: 1/1

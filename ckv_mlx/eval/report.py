@@ -97,8 +97,11 @@ def accuracy_table(records, task, metric="score", mode="query-aware") -> str:
 
 
 def _share(records, budget, method: str) -> float | None:
-    values = [r["kv_fraction"] for r in records if r["budget"] == budget and r["method"] == method]
-    return mean(values) if values else None
+    """Mean KV share kept, from the records that carry their allocated bytes where any do:
+    older records' ``kv_fraction`` may count rows held (before memory figures were allocated)."""
+    mine = [r for r in records if r["budget"] == budget and r["method"] == method]
+    mine = [r for r in mine if "kv_bytes" in r] or mine
+    return mean(r["kv_fraction"] for r in mine) if mine else None
 
 
 def relative_table(records, task, metric="score", mode="query-aware") -> str:
