@@ -33,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--needle", type=int, default=2, help="index into the shipped needles")
     p.add_argument("--budget", type=int, default=64, help="tokens per layer on average")
     p.add_argument("--methods", default=METHODS)
+    p.add_argument("--profile", help="profile file (default: the built-in model's)")
     p.add_argument("--span", choices=["answer", "sentence"], default="answer",
                    help="tokens to follow: the needle's answer (default) or the whole sentence")
     p.add_argument("--least", type=float, default=0.1,
@@ -104,7 +105,7 @@ def run(args) -> int:
 
     loaded = load_model()
     tok = loaded.tokenizer
-    profile, _, _ = resolve_profile(None, loaded.shape)
+    profile, _, _ = resolve_profile(args.profile, loaded.shape)
     methods = {name: make_method(name, profile)[0] for name in args.methods.split(",")}
     if not all(m.compresses for m in methods.values()):
         raise CKVError("--methods: list only methods that compress (not full)")
