@@ -21,10 +21,10 @@ variant() {  # OUT PYTHON: the shipped profile changed by PYTHON (acting on p), 
 }
 variant "$TWO_SRH" 'p["defaults"]["first_k"] = 2'
 
-niah() {  # NIAH, completion style, Paul Graham haystack, 10 depths x NEEDLES needles (default 6), query-aware;
+niah() {  # NIAH, completion style, Paul Graham haystack, 10 depths x NEEDLES needles (default 3), query-aware;
           # pyramidkv on the first 3 needles only: its records predate the levelled budgets (docs/results.md marks them)
     local methods=full,compresskv,compresskv-gqa,snapkv,streamingllm,keydiff
-    for run in "3 $methods,pyramidkv" "${NEEDLES:-6} $methods"; do
+    for run in "3 $methods,pyramidkv" "${NEEDLES:-3} $methods"; do
         set -- $run
         $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --profile "$TWO_SRH" --lengths "$LENGTHS" --needle-count "$1" \
             --methods "$2" --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity --out docs/eval/niah
