@@ -3,8 +3,8 @@
 # (with the 2 SRHs per layer that the records were made with; it ships with 3 since the NIAH run at 1K-7K).
 # Each step is resumable: killed and started again, it continues; with larger grids
 # (e.g. --lengths 1000,2000,4000,7000) it adds only the missing records.
-# Usage: bash scripts/results.sh [niah|uniform|firstk|chunked|coverage|ablation|mixed|agnostic|followup|gemma_niah|kv_bits]...
-# (default: all eleven)
+# Usage: bash scripts/results.sh [niah|pyramidkv|uniform|firstk|chunked|coverage|ablation|mixed|agnostic|followup|gemma_niah|kv_bits]...
+# (default: all twelve)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -29,6 +29,18 @@ niah() {  # NIAH, completion style, Paul Graham haystack, 10 depths x NEEDLES ne
         $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --profile "$TWO_SRH" --lengths "$LENGTHS" --needle-count "$1" \
             --methods "$2" --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity --out docs/eval/niah
     done
+}
+
+pyramidkv() {  # PyramidKV with budgets levelled to exactly B x L on the 240 NIAH samples of niah (needles 1-6, 1K-7K);
+               # its full-cache answers seeded from docs/eval/niah (same settings, same prompts)
+    local out=docs/eval/niah-pyramidkv
+    if [ ! -s $out/records.jsonl ]; then
+        mkdir -p $out
+        $PY -c "import json, sys; rows = open(sys.argv[1]).read().splitlines(); open(sys.argv[2], 'w').write('\\n'.join(
+            [rows[0]] + [r for r in rows[1:] if json.loads(r).get('method') == 'full']) + '\\n')" docs/eval/niah/records.jsonl $out/records.jsonl
+    fi
+    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --profile "$TWO_SRH" --lengths 1000,2000,4000,7000 --needle-count 6 \
+        --methods full,pyramidkv --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity --out $out
 }
 
 variant_niah() {  # PROFILE OUT EVAL-ARGS...: compresskv and compresskv-gqa on NIAH with a variant of the profile
@@ -103,6 +115,6 @@ kv_bits() {  # kept rows quantized: NIAH and fidelity, compresskv at 64-512 toke
         --out docs/eval/kv-bits
 }
 
-for step in "${@:-niah uniform firstk chunked coverage ablation mixed agnostic followup gemma_niah kv_bits}"; do
+for step in "${@:-niah pyramidkv uniform firstk chunked coverage ablation mixed agnostic followup gemma_niah kv_bits}"; do
     for s in $step; do $s; done
 done
