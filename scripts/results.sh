@@ -12,6 +12,7 @@ export HF_HUB_OFFLINE=1
 PG=../shared/reference/compresskv/haystack/paul_graham_essays
 LENGTHS=${LENGTHS:-1000}  # niah, mixed, agnostic and followup; docs/results.md says which each used
 SHIPPED=ckv_mlx/profiles/data/smollm2-135m-instruct.json
+CKV=compresskv,compresskv-gqa  # the two CompressKV methods, for the profile-variant runs
 TWO_SRH=runs/smollm2-2-srh.json  # the shipped profile with 2 SRHs per layer (defaults.first_k), as it was shipped
                                  # when every record of docs/eval/ except niah-first-k-3* was made
 
@@ -21,14 +22,17 @@ variant() {  # OUT PYTHON: the shipped profile changed by PYTHON (acting on p), 
 }
 variant "$TWO_SRH" 'p["defaults"]["first_k"] = 2'
 
+niah_eval() {  # PROFILE OUT EVAL-ARGS...: NIAH with PROFILE, query-aware, budgets 32-256, 8 answer tokens, records in OUT
+    local profile=$1 out=$2; shift 2
+    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --profile "$profile" --budgets 32,64,128,256 --modes query-aware \
+        --max-tokens 8 --no-fidelity --out "$out" "$@"
+}
+
 niah() {  # NIAH, completion style, Paul Graham haystack, 10 depths x NEEDLES needles (default 3), query-aware;
           # pyramidkv on the first 3 needles only: its records predate the levelled budgets (docs/results.md marks them)
     local methods=full,compresskv,compresskv-gqa,snapkv,streamingllm,keydiff
-    for run in "3 $methods,pyramidkv" "${NEEDLES:-3} $methods"; do
-        set -- $run
-        $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --profile "$TWO_SRH" --lengths "$LENGTHS" --needle-count "$1" \
-            --methods "$2" --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity --out docs/eval/niah
-    done
+    niah_eval "$TWO_SRH" docs/eval/niah --lengths "$LENGTHS" --needle-count 3 --methods "$methods,pyramidkv"
+    niah_eval "$TWO_SRH" docs/eval/niah --lengths "$LENGTHS" --needle-count "${NEEDLES:-3}" --methods "$methods"
 }
 
 pyramidkv() {  # PyramidKV with budgets levelled to exactly B x L on the 240 NIAH samples of niah (needles 1-6, 1K-7K);
@@ -39,30 +43,23 @@ pyramidkv() {  # PyramidKV with budgets levelled to exactly B x L on the 240 NIA
         $PY -c "import json, sys; rows = open(sys.argv[1]).read().splitlines(); open(sys.argv[2], 'w').write('\\n'.join(
             [rows[0]] + [r for r in rows[1:] if json.loads(r).get('method') == 'full']) + '\\n')" docs/eval/niah/records.jsonl $out/records.jsonl
     fi
-    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --profile "$TWO_SRH" --lengths 1000,2000,4000,7000 --needle-count 6 \
-        --methods full,pyramidkv --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity --out $out
-}
-
-variant_niah() {  # PROFILE OUT EVAL-ARGS...: compresskv and compresskv-gqa on NIAH with a variant of the profile
-    local profile=$1 out=$2; shift 2
-    $PY -m ckv_mlx.eval --tasks niah --haystack "$PG" --profile "$profile" --methods compresskv,compresskv-gqa \
-        --budgets 32,64,128,256 --modes query-aware --max-tokens 8 --no-fidelity --out "$out" "$@"
+    niah_eval "$TWO_SRH" $out --lengths 1000,2000,4000,7000 --needle-count 6 --methods full,pyramidkv
 }
 
 uniform() {  # compresskv with uniform budgets: the 2-SRH profile without its layer errors, NIAH at 2K
     variant runs/smollm2-uniform-budgets.json 'p.pop("layer_errors"); p["defaults"]["first_k"] = 2'
-    variant_niah runs/smollm2-uniform-budgets.json docs/eval/niah-uniform --lengths 2000
+    niah_eval runs/smollm2-uniform-budgets.json docs/eval/niah-uniform --methods "$CKV" --lengths 2000
 }
 
 firstk() {  # 3 SRHs per layer instead of 2 (what the profile now ships): compresskv and compresskv-gqa at 2K and 4K
              # and at 7K on the two depths where compresskv loses the password needle (see coverage); then
-             # compresskv-gqa on all 240 NIAH samples of the niah step (its first 66 samples seeded from those runs)
+             # compresskv-gqa on all 240 NIAH samples of the niah step (in docs/ its first 66 samples were copied from those runs)
     variant runs/smollm2-first-k-3.json 'p["defaults"]["first_k"] = 3'
-    variant_niah runs/smollm2-first-k-3.json docs/eval/niah-first-k-3 --lengths 2000
-    variant_niah runs/smollm2-first-k-3.json docs/eval/niah-first-k-3-4k --lengths 4000
-    variant_niah runs/smollm2-first-k-3.json docs/eval/niah-first-k-3-7k --lengths 7000 --depths 11,22
-    variant_niah runs/smollm2-first-k-3.json docs/eval/niah-first-k-3-all --lengths 1000,2000,4000,7000 --needle-count 6 \
-        --methods full,compresskv-gqa
+    niah_eval runs/smollm2-first-k-3.json docs/eval/niah-first-k-3 --methods "$CKV" --lengths 2000
+    niah_eval runs/smollm2-first-k-3.json docs/eval/niah-first-k-3-4k --methods "$CKV" --lengths 4000
+    niah_eval runs/smollm2-first-k-3.json docs/eval/niah-first-k-3-7k --methods "$CKV" --lengths 7000 --depths 11,22
+    niah_eval runs/smollm2-first-k-3.json docs/eval/niah-first-k-3-all --methods full,compresskv-gqa \
+        --lengths 1000,2000,4000,7000 --needle-count 6
 }
 
 chunked() {  # bounded-memory prefill: NIAH at 2K, the document read in chunks of 512 kept to 256 tokens per layer,
