@@ -4,16 +4,22 @@ Each method answers two questions and nothing else; the cache does the cutting.
 ``layer_budgets`` splits an average budget over layers; ``keep_indices`` picks the rows
 of one layer to keep, ``[kv_heads or 1, budget]``, from its window queries and keys (with
 per-head budgets, AdaKV's, ``[kv_heads, widest]``, -1 where a head keeps fewer).
+
+A method's name may carry options after ``+``: ``snapkv+chunk20`` (whole chunks, as
+ChunkKV), ``compresskv-gqa+span12`` (the tokens after a kept one kept with it),
+``compresskv-gqa+window16+max+kernel9`` (its window, pooling and kernel).
 """
 
 from __future__ import annotations
+
+import re
 
 import mlx.core as mx
 
 from . import budgets
 from .errors import CKVError
 from .profiles import Defaults
-from .scoring import group_mean, head_scores, keep_per_head, keep_top, key_novelty
+from .scoring import chunked, group_mean, head_scores, keep_per_head, keep_top, key_novelty, spread
 
 
 class Method:
@@ -22,6 +28,8 @@ class Method:
     name = ""
     compresses = True
     per_head_budgets = False  # AdaKV: the layer's budget shared out over its KV heads by score
+    chunk = 1  # tokens kept together: each position scores its chunk's sum (ChunkKV)
+    span = 0  # each position also scores as well as the best of the span before it
 
     def __init__(
         self, window: int = Defaults.window, kernel: int = Defaults.kernel, pooling: str = Defaults.pooling
@@ -41,7 +49,7 @@ class Method:
         n = keys.shape[1]
         if n <= budget:
             return mx.arange(n)[None]
-        scores = self.scores(layer, window_queries, keys, scale, sinks, visible)
+        scores = spread(chunked(self.scores(layer, window_queries, keys, scale, sinks, visible), self.chunk), self.span)
         if visible is not None:
             prefix = visible[:, : n - self.window]
             scores = mx.where(prefix if scores.shape[0] > 1 else prefix.any(axis=0, keepdims=True), scores, -mx.inf)
@@ -163,22 +171,47 @@ METHODS = {m.name: m for m in (FullCache, CompressKV, CompressKVGQA, AdaCompress
 PROFILED = (CompressKV.name, CompressKVGQA.name, AdaCompressKVGQA.name)
 
 
+OPTION = re.compile(r"(chunk|span|window|kernel)([1-9][0-9]*)|(avg|max)")
+OPTIONS_HELP = ("chunkN (whole N-token chunks), spanN (the N tokens after a kept one), windowN, kernelN (odd), "
+                "avg or max (pooling)")
+
+
+def options(name: str) -> tuple[str, dict]:
+    """``name``'s base method and its ``+`` options as attributes to set; an unknown
+    method or option is refused in one line."""
+    base, *parts = name.split("+")
+    if base not in METHODS:
+        raise CKVError(f"unknown method {base!r}: choose one of {', '.join(METHODS)}")
+    settings = {}
+    for part in parts:
+        match = OPTION.fullmatch(part)
+        if match is None or (match[1] == "kernel" and int(match[2]) % 2 == 0):
+            raise CKVError(f"method {name!r}: unknown option {part!r}; options are {OPTIONS_HELP}")
+        settings.update({match[1]: int(match[2])} if match[1] else {"pooling": match[3]})
+    return base, settings
+
+
 def make_method(name: str, profile=None) -> tuple[Method, list[str]]:
-    """The method called ``name``, configured from ``profile``; plus notes for the user.
+    """The method called ``name`` (with its ``+`` options), configured from ``profile``;
+    plus notes for the user.
 
     A profiled method without a profile falls back to SnapKV scoring and says so.
     """
-    if name not in METHODS:
-        raise CKVError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
-    if name not in PROFILED:
-        return METHODS[name](), []
-    if profile is None:
+    base, settings = options(name)
+    if base not in PROFILED:
+        method, notes = METHODS[base](), []
+    elif profile is None:
         note = (
-            f"no SRH profile for this model: {name} falls back to SnapKV scoring "
+            f"no SRH profile for this model: {base} falls back to SnapKV scoring "
             "(make one with `python -m ckv_mlx.profile`, or pass --profile)"
         )
-        return (AdaSnapKV() if METHODS[name].per_head_budgets else SnapKV()), [note]
-    d = profile.defaults
-    method = METHODS[name](profile, window=d.window, kernel=d.kernel, pooling=d.pooling)
-    notes = [] if profile.layer_errors else [f"profile has no layer errors: {name} uses uniform budgets"]
+        method, notes = (AdaSnapKV() if METHODS[base].per_head_budgets else SnapKV()), [note]
+    else:
+        d = profile.defaults
+        method = METHODS[base](profile, window=d.window, kernel=d.kernel, pooling=d.pooling)
+        notes = [] if profile.layer_errors else [f"profile has no layer errors: {base} uses uniform budgets"]
+    for attribute, value in settings.items():
+        setattr(method, attribute, value)
+    if settings:
+        method.name = name
     return method, notes

@@ -21,6 +21,7 @@ DATA = Path(__file__).parent / "data"
 DEFAULT_NEEDLES = DATA / "needles.jsonl"
 DEFAULT_HAYSTACK = DATA / "haystack"
 STYLES = ("completion", "chat")
+BOUNDARIES = ("period", "sentence", "line")
 SPAN_COVERAGE = 0.9
 
 
@@ -106,12 +107,16 @@ def question_text(needle: Needle, style: str) -> str:
 
 
 def needle_prompt(
-    tokenizer, haystack: str, needles: list[Needle], length: int, depths: list[int], style: str = "completion"
+    tokenizer, haystack: str, needles: list[Needle], length: int, depths: list[int], style: str = "completion",
+    boundary: str = "period",
 ) -> NeedlePrompt:
-    """A prompt of about ``length`` tokens with ``needles[i]`` at ``depths[i]`` percent;
-    the question asks for the first needle."""
+    """A prompt of about ``length`` tokens with ``needles[i]`` at ``depths[i]`` percent,
+    moved back to just after a ``boundary`` (see :func:`_starts_here`); the question
+    asks for the first needle. A needle at a line start ends its own line."""
     question = question_text(needles[0], style)
-    inserts = [_encoded(tokenizer, " " + n.needle) for n in needles]
+    if boundary not in BOUNDARIES:
+        raise CKVError(f"unknown needle boundary {boundary!r}: use one of {', '.join(BOUNDARIES)}")
+    inserts = [_encoded(tokenizer, _needle_text(n, boundary, True)) for n in needles]
     overhead = len(render(tokenizer, "", question, style == "completion")) + 1
     room = length - overhead - sum(map(len, inserts))
     hay = _encoded(tokenizer, haystack)
@@ -119,20 +124,41 @@ def needle_prompt(
         raise CKVError(f"length {length} leaves no room for the haystack: ask for more tokens")
     hay = (hay * (room // len(hay) + 1))[:room]
     context = list(hay)
-    for needle_ids, depth in sorted(zip(inserts, depths), key=lambda p: -p[1]):
-        at = _sentence_start(tokenizer, context, len(hay) * depth // 100)
-        context[at:at] = needle_ids
+    for needle, depth in sorted(zip(needles, depths), key=lambda p: -p[1]):
+        at = _sentence_start(tokenizer, context, len(hay) * depth // 100, boundary)
+        context[at:at] = _encoded(tokenizer, _needle_text(needle, boundary, at > 0))
     document, q = split_prompt(tokenizer, tokenizer.decode(context), question, style == "completion")
     return NeedlePrompt(document, q, needles[0], depths[0])
 
 
-def _sentence_start(tokenizer, tokens: list[int], at: int) -> int:
-    """Move ``at`` back to just after a token that ends a sentence ('.'); 0 if none."""
+def _needle_text(needle: Needle, boundary: str, after_text: bool) -> str:
+    """The needle as inserted: after a space within a line; on a line of its own at a line
+    start, or where a sentence needle opens the text (so it never runs into the next word)."""
+    if boundary == "line" or (boundary == "sentence" and not after_text):
+        return needle.needle + "\n"
+    return " " + needle.needle
+
+
+def _sentence_start(tokenizer, tokens: list[int], at: int, boundary: str = "period") -> int:
+    """Move ``at`` back to the nearest position where a needle may start; 0 if none."""
     if at >= len(tokens):
         return len(tokens)
-    while at > 0 and not tokenizer.decode([tokens[at - 1]]).rstrip().endswith("."):
+    while at > 0 and not _starts_here(tokenizer, tokens, at, boundary):
         at -= 1
     return at
+
+
+def _starts_here(tokenizer, tokens: list[int], at: int, boundary: str) -> bool:
+    """Whether a needle may go before ``tokens[at]``: after a token ending in '.'
+    (``period``, the reference's rule), after one followed by white space (``sentence``:
+    not inside ``a.b``), or after a line end (``line``)."""
+    before = tokenizer.decode([tokens[at - 1]])
+    if boundary == "line":
+        return before.endswith("\n")
+    ends = before.rstrip().endswith(".")
+    if boundary == "period" or not ends or before != before.rstrip():
+        return ends
+    return tokenizer.decode([tokens[at]])[:1].isspace()
 
 
 def answer_span(prompt: list[int], target: list[int]) -> range | None:

@@ -95,6 +95,37 @@ def head_scores(
     return pool(prefix, kernel, pooling)
 
 
+def chunked(scores: mx.array, size: int) -> mx.array:
+    """ChunkKV's scores (arXiv 2502.00299): each prefix position takes the sum of its
+    ``size``-token chunk's scores, so whole chunks are kept; within a chunk earlier
+    positions rank a hair higher, so a chunk cut by the budget keeps its start.
+    -inf (never kept) stays -inf and adds nothing to its chunk."""
+    rows, n = scores.shape
+    if size <= 1 or n == 0:
+        return scores
+    keepable = scores > -mx.inf
+    padded = mx.pad(mx.where(keepable, scores, 0.0), [(0, 0), (0, -n % size)])
+    sums = mx.repeat(padded.reshape(rows, -1, size).sum(axis=-1), size, axis=1)[:, :n]
+    order = (mx.arange(n) % size).astype(mx.float32) * 1e-6
+    return mx.where(keepable, sums * (1 - order), -mx.inf)
+
+
+def spread(scores: mx.array, span: int) -> mx.array:
+    """Each prefix position also takes the best score of the ``span`` positions before
+    it, so the tokens that follow a chosen one (the rest of a number, a code, a name) are
+    kept with it; nearer followers rank a hair higher, so a cut run keeps its start.
+    -inf (never kept) stays -inf."""
+    if span <= 0 or scores.shape[-1] == 0:
+        return scores
+    padded = mx.pad(scores, [(0, 0), (span, 0)], constant_values=-mx.inf)
+    n = scores.shape[-1]
+    best = scores
+    for back in range(1, span + 1):
+        shifted = padded[:, span - back : span - back + n]
+        best = mx.maximum(best, mx.where(shifted > 0, shifted * (1 - back * 1e-6), shifted))
+    return mx.where(scores > -mx.inf, best, -mx.inf)
+
+
 def key_novelty(keys: mx.array, window: int) -> mx.array:
     """KeyDiff's query-agnostic score of every prefix key: minus its cosine similarity
     to its KV head's mean key direction (the mean of all ``N`` unit keys), so the keys

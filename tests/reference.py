@@ -223,3 +223,27 @@ def pyramid_budgets(n_layers, avg_budget, window=8, beta=20, prompt_len=None):
         min_num = base * 2 - max_num
     steps = (max_num - min_num) // (n_layers - 1)
     return [max_num - layer * steps + window for layer in range(n_layers)]
+
+
+def select_chunked(scores, budget, window, chunk):
+    """ChunkKV (arXiv 2502.00299) over one row of prefix scores: chunks of `chunk`
+    positions ranked by their sum (ties: lower index wins), taken whole in that order; the
+    chunk the budget cuts keeps its first positions; plus the window, ascending."""
+    T = len(scores) + window
+    starts = range(0, len(scores), chunk)
+    sums = np.array([scores[s : s + chunk].sum() for s in starts])
+    order = np.argsort(-sums, kind="stable")
+    taken = np.concatenate([np.arange(s * chunk, min((s + 1) * chunk, len(scores))) for s in order])
+    return _keep(taken[: budget - window], T, window)
+
+
+def select_spread(scores, budget, window, span):
+    """The kept positions when each prefix position scores as the best of itself and the
+    `span` positions before it, nearer ones first on ties; plus the window, ascending."""
+    n = len(scores)
+    ranked = []
+    for p in range(n):
+        back = max(range(max(0, p - span), p + 1), key=lambda q: (scores[q], q))
+        ranked.append((-scores[back], p - back, p))
+    chosen = [p for _, _, p in sorted(ranked)[: budget - window]]
+    return _keep(np.array(chosen, dtype=np.int64), n + window, window)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import reference as ref
+from ckv_mlx.errors import CKVError
 from ckv_mlx.methods import CompressKV, CompressKVGQA, KeyDiff, PyramidKV, SnapKV, StreamingLLM, make_method
 from ckv_mlx.session import Session
 from fakes import fake_profile
@@ -70,6 +71,49 @@ def test_keydiff_matches_numpy_per_kv_head_whatever_the_queries(seed):
     got = ours(KeyDiff(), q, k, 32)
     np.testing.assert_array_equal(got, ref.select_keydiff(k, 32))
     np.testing.assert_array_equal(ours(KeyDiff(), -3 * q, k, 32), got)  # the question does not matter
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("chunk", [4, 7])
+def test_chunked_snapkv_keeps_whole_chunks_as_numpy(seed, chunk):
+    q, k = random_layer(seed)
+    got = ours(make_method(f"snapkv+chunk{chunk}")[0], q, k, 40)
+    grouped = ref.snapkv_grouped(q, k)
+    want = np.stack([ref.select_chunked(s, 40, 8, chunk) for s in grouped])
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_chunked_compresskv_is_one_token_set_of_whole_chunks(seed):
+    q, k = random_layer(seed)
+    srh = [5, 0, 7, 2]
+    method = CompressKV(Profile1(srh))
+    method.chunk = 5
+    scores = ref._head_scores(q, k, srh, 8, 5, "avg").mean(axis=0)
+    np.testing.assert_array_equal(ours(method, q, k, 48)[0], ref.select_chunked(scores, 48, 8, 5))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("span", [3, 6])
+def test_spread_snapkv_keeps_the_tokens_after_its_best_as_numpy(seed, span):
+    q, k = random_layer(seed)
+    got = ours(make_method(f"snapkv+span{span}")[0], q, k, 40)
+    want = np.stack([ref.select_spread(s, 40, 8, span) for s in ref.snapkv_grouped(q, k)])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_method_options_set_window_pooling_and_kernel():
+    method = make_method("snapkv+window16+max+kernel9+chunk8")[0]
+    assert (method.name, method.window, method.pooling, method.kernel, method.chunk) == (
+        "snapkv+window16+max+kernel9+chunk8", 16, "max", 9, 8)
+    assert make_method("snapkv")[0].chunk == 1
+
+
+@pytest.mark.parametrize("name", ["snapkv+chunk", "snapkv+kernel4", "snapkv+sum", "nokv+chunk8", "snapkv+chunk0"])
+def test_unknown_method_options_are_refused_in_one_line(name):
+    with pytest.raises(CKVError) as info:
+        make_method(name)
+    assert "\n" not in str(info.value) and ("option" in str(info.value) or "unknown method" in str(info.value))
 
 
 def test_streamingllm_matches_numpy():

@@ -1,4 +1,4 @@
-"""`python -m ckv_mlx.eval`: NIAH, RULER-style QA, fidelity and follow-ups for every method.
+"""`python -m ckv_mlx.eval`: NIAH, exact facts, RULER-style QA, fidelity and follow-ups for every method.
 
 Each sample is prefilled once; every (mode, method, budget) then starts from a copy of
 that cache. Records go to OUT/records.jsonl (a killed run started again continues), the
@@ -19,7 +19,7 @@ from ..errors import CKVError, exit_code
 DEFAULT_LENGTHS = [1000, 2000, 4000, 7000]
 DEFAULT_DEPTHS = [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
 DEFAULT_BUDGETS = ["32", "64", "128", "256"]
-SINGLE_TASKS = ("niah", "multikey", "multivalue", "variable-tracking", "frequent-words")
+SINGLE_TASKS = ("niah", "facts", "multikey", "multivalue", "variable-tracking", "frequent-words")
 TASKS = SINGLE_TASKS + ("followup",)
 
 
@@ -35,9 +35,10 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from ..methods import METHODS
+    from ..methods import METHODS, OPTIONS_HELP
     from ..models import MODEL_HELP
     from ..quantized import DEFAULT_GROUP_SIZE
+    from .facts import FORMS, KINDS, SPLITS
     from .harness import FOLLOWUP_POLICIES, MODES
 
     p = argparse.ArgumentParser(prog="python -m ckv_mlx.eval", description=__doc__.split("\n\n")[0])
@@ -50,8 +51,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--needle-count", type=int, default=3, help="needles used, from the top of the file (default 3)")
     p.add_argument("--haystack", type=Path, help="haystack .txt or folder, e.g. Paul Graham essays (default: shipped)")
     p.add_argument("--style", choices=("completion", "chat"), default="completion", help="NIAH prompt style")
-    p.add_argument("--samples", type=int, default=2, help="RULER-style samples per task and length (default 2)")
-    p.add_argument("--methods", type=_list, default=list(METHODS), help="comma-separated (default: all)")
+    p.add_argument("--samples", type=int, default=2, help="RULER-style samples per task and length, facts samples per "
+                   "kind, form and length (default 2)")
+    p.add_argument("--kinds", type=_list, help=f"facts: haystack kinds, comma-separated: {', '.join(KINDS)} "
+                   "(default: all; essays only with --essays)")
+    p.add_argument("--forms", type=_list, default=list(FORMS), help=f"facts: needle values: {', '.join(FORMS)} (default all)")
+    p.add_argument("--split", choices=SPLITS, default="dev", help="facts: the documents and seeds to use: dev, where "
+                   "choices are made, or held-out, evaluated once after them (default dev)")
+    p.add_argument("--essays", type=Path, help="facts: a folder of essays (.txt) for the essays kind, e.g. the paper's "
+                   "Paul Graham essays")
+    p.add_argument("--methods", type=_list, default=list(METHODS), help="comma-separated (default: all); a method "
+                   f"may take options after '+', e.g. snapkv+chunk20: {OPTIONS_HELP}")
     p.add_argument("--budgets", type=_list, default=DEFAULT_BUDGETS, help="tokens per layer or %% of the prompt (default 32,64,128,256)")
     p.add_argument("--kv-bits", type=_ints, default=[16], help="bits per value of the kept rows, comma-separated: "
                    "16 keeps them as computed, 8 and 4 quantize them (default 16)")
@@ -74,13 +84,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
     p.add_argument("--restart", action="store_true", help="discard earlier records in OUT and start over")
     args = p.parse_args(argv)
-    _check(args, METHODS, MODES, FOLLOWUP_POLICIES)
+    if args.kinds is None:
+        args.kinds = [k for k in KINDS if k != "essays" or args.essays]
+    _check(args, MODES, FOLLOWUP_POLICIES, KINDS, FORMS)
     return args
 
 
-def _check(args, methods, modes, policies):
-    for name, given, valid in (("task", args.tasks, TASKS), ("method", args.methods, methods),
-                               ("mode", args.modes, modes), ("policy", args.policies, policies)):
+def _check(args, modes, policies, kinds, forms):
+    from ..methods import options
+
+    if not args.methods:
+        raise CKVError("--methods is empty: name at least one method")
+    for method in args.methods:
+        options(method)  # an unknown method or option fails here, before any prefill
+    for name, given, valid in (("task", args.tasks, TASKS), ("mode", args.modes, modes), ("policy", args.policies, policies),
+                               ("kind", args.kinds, kinds), ("form", args.forms, forms)):
         unknown = [x for x in given if x not in valid]
         if unknown or not given:
             raise CKVError(f"unknown {name} {', '.join(unknown) or '(none)'}: choose from {', '.join(valid)}")
@@ -125,9 +143,9 @@ def _settings(args, methods) -> list:
 
 
 def _methods(names, profile):
-    from ..methods import PROFILED, make_method
+    from ..methods import PROFILED, make_method, options
 
-    if profile is None and any(n in PROFILED for n in names):
+    if profile is None and any(options(n)[0] in PROFILED for n in names):
         raise CKVError("no SRH profile for this model: make one with `python -m ckv_mlx.profile srh`, "
                        "pass --profile, or leave compresskv out of --methods")
     methods = [make_method(n, profile)[0] for n in names]
@@ -138,7 +156,7 @@ def _methods(names, profile):
 
 def _samples(args, loaded):
     from ..niah import DEFAULT_HAYSTACK, DEFAULT_NEEDLES, load_haystack, load_needles
-    from .tasks import followup_samples, niah_samples, ruler_samples
+    from .tasks import fact_samples, followup_samples, niah_samples, ruler_samples
 
     tokenizer = loaded.tokenizer
     samples = []
@@ -149,7 +167,9 @@ def _samples(args, loaded):
             samples += niah_samples(tokenizer, haystack, needles[: args.needle_count], args.lengths, args.depths, args.style)
         if "followup" in args.tasks:
             samples += followup_samples(tokenizer, haystack, needles, args.needle_count, args.lengths, args.depths)
-    ruler_tasks = [t for t in args.tasks if t in SINGLE_TASKS and t != "niah"]
+    if "facts" in args.tasks:
+        samples += fact_samples(tokenizer, args.kinds, args.forms, args.split, args.lengths, args.samples, args.essays)
+    ruler_tasks = [t for t in args.tasks if t in SINGLE_TASKS and t not in ("niah", "facts")]
     samples += ruler_samples(tokenizer, ruler_tasks, args.lengths, args.samples)
     return samples
 
@@ -164,6 +184,7 @@ def _identity(args, loaded, profile) -> dict:
     return {"model": loaded.name, "srh": str(srh), "layer_errors": str(profile and profile.layer_errors),
             "needles": str(args.needles or DEFAULT_NEEDLES), "haystack": str(args.haystack or DEFAULT_HAYSTACK),
             "style": args.style, "max_tokens": args.max_tokens,
+            **({"essays": str(args.essays)} if "facts" in args.tasks and args.essays else {}),
             **({"prefill": f"chunks of {args.prefill_chunk}, working budget {args.working_budget}"
                 + (", chunks scored by the question" if args.chunk_scoring == "question" else "")}
                if args.working_budget else {})}

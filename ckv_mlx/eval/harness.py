@@ -62,8 +62,9 @@ class Harness:
         self.working_budget, self.chunk, self.chunk_question = working_budget, chunk, chunk_question
         self.stores, self.identity, self.notify = stores, identity, notify  # documents' full caches on disk
 
-    def _answer(self, logits) -> list[int]:
-        return answer_line(self.session.generate(logits, self.max_tokens), self.tokenizer, self.max_tokens)
+    def _answer(self, logits, sample: EvalSample) -> list[int]:
+        limit = sample.max_tokens or self.max_tokens
+        return answer_line(self.session.generate(logits, limit), self.tokenizer, limit)
 
     def _record(self, sample: EvalSample, setting: Setting, answer: list[int], scorer, **extra) -> dict:
         text = self.tokenizer.decode(answer)
@@ -72,7 +73,7 @@ class Harness:
             "prompt_tokens": len(sample.document) + len(sample.questions[0]), "depth": sample.depth,
             "method": setting.method.name, "budget": setting.budget, "answer": text,
             "kv_bits": setting.kv_bits.bits if setting.kv_bits else None,
-            "policy": None, "turn": 1, "top1": None, "kl": None, **scorer(text), **extra,
+            "policy": None, "turn": 1, "top1": None, "kl": None, **sample.info, **scorer(text), **extra,
         }
 
     def _prefill(self, sample: EvalSample) -> tuple[tuple, Store | None]:
@@ -137,18 +138,18 @@ class Harness:
         self.session.keep_queries_for([s.method for s in settings])
         (document, _), bounded = self._prefill(sample), {}
         full = next(s for s in settings if not s.method.compresses)
-        reference = self._full_answer(document, full, sample.questions[0])
+        reference = self._full_answer(document, full, sample)
         for mode, setting in todo:
             yield self._single(sample, self._start(sample, setting, mode, document, bounded), setting, mode, reference)
 
-    def _full_answer(self, document, full: Setting, question) -> tuple:
+    def _full_answer(self, document, full: Setting, sample: EvalSample) -> tuple:
         session = self.session
         session.method, session.kv_bits = full.method, None
         conversation = Conversation(session, "first-question", None)
         conversation.open(document)
-        logits = conversation.start(question)
+        logits = conversation.start(sample.questions[0])
         full_bytes, state = session.kv_bytes, session.snapshot()
-        answer = self._answer(logits)
+        answer = self._answer(logits, sample)
         session.restore(state)
         teacher = session.teacher_force(logits, answer) if self.fidelity and answer else None
         return answer, teacher, full_bytes
@@ -163,7 +164,7 @@ class Harness:
         logits = conversation.start(sample.questions[0])
         kept = session.kv_bytes
         state = session.snapshot() if self.fidelity else None
-        answer = self._answer(logits)
+        answer = self._answer(logits, sample)
         extra = {"mode": mode, "key": f"{sample.key}/{setting.key(mode)}", "budget_tokens": budget,
                  "kv_fraction": kept / full_bytes, "kv_bytes": kept}
         if self.working_budget and setting.method.compresses:

@@ -41,7 +41,8 @@ def method_order(records) -> list[str]:
     """The usual order of methods, each followed by its quantized variants (more bits first)."""
     def rank(name: str):
         base, _, bits = name.partition(" ")
-        known = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+        family = base.split("+")[0]  # a method with options sorts beside its own
+        known = METHOD_ORDER.index(family) if family in METHOD_ORDER else len(METHOD_ORDER)
         return known, base, -int(bits.split("-")[0]) if bits else -16  # as computed: 16 bits or more
 
     return sorted({r["method"] for r in records}, key=rank)
@@ -371,6 +372,10 @@ def write_report(records, out_dir) -> str:
             sections.append(text)
         if len(modes) > 1 and any(_select(records, task, m) for m in modes):
             sections.append(f"## {task}: query-aware vs query-agnostic (%)\n\n{modes_table(records, task)}")
+    from .facts_report import sections as fact_sections
+
+    for mode in modes:
+        sections += fact_sections(records, mode)
     if any(r.get("top1") is not None for r in records):
         for mode in modes:
             sections.append(f"## Fidelity to the full cache, {mode}: top-1 agreement % / mean KL\n\n"

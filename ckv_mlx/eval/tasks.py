@@ -8,7 +8,7 @@ from typing import Callable
 from ..errors import CKVError
 from ..niah import Needle, exact_match, needle_prompt, question_text, rouge1_recall
 from ..prompts import split_prompt
-from . import ruler
+from . import facts, ruler
 
 WORDS_PER_TOKEN = 0.7
 Scorer = Callable[[str], dict]
@@ -25,6 +25,8 @@ class EvalSample:
     questions: list[list[int]]
     scorers: list[Scorer] = field(repr=False)
     depth: int | None = None
+    max_tokens: int | None = None  # answer tokens, where the sample sets its own
+    info: dict = field(default_factory=dict)  # more fields for its records
 
 
 def _needle_scorer(needle: Needle) -> Scorer:
@@ -76,4 +78,21 @@ def followup_samples(tokenizer, haystack: str, needles: list[Needle], count: int
                 samples.append(EvalSample(
                     f"followup/L{length}/D{depth}/N{i}", "followup", length, p.document,
                     [p.question, follow], [_needle_scorer(first), _needle_scorer(second)], depth))
+    return samples
+
+
+def fact_samples(tokenizer, kinds, forms, split: str, lengths, per_cell: int, essays=None) -> list[EvalSample]:
+    """``per_cell`` exact-fact samples of every kind and form at each length, from ``split``."""
+    samples = []
+    for length in lengths:
+        for kind in kinds:
+            for form in forms:
+                for index in range(per_cell):
+                    fact, haystack = facts.make_fact(kind, form, split, index, essays)
+                    prompt, answer_tokens = facts.fact_prompt(tokenizer, fact, haystack, length)
+                    scorer = lambda answer, value=fact.value: facts.score(answer, value)
+                    samples.append(EvalSample(
+                        f"facts/{split}/{kind}/{form}/L{length}/S{index}", "facts", length, prompt.document,
+                        [prompt.question], [scorer], fact.depth, answer_tokens,
+                        {"kind": kind, "form": form, "split": split, "document": fact.document, "value": fact.value}))
     return samples
