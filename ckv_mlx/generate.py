@@ -17,7 +17,7 @@ DEFAULT_PROMPT = "Summarize the document in a few sentences."
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The CLI's arguments (imports MLX: call after :func:`ensure_fast_blas`)."""
-    from .methods import METHODS
+    from .methods import METHOD_HELP
     from .models import MODEL_HELP
     from .models import PRECISIONS
     from .prompts import TRUNCATE_CHOICES
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: $CKV_PRECISION, else native on Metal and float32 on a CPU)")
     p.add_argument("--doc", type=Path, help="document: .pdf .txt .md")
     p.add_argument("--prompt", default=None, help=f"question (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
+    p.add_argument("--method", default=DEFAULT_METHOD, help=METHOD_HELP)
     p.add_argument("--budget", default="128", help="tokens per layer (average), or a fraction of the prompt: 5%% or 0.05 (ignored by full)")
     p.add_argument("--profile", type=Path, help="SRH profile (default: the model's shipped profile, if any)")
     p.add_argument("--max-tokens", type=int, default=256)

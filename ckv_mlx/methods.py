@@ -191,6 +191,13 @@ def options(name: str) -> tuple[str, dict]:
     return base, settings
 
 
+def compresses(name: str) -> bool:
+    return METHODS[options(name)[0]].compresses
+
+
+METHOD_HELP = f"one of {', '.join(METHODS)}, with options after '+' ({OPTIONS_HELP})"
+
+
 def make_method(name: str, profile=None) -> tuple[Method, list[str]]:
     """The method called ``name`` (with its ``+`` options), configured from ``profile``;
     plus notes for the user.

@@ -9,6 +9,12 @@ the needle, and whether the profile counts them as SRHs. Writes
 docs/needle_coverage/<sample>-<budget>-<span>.json and .md.
 
     .venv/bin/python scripts/needle_coverage.py --length 7000 --depth 11 --needle 2 --budget 64
+
+With ``--fact KIND/FORM/INDEX`` it follows an exact-fact sample of the evaluation instead
+(``python -m ckv_mlx.eval --tasks facts``): which digits of the value each layer keeps.
+
+    .venv/bin/python scripts/needle_coverage.py --fact financial/number7/0 --length 2000 --budget 64 \
+        --methods compresskv-gqa,compresskv-gqa+span8
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--length", type=int, default=7000)
     p.add_argument("--depth", type=int, default=11, help="needle depth, %% of the document")
     p.add_argument("--needle", type=int, default=2, help="index into the shipped needles")
+    p.add_argument("--fact", help="an exact-fact sample instead, KIND/FORM/INDEX (e.g. financial/number7/0)")
+    p.add_argument("--split", default="dev", help="the exact-fact sample's split (default dev)")
     p.add_argument("--budget", type=int, default=64, help="tokens per layer on average")
     p.add_argument("--methods", default=METHODS)
     p.add_argument("--profile", help="profile file (default: the built-in model's)")
@@ -86,6 +94,31 @@ def readers(session, profile, positions: list[int], least: float) -> list[dict]:
     return found
 
 
+def niah_prompt(tok, args):
+    """The NIAH prompt asked for and its sample name."""
+    from ckv_mlx.niah import load_haystack, load_needles, needle_prompt
+
+    needles = load_needles()
+    if not 0 <= args.needle < len(needles):
+        raise CKVError(f"--needle {args.needle}: the shipped needles are numbered 0 to {len(needles) - 1}")
+    prompt = needle_prompt(tok, load_haystack(args.haystack), [needles[args.needle]], args.length, [args.depth])
+    return prompt, f"niah/L{args.length}/D{args.depth}/N{args.needle}"
+
+
+def fact_prompt(tok, args):
+    """The exact-fact prompt of ``--fact`` (the evaluation's) and its sample name."""
+    from ckv_mlx.eval import facts
+
+    try:
+        kind, form, index = args.fact.split("/")
+        index = int(index)
+    except ValueError:
+        raise CKVError(f"--fact {args.fact!r}: write KIND/FORM/INDEX, e.g. financial/number7/0") from None
+    fact, haystack = facts.make_fact(kind, form, args.split, index, Path(args.haystack))
+    prompt, _ = facts.fact_prompt(tok, fact, haystack, args.length)
+    return prompt, f"facts/{args.split}/{kind}/{form}/L{args.length}/S{index}/D{fact.depth}"
+
+
 def main(argv=None) -> int:
     ensure_fast_blas()
     args = parse_args(argv)
@@ -99,7 +132,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from ckv_mlx.methods import make_method
     from ckv_mlx.models import load_model
-    from ckv_mlx.niah import exact_match, load_haystack, load_needles, needle_prompt
+    from ckv_mlx.niah import exact_match
     from ckv_mlx.profiles import resolve_profile
     from ckv_mlx.session import Session
 
@@ -109,11 +142,8 @@ def run(args) -> int:
     methods = {name: make_method(name, profile)[0] for name in args.methods.split(",")}
     if not all(m.compresses for m in methods.values()):
         raise CKVError("--methods: list only methods that compress (not full)")
-    needles = load_needles()
-    if not 0 <= args.needle < len(needles):
-        raise CKVError(f"--needle {args.needle}: the shipped needles are numbered 0 to {len(needles) - 1}")
-    needle = needles[args.needle]
-    prompt = needle_prompt(tok, load_haystack(args.haystack), [needle], args.length, [args.depth])
+    prompt, sample = fact_prompt(tok, args) if args.fact else niah_prompt(tok, args)
+    needle = prompt.needle
     text = needle.real_needle if args.span == "answer" else needle.needle
     positions = span(prompt.document, tok, text)
     session = Session(loaded.model, tok, make_method("full")[0])
@@ -122,7 +152,7 @@ def run(args) -> int:
     session.prefill(prompt.document)
     document = session.snapshot()
     kv_heads = session.caches[0].fetch()[0].shape[1]
-    result = {"model": loaded.name, "sample": f"niah/L{args.length}/D{args.depth}/N{args.needle}",
+    result = {"model": loaded.name, "sample": sample,
               "prompt_tokens": len(prompt.tokens), "budget": args.budget, "kv_heads": kv_heads,
               "span": args.span, "span_positions": positions,
               "span_tokens": [tok.decode([prompt.document[p]]) for p in positions], "methods": {}}

@@ -138,6 +138,8 @@ def test_the_question_tail_is_what_follows_the_document(tokenizer, raw):
         (["--kv-bits", "4", "--method", "full"], "--method full keeps every row as computed"),
         (["--kv-bits", "16", "--kv-group-size", "64"], "here nothing is packed"),
         (["--method", "full", "--kv-group-size", "64"], "here nothing is packed"),
+        (["--method", "snapkv+chunk"], "unknown option 'chunk'"),
+        (["--method", "magic+span8"], "unknown method 'magic'"),
     ],
 )
 def test_bad_input_gets_one_line(capsys, tokenizer, doc, args, words):

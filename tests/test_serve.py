@@ -212,6 +212,8 @@ def body(**fields) -> bytes:
     ("/v1/chat/completions", body(stop=[1, 2]), 400, "'stop' must be a string"),
     ("/v1/chat/completions", body(ckv={"budget": 4}), 400, "budget 4 is too small"),
     ("/v1/chat/completions", body(ckv={"method": "magic"}), 400, "unknown method 'magic'"),
+    ("/v1/chat/completions", body(ckv={"method": "snapkv+span"}), 400, "unknown option 'span'"),
+    ("/v1/chat/completions", body(ckv={"method": ["snapkv"]}), 400, "unknown method"),
     ("/v1/chat/completions", body(ckv={"method": "full", "kv_bits": 4}), 400, "--method full keeps every row"),
     ("/v1/completions", json.dumps({"model": MODEL, "prompt": ""}).encode(), 400, "'prompt' must be a non-empty"),
     ("/v1/chat/completions", body(messages=[{"role": "user", "content": "x" * (MAX_BODY + 10)}]), 413, "over this"),

@@ -13,7 +13,7 @@ from ckv_mlx.blas import ensure_fast_blas
 def parse_args(argv=None) -> argparse.Namespace:
     from ckv_mlx.chat.events import DEFAULT_POLICY
     from ckv_mlx.conversation import POLICIES
-    from ckv_mlx.methods import METHODS
+    from ckv_mlx.methods import METHOD_HELP
     from ckv_mlx.models import MODEL_HELP, PRECISIONS
     from ckv_mlx.prompts import TRUNCATE_CHOICES
     from ckv_mlx.quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_CHOICES, KV_BITS_HELP, STORE_BITS_HELP
@@ -26,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: $CKV_PRECISION, else native on Metal and float32 on a CPU)")
     p.add_argument("--profile", help="SRH profile (default: the model's shipped profile in ckv_mlx/profiles/data/, "
                    "or in $CKV_PROFILES_DIR when set, if any)")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS))
+    p.add_argument("--method", default=DEFAULT_METHOD, help=METHOD_HELP)
     p.add_argument("--budget", default="128", help="tokens per layer (average), or a share of the document: 5%%")
     p.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICIES,
                    help=f"what follow-up questions use (default {DEFAULT_POLICY}; see the README)")
@@ -62,13 +62,13 @@ def main(argv=None) -> int:
         return 2
     from ckv_mlx.errors import CKVError
     from ckv_mlx.memory import parse_size
-    from ckv_mlx.methods import METHODS
+    from ckv_mlx.methods import compresses
     from ckv_mlx.quantized import kv_bits_setting
 
     try:
         args.kv_limit and parse_size(args.kv_limit)
         args.store_limit and parse_size(args.store_limit)
-        kv_bits_setting(args.kv_bits, args.kv_group_size, METHODS[args.method].compresses, args.store_bits)
+        kv_bits_setting(args.kv_bits, args.kv_group_size, compresses(args.method), args.store_bits)
     except CKVError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

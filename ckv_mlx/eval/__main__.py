@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--needles", type=Path, help="needles JSONL (default: the shipped set)")
     p.add_argument("--needle-count", type=int, default=3, help="needles used, from the top of the file (default 3)")
     p.add_argument("--haystack", type=Path, help="haystack .txt or folder, e.g. Paul Graham essays (default: shipped)")
-    p.add_argument("--style", choices=("completion", "chat"), default="completion", help="NIAH prompt style")
+    p.add_argument("--style", choices=("completion", "chat"), default="completion", help="NIAH and facts prompt style")
     p.add_argument("--samples", type=int, default=2, help="RULER-style samples per task and length, facts samples per "
                    "kind, form and length (default 2)")
     p.add_argument("--kinds", type=_list, help=f"facts: haystack kinds, comma-separated: {', '.join(KINDS)} "
@@ -168,7 +168,8 @@ def _samples(args, loaded):
         if "followup" in args.tasks:
             samples += followup_samples(tokenizer, haystack, needles, args.needle_count, args.lengths, args.depths)
     if "facts" in args.tasks:
-        samples += fact_samples(tokenizer, args.kinds, args.forms, args.split, args.lengths, args.samples, args.essays)
+        samples += fact_samples(tokenizer, args.kinds, args.forms, args.split, args.lengths, args.samples, args.essays,
+                                args.style)
     ruler_tasks = [t for t in args.tasks if t in SINGLE_TASKS and t not in ("niah", "facts")]
     samples += ruler_samples(tokenizer, ruler_tasks, args.lengths, args.samples)
     return samples

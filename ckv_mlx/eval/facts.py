@@ -143,10 +143,12 @@ def _distractors(rng: random.Random, form: str, asked: str, count: int = 400) ->
     return "\n".join(lines)
 
 
-def fact_prompt(tokenizer, fact: Fact, haystack: str, length: int):
-    """The needle prompt of ``fact`` at about ``length`` tokens (completion style), its
-    needle at a sentence start (a line start in code and among distractors); plus the
-    answer tokens it needs."""
+def fact_prompt(tokenizer, fact: Fact, haystack: str, length: int, style: str = "completion"):
+    """The needle prompt of ``fact`` at about ``length`` tokens, its needle at a sentence
+    start (a line start in code and among distractors); plus the answer tokens it needs
+    (in chat style, room to restate the question first)."""
     boundary = "line" if fact.kind in ("code", "distractors") else "sentence"
-    prompt = needle_prompt(tokenizer, haystack, [fact.needle], length, [fact.depth], "completion", boundary)
-    return prompt, len(tokenizer.encode(" " + fact.value, add_special_tokens=False)) + ANSWER_SLACK
+    prompt = needle_prompt(tokenizer, haystack, [fact.needle], length, [fact.depth], style, boundary)
+    value = len(tokenizer.encode(" " + fact.value, add_special_tokens=False))
+    restated = len(tokenizer.encode(fact.needle.completion, add_special_tokens=False)) if style == "chat" else 0
+    return prompt, value + restated + ANSWER_SLACK

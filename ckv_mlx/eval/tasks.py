@@ -81,7 +81,8 @@ def followup_samples(tokenizer, haystack: str, needles: list[Needle], count: int
     return samples
 
 
-def fact_samples(tokenizer, kinds, forms, split: str, lengths, per_cell: int, essays=None) -> list[EvalSample]:
+def fact_samples(tokenizer, kinds, forms, split: str, lengths, per_cell: int, essays=None,
+                 style: str = "completion") -> list[EvalSample]:
     """``per_cell`` exact-fact samples of every kind and form at each length, from ``split``."""
     samples = []
     for length in lengths:
@@ -89,10 +90,10 @@ def fact_samples(tokenizer, kinds, forms, split: str, lengths, per_cell: int, es
             for form in forms:
                 for index in range(per_cell):
                     fact, haystack = facts.make_fact(kind, form, split, index, essays)
-                    prompt, answer_tokens = facts.fact_prompt(tokenizer, fact, haystack, length)
+                    prompt, answer_tokens = facts.fact_prompt(tokenizer, fact, haystack, length, style)
                     scorer = lambda answer, value=fact.value: facts.score(answer, value)
                     samples.append(EvalSample(
-                        f"facts/{split}/{kind}/{form}/L{length}/S{index}", "facts", length, prompt.document,
+                        f"facts/{split}/{kind}/{form}/L{length}/S{index}" + ("/chat" if style == "chat" else ""), "facts", length, prompt.document,
                         [prompt.question], [scorer], fact.depth, answer_tokens,
                         {"kind": kind, "form": form, "split": split, "document": fact.document, "value": fact.value}))
     return samples

@@ -17,7 +17,7 @@ from .protocol import Limits
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from ..methods import METHODS
+    from ..methods import METHOD_HELP
     from ..models import MODEL_HELP, PRECISIONS
     from ..quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_CHOICES, KV_BITS_HELP, STORE_BITS_HELP
 
@@ -28,8 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--profile", help="SRH profile (default: the model's shipped profile, if any)")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=list(METHODS), help="default method (a request's "
-                   '"ckv": {"method": ...} overrides it)')
+    p.add_argument("--method", default=DEFAULT_METHOD, help=f"default method, {METHOD_HELP} "
+                   '(a request\'s "ckv": {"method": ...} overrides it)')
     p.add_argument("--budget", default="128", help="default tokens per layer, or a share of the prompt: 5%%")
     p.add_argument("--kv-bits", type=int, choices=KV_BITS_CHOICES, help=KV_BITS_HELP)
     p.add_argument("--kv-group-size", type=int, choices=GROUP_SIZES, help=GROUP_SIZE_HELP)
@@ -58,7 +58,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..memory import parse_size
-    from ..methods import METHODS, make_method
+    from ..methods import METHODS, compresses, make_method
     from ..models import load_model
     from ..profiles import resolve_profile
     from ..quantized import kv_bits_setting, store_bits_setting
@@ -73,7 +73,7 @@ def serve(args: argparse.Namespace) -> int:
         raise CKVError("--max-waiting must be 0 or more")
     limits = Limits(args.max_tokens, parse_size(args.max_body) if args.max_body else Limits.max_body_bytes,
                     args.max_waiting)
-    kv_bits_setting(args.kv_bits, args.kv_group_size, METHODS[args.method].compresses, args.store_bits)
+    kv_bits_setting(args.kv_bits, args.kv_group_size, compresses(args.method), args.store_bits)
     settings = ServeSettings(
         store_dir=None if args.no_store else (args.store_dir or store_root()),
         store_limit=parse_size(args.store_limit) if args.store_limit else DEFAULT_LIMIT_BYTES,

@@ -177,7 +177,7 @@ def _compression(extension, defaults: Compression, methods) -> Compression:
     chosen = replace(defaults, **{k: v for k, v in extension.items() if k != "budget"})
     if "budget" in extension:
         chosen = replace(chosen, budget=str(extension["budget"]))
-    if chosen.method not in methods:
+    if not isinstance(chosen.method, str) or chosen.method.split("+")[0] not in methods:  # the worker checks options
         raise APIError(400, f"unknown method {chosen.method!r}: choose one of {', '.join(methods)}", "ckv.method")
     if chosen.kv_bits not in (None, 16, 8, 4):  # quantized.KV_BITS_CHOICES, without importing MLX
         raise APIError(400, f"ckv.kv_bits {chosen.kv_bits!r}: use 8 or 4, or 16 for the kept rows as computed "
