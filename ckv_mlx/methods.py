@@ -182,6 +182,8 @@ def options(name: str) -> tuple[str, dict]:
     base, *parts = name.split("+")
     if base not in METHODS:
         raise CKVError(f"unknown method {base!r}: choose one of {', '.join(METHODS)}")
+    if parts and base in (FullCache.name, StreamingLLM.name):
+        raise CKVError(f"method {name!r}: {base} scores nothing, so it takes no options; drop them")
     settings = {}
     for part in parts:
         match = OPTION.fullmatch(part)

@@ -3,8 +3,9 @@
 # (with the 2 SRHs per layer that the records were made with; it ships with 3 since the NIAH run at 1K-7K).
 # Each step is resumable: killed and started again, it continues; with larger grids
 # (e.g. --lengths 1000,2000,4000,7000) it adds only the missing records.
-# Usage: bash scripts/results.sh [niah|pyramidkv|uniform|firstk|chunked|coverage|ablation|mixed|agnostic|followup|gemma_niah|kv_bits]...
-# (default: all twelve)
+# Usage: bash scripts/results.sh [niah|pyramidkv|uniform|firstk|chunked|coverage|ablation|mixed|agnostic|followup|gemma_niah|kv_bits|
+#                                 facts_dev|facts_coverage|facts_held_out]...
+# (default: all fifteen)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -112,6 +113,30 @@ kv_bits() {  # kept rows quantized: NIAH and fidelity, compresskv at 64-512 toke
         --out docs/eval/kv-bits
 }
 
-for step in "${@:-niah pyramidkv uniform firstk chunked coverage ablation mixed agnostic followup gemma_niah kv_bits}"; do
+facts_eval() {  # OUT BUDGETS EVAL-ARGS...: exact facts at 2K with the shipped profile, every kind (essays: the
+               # paper's), query-aware; SAMPLES per kind and form (default 1)
+    local out=$1 budgets=$2; shift 2
+    $PY -m ckv_mlx.eval --tasks facts --essays "$PG" --lengths 2000 --samples "${SAMPLES:-1}" --budgets "$budgets" \
+        --modes query-aware --no-fidelity --out "$out" "$@"
+}
+
+facts_dev() {  # the development split, where the choice is made: the window baselines (ChunkKV among them) and the
+               # fixes tried, at 32-256 tokens per layer
+    facts_eval docs/eval/facts-dev 32,64,128,256 --split dev --methods full,compresskv,compresskv-gqa,snapkv,snapkv+chunk20,\
+compresskv-gqa+span8,compresskv-gqa+span32,compresskv-gqa+chunk16,compresskv+span8
+}
+
+facts_coverage() {  # where the digits go: which tokens of a 7-digit value each layer and KV head keeps at 64
+    $PY scripts/needle_coverage.py --fact financial/number7/0 --length 2000 --budget 64 \
+        --methods compresskv,compresskv-gqa,snapkv,compresskv-gqa+span8,compresskv-gqa+chunk16
+}
+
+facts_held_out() {  # the held-out split, evaluated once after the choice: every baseline and the shipped default,
+                    # at 32-1024 tokens per layer
+    facts_eval docs/eval/facts-held-out 32,64,128,256,512,1024 --split held-out \
+        --methods "full,compresskv,compresskv-gqa,snapkv,pyramidkv,streamingllm,keydiff,snapkv+chunk20,${FACT_CHOICE:-compresskv-gqa+span8}"
+}
+
+for step in "${@:-niah pyramidkv uniform firstk chunked coverage ablation mixed agnostic followup gemma_niah kv_bits facts_dev facts_coverage facts_held_out}"; do
     for s in $step; do $s; done
 done
