@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .report import _table, accuracy_table, budget_order, difference_table, method_order, relative_table, wilson_interval
+from .report import (_table, accuracy_table, budget_order, difference_table, method_order, method_table, relative_table,
+                     wilson_interval)
 
 TASK = "facts"
 MATCH_TARGET = 0.9  # a method matches the full cache once it keeps this share of its exact answers
@@ -40,18 +41,12 @@ def matching_budget(records, method: str) -> str:
 
 def agreement_table(records) -> str:
     """Per method and budget: the share of the full cache's exact answers kept, 95 % Wilson."""
-    budgets = budget_order(records)
-    rows = []
-    for method in method_order(records):
-        if method == "full":
-            continue
-        cells = []
-        for budget in budgets:
-            kept, n = agreement(records, method, budget)
-            low, high = wilson_interval(kept, n)
-            cells.append(f"{100 * kept / n:.1f} [{100 * low:.1f}, {100 * high:.1f}] ({n})" if n else "-")
-        rows.append([method] + cells)
-    return _table(["method"] + budgets, rows)
+    def cell(method, budget):
+        kept, n = agreement(records, method, budget)
+        low, high = wilson_interval(kept, n)
+        return f"{100 * kept / n:.1f} [{100 * low:.1f}, {100 * high:.1f}] ({n})" if n else "-"
+
+    return method_table(records, cell)
 
 
 def budget_table(records, mode: str) -> str:

@@ -105,28 +105,30 @@ def _share(records, budget, method: str) -> float | None:
     return mean(r["kv_fraction"] for r in mine) if mine else None
 
 
+def method_table(records, cell) -> str:
+    """A row per compressing method of ``records`` and a column per budget, each cell
+    ``cell(method, budget)``."""
+    budgets = budget_order(records)
+    rows = [[m] + [cell(m, b) for b in budgets] for m in method_order(records) if m != "full"]
+    return _table(["method"] + budgets, rows)
+
+
 def relative_table(records, task, metric="score", mode="query-aware") -> str:
     """Each method's mean as % of the full cache's mean on the same samples, with a 95 %
     paired bootstrap interval over the samples."""
     chosen = _select(records, task, mode)
     full = {r["sample"]: r[metric] for r in chosen if r["method"] == "full"}
-    budgets = budget_order(chosen)
-    rows = []
-    for method in method_order(chosen):
-        if method == "full":
-            continue
-        cells = []
-        for b in budgets:
-            pairs = [(r[metric], full[r["sample"]]) for r in chosen
-                     if r["method"] == method and r["budget"] == b and r["sample"] in full]
-            base = sum(f for _, f in pairs)
-            if not pairs or base == 0:
-                cells.append("-")
-                continue
-            low, high = ratio_interval(pairs)
-            cells.append(f"{100 * sum(m for m, _ in pairs) / base:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
-        rows.append([method] + cells)
-    return _table(["method"] + budgets, rows)
+
+    def cell(method, budget):
+        pairs = [(r[metric], full[r["sample"]]) for r in chosen
+                 if r["method"] == method and r["budget"] == budget and r["sample"] in full]
+        base = sum(f for _, f in pairs)
+        if not pairs or base == 0:
+            return "-"
+        low, high = ratio_interval(pairs)
+        return f"{100 * sum(m for m, _ in pairs) / base:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+    return method_table(chosen, cell)
 
 
 def difference_table(records, task, metric="score", mode="query-aware") -> str:
