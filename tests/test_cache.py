@@ -39,7 +39,8 @@ def compressed_session(name, budget, arch="llama", region=16, layers=3):
 ROW = 2 * 16 * 2 * 4  # one token of one layer: 2 KV heads x head_dim 16, keys and values, float32
 
 
-@pytest.mark.parametrize("name", ["compresskv", "compresskv-gqa", "snapkv", "pyramidkv", "streamingllm"])
+@pytest.mark.parametrize("name", ["compresskv", "compresskv-gqa", "snapkv", "pyramidkv", "streamingllm",
+                                  "compresskv-gqa+span8", "snapkv+chunk20"])
 def test_nbytes_is_the_allocated_buffer(name):
     session, _, kept = compressed_session(name, budget=32, region=16)
     kept_rows = [kept[layer].shape[-1] for layer in range(len(session.caches))]

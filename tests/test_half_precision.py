@@ -52,7 +52,8 @@ def test_nothing_to_evict_matches_plain_mlx_lm(name, arch, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", ["compresskv", "compresskv-gqa", "snapkv", "pyramidkv", "streamingllm"])
+@pytest.mark.parametrize("name", ["compresskv", "compresskv-gqa", "snapkv", "pyramidkv", "streamingllm",
+                                  "compresskv-gqa+span8", "snapkv+chunk20"])
 def test_compressed_decode_matches_masked_mlx_lm(name, dtype):
     prompt, forced = tokens(96), tokens(8, seed=9)
     model = mac_model("llama", dtype, layers=3)
