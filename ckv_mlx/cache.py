@@ -20,6 +20,7 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
+import mlx_lm.models.cache as mlx_lm_cache
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import _BaseCache
 
@@ -29,6 +30,7 @@ from .quantized import KVBits, Packed, QuantizedRows, cut, joined, packed_rows, 
 GROWTH_STEP = 256  # rows a cache grows by before compression, as mlx-lm's KVCache
 REGION_SHARE = 4  # by default a layer's region is a quarter of its budget ...
 MIN_REGION = 8  # ... and at least this many rows
+CACHE_SCALARS = "cache_scalars"  # where a saved file keeps its caches' scalars (offset, budget, ...)
 
 
 def default_region(budget: int) -> int:
@@ -106,7 +108,7 @@ class EvictingKVCache(_BaseCache):
         self._append(keys, values)
         self.offset += keys.shape[2]
         if self.packed is None:
-            return self.fetch()
+            return self.keys_and_values()
         return tuple(QuantizedRows(p, r, self.kv_bits) for p, r in zip(self.packed, self._unpacked()))
 
     def _append(self, keys: mx.array, values: mx.array):
@@ -139,12 +141,12 @@ class EvictingKVCache(_BaseCache):
         """
         kv_bits = kv_bits or self.kv_bits
         if self.packed is not None and kv_bits != self.kv_bits:  # other bits: from the rows as they read now
-            self.keys, self.values = self.fetch()
+            self.keys, self.values = self.keys_and_values()
             self.packed = None
         keep, self.valid = self._visible_selection(keep)
         self.budget = budget
         if kv_bits is None:
-            kept_k, kept_v = (take_rows(x, keep) for x in self.fetch())
+            kept_k, kept_v = (take_rows(x, keep) for x in self.keys_and_values())
             self.keys = self.values = None
             self.length = 0
             self._append(kept_k, kept_v)
@@ -209,7 +211,7 @@ class EvictingKVCache(_BaseCache):
             twin.keys, twin.values = (mx.zeros((*x.shape[:2], 0, x.shape[3]), x.dtype) for x in (self.keys, self.values))
         return twin
 
-    def fetch(self):
+    def keys_and_values(self):
         """The held rows in full precision (packed ones dequantized): ``(keys,
         values)``, each ``[1, kv_heads, length, head_dim]``."""
         rest = self._unpacked()
@@ -259,37 +261,44 @@ class EvictingKVCache(_BaseCache):
         return "causal" if n > 1 else None
 
     @property
-    def state(self):
-        if self.keys is None:
-            return []
-        visible = () if self.valid is None else (self.valid.astype(mx.uint8),)
-        return self._unpacked() + (self.packed or ()) + visible
+    def state(self) -> list:
+        """mlx-lm's cache protocol (0.32): what :meth:`from_state` rebuilds the cache from,
+        arrays and scalars: the full-precision rows (all, or those after the packed ones),
+        the packed keys and values (``(weights, scales, biases)`` or None), the padding
+        mask (uint8 or None), then offset, budget, region, bits and group size (0: none)."""
+        rows = (None, None) if self.keys is None else self._unpacked()
+        bits, group_size = (self.kv_bits.bits, self.kv_bits.group_size or 0) if self.kv_bits else (0, 0)
+        return [*rows, *(self.packed or (None, None)), None if self.valid is None else self.valid.astype(mx.uint8),
+                self.offset, self.budget or 0, self.region_setting or 0, bits, group_size]
 
     @state.setter
     def state(self, v):
-        self.keys, self.values = v[0], v[1]
-        self.packed = (tuple(v[2]), tuple(v[3])) if len(v) > 3 else None
-        self.valid = v[-1].astype(mx.bool_) if len(v) in (3, 5) else None  # padding rows (per-head budgets)
-        self.length = self.packed_rows + self.keys.shape[2]
-
-    @property
-    def meta_state(self):
-        bits, group_size = (self.kv_bits.bits, self.kv_bits.group_size or 0) if self.kv_bits else (0, 0)
-        return tuple(str(x) for x in (self.offset, self.budget or 0, self.region_setting or 0, bits, group_size))
-
-    @meta_state.setter
-    def meta_state(self, v):
-        offset, budget, region, bits, group_size = (int(x) for x in (*v, 0, 0)[:5])  # files before KV bits: 3
-        self.offset, self.region_setting = offset, region or None
-        self.budget = budget or None
-        self.kv_bits = KVBits(bits, group_size or None) if bits else None
+        keys, values, packed_keys, packed_values, valid, offset, budget, region, bits, group_size = v
+        self.keys, self.values = keys, values
+        self.packed = None if packed_keys is None else (tuple(packed_keys), tuple(packed_values))
+        self.valid = None if valid is None else valid.astype(mx.bool_)
+        self.offset, self.budget, self.region_setting = int(offset), int(budget) or None, int(region) or None
+        self.kv_bits = KVBits(int(bits), int(group_size) or None) if bits else None
+        self.length = self.packed_rows + (0 if keys is None else keys.shape[2])
 
     @classmethod
-    def from_state(cls, state, meta_state) -> "EvictingKVCache":
+    def from_state(cls, state) -> "EvictingKVCache":
         cache = cls()
         cache.state = state
-        cache.meta_state = meta_state
         return cache
+
+    @classmethod
+    def holding(cls, keys: mx.array, values: mx.array, offset: int, region: int | None = None,
+                length: int | None = None) -> "EvictingKVCache":
+        """An uncompressed cache at position ``offset`` whose buffers are ``keys`` and
+        ``values``, the first ``length`` rows (default all) holding tokens."""
+        cache = cls(region)
+        cache.keys, cache.values, cache.offset = keys, values, offset
+        cache.length = keys.shape[2] if length is None else length
+        return cache
+
+
+mlx_lm_cache.EvictingKVCache = EvictingKVCache  # what mlx-lm's load_prompt_cache looks a saved cache up by
 
 
 def _resized(old: mx.array | None, like: mx.array, used: int, size: int) -> mx.array:
@@ -302,11 +311,14 @@ def _resized(old: mx.array | None, like: mx.array, used: int, size: int) -> mx.a
 
 def save_caches(path: str | Path, caches: list[EvictingKVCache], metadata: dict,
                 extra: dict[str, mx.array] | None = None) -> None:
-    """Write caches, ``extra`` named arrays and JSON-able ``metadata`` to one safetensors
-    file, atomically (a temporary file, then a rename)."""
+    """Write caches (their mlx-lm ``state``: the arrays as tensors, the scalars in the
+    JSON), ``extra`` named arrays and JSON-able ``metadata`` to one safetensors file,
+    atomically (a temporary file, then a rename)."""
     path = Path(path)
-    arrays = {f"cache.{k}": v for k, v in tree_flatten([c.state for c in caches])}
-    meta = {"ckv": json.dumps({**metadata, "layers": [c.meta_state for c in caches]})}
+    flat = tree_flatten([c.state for c in caches])
+    arrays = {f"cache.{k}": v for k, v in flat if isinstance(v, mx.array)}
+    scalars = {k: v for k, v in flat if not isinstance(v, mx.array)}
+    meta = {"ckv": json.dumps({**metadata, CACHE_SCALARS: scalars})}
     tmp = path.with_name(f".{path.name}.tmp.safetensors")
     try:
         mx.save_safetensors(str(tmp), {**arrays, **(extra or {})}, metadata=meta)
@@ -317,11 +329,14 @@ def save_caches(path: str | Path, caches: list[EvictingKVCache], metadata: dict,
 
 
 def load_caches(path: str | Path) -> tuple[list[EvictingKVCache], dict, dict[str, mx.array]]:
-    """Read what :func:`save_caches` wrote: ``(caches, metadata, extra)``."""
+    """Read what :func:`save_caches` wrote: ``(caches, metadata, extra)``; a file of the
+    layout before mlx-lm 0.32's cache protocol is refused in one line."""
     arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
     info = json.loads(meta["ckv"])
-    states = tree_unflatten([(k[len("cache."):], v) for k, v in arrays.items() if k.startswith("cache.")])
+    if CACHE_SCALARS not in info:
+        raise CKVError(f"{path}: saved by an older ckv-mlx, whose cache layout this one no longer reads; "
+                       "open the document again")
+    leaves = [(k[len("cache."):], v) for k, v in arrays.items() if k.startswith("cache.")]
+    states = tree_unflatten(leaves + list(info.pop(CACHE_SCALARS).items()))
     extra = {k: v for k, v in arrays.items() if not k.startswith("cache.")}
-    layers = info.pop("layers")
-    caches = [EvictingKVCache.from_state(s, m) for s, m in zip(states, layers)]
-    return caches, info, extra
+    return [EvictingKVCache.from_state(s) for s in states], info, extra

@@ -90,20 +90,16 @@ class DiskFullCache:
         when every row is here), shaped and typed as the stored rows."""
         caches = []
         for layer in range(len(self.tail.shapes)):
-            cache = EvictingKVCache(region)
-            cache.keys, cache.values = (mx.zeros((1, f.heads, 0, f.dim), f.dtype) for f in self.store.files(layer))
-            cache.offset = self.tokens
-            caches.append(cache)
+            keys, values = (mx.zeros((1, f.heads, 0, f.dim), f.dtype) for f in self.store.files(layer))
+            caches.append(EvictingKVCache.holding(keys, values, self.tokens, region))
         return caches
 
     def full_caches(self, region: int | None = None) -> list[EvictingKVCache]:
         """Every row back in memory, allocated as reading the document would allocate it."""
         caches = []
         for layer in range(len(self.tail.shapes)):
-            cache = EvictingKVCache(region)
             keys, values = self.layer(layer, room=allocated_rows(self.tokens) - self.tokens)
-            cache.keys, cache.values, cache.length, cache.offset = keys, values, self.tokens, self.tokens
-            caches.append(cache)
+            caches.append(EvictingKVCache.holding(keys, values, self.tokens, region, length=self.tokens))
         return caches
 
     def streamed(self, windows: list, keep: Keep | None = None) -> list["StreamedLayer"]:

@@ -426,8 +426,7 @@ class Session:
         start, kept = time.perf_counter(), []
 
         def keep(layer: int, keys: mx.array, values: mx.array):
-            cache = EvictingKVCache(self.region)
-            cache.state, cache.offset = (keys, values), total
+            cache = EvictingKVCache.holding(keys, values, total, self.region)
             if budgets is not None:
                 self._compress_layer(layer, budgets[layer], cache, self.kv_bits)
             mx.eval(cache.arrays())
@@ -465,7 +464,7 @@ class Session:
         """Re-score layer ``layer`` and keep ``budget`` rows (packed by ``kv_bits``, or
         as the layer was kept before)."""
         attention, cache = self.attentions[layer], cache or self.caches[layer]
-        keys = cache.fetch()[0][0]
+        keys = cache.keys_and_values()[0][0]
         keep = self.method.keep_indices(
             layer, attention.window_queries, keys, attention.scale, budget, attention.sinks, cache.visible_rows()
         )

@@ -110,7 +110,7 @@ class LayerRows:
     def append(self, caches, rows: int):
         """Write the latest ``rows`` rows of every layer's cache (evaluated)."""
         for layer, cache in enumerate(caches):
-            keys, values = (x[..., cache.length - rows : cache.length, :] for x in cache.fetch())
+            keys, values = (x[..., cache.length - rows : cache.length, :] for x in cache.keys_and_values())
             self.append_layer(layer, keys, values)
         self.tokens += rows
 

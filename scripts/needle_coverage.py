@@ -67,7 +67,7 @@ def coverage(session, budgets: list[int], positions: list[int]) -> list[list[int
     rows = []
     for layer, budget in enumerate(budgets):
         attention, cache = session.attentions[layer], session.caches[layer]
-        keys = cache.fetch()[0][0]
+        keys = cache.keys_and_values()[0][0]
         keep = np.array(session.method.keep_indices(layer, attention.window_queries, keys, attention.scale, budget, attention.sinks))
         kept = (keep[:, :, None] == np.array(positions)).any(axis=1)  # [token sets, positions]
         rows.append((kept.sum(axis=0) * (keys.shape[0] // keep.shape[0])).tolist())
@@ -84,7 +84,7 @@ def readers(session, profile, positions: list[int], least: float) -> list[dict]:
     d = profile.defaults
     found = []
     for layer, (attention, cache) in enumerate(zip(session.attentions, session.caches)):
-        keys = cache.fetch()[0][0]
+        keys = cache.keys_and_values()[0][0]
         heads = list(range(attention.window_queries.shape[0]))
         scores = np.array(head_scores(attention.window_queries, keys, heads, attention.scale, d.kernel, d.pooling))
         shares = scores[:, positions].sum(axis=1) / scores.sum(axis=1)
@@ -151,7 +151,7 @@ def run(args) -> int:
         session.layer_budgets(args.budget, method)  # refuses a budget too small before the long prefill
     session.prefill(prompt.document)
     document = session.snapshot()
-    kv_heads = session.caches[0].fetch()[0].shape[1]
+    kv_heads = session.caches[0].keys_and_values()[0].shape[1]
     result = {"model": loaded.name, "sample": sample,
               "prompt_tokens": len(prompt.tokens), "budget": args.budget, "kv_heads": kv_heads,
               "span": args.span, "span_positions": positions,

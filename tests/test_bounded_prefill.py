@@ -50,7 +50,7 @@ def test_streamingllm_keeps_the_sinks_and_the_latest_tokens():
     q, k = layer0_queries_keys(session.model, tokens())
     body = PROMPT - 1
     rows = np.concatenate([select_streamingllm(body, WORKING), [PROMPT - 1]])
-    cache_keys = np.array(session.caches[0].fetch()[0][0])
+    cache_keys = np.array(session.caches[0].keys_and_values()[0][0])
     np.testing.assert_allclose(cache_keys, k[:, rows], atol=1e-5)
 
 
@@ -71,7 +71,7 @@ def simulated_snapkv(window_queries, k, body, working, step, window=8):
 
 
 def assert_layer0_keeps(session, k, kept):
-    cache_keys = np.array(session.caches[0].fetch()[0][0])
+    cache_keys = np.array(session.caches[0].keys_and_values()[0][0])
     assert cache_keys.shape[1] == WORKING + 1  # the last token is appended after the last eviction
     for head in range(k.shape[0]):
         np.testing.assert_allclose(cache_keys[head, :WORKING], k[head, kept[head]], atol=1e-5)

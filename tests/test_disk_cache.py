@@ -52,7 +52,7 @@ def on_disk(method_name: str, dtype: str, budget, root) -> Conversation:
 def assert_same_selection(disk: Conversation, memory: Conversation, atol: float):
     for stored, kept in zip(disk.session.caches, memory.session.caches):
         assert stored.length == kept.length and stored.offset == kept.offset
-        for a, b in zip(stored.fetch(), kept.fetch()):
+        for a, b in zip(stored.keys_and_values(), kept.keys_and_values()):
             np.testing.assert_allclose(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)), atol=atol)
 
 

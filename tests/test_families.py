@@ -69,8 +69,8 @@ def test_sinks_take_their_share_of_the_window_scores_as_in_the_spec():
     for layer, (window, cache) in zip(compressible_layers(model), zip(session.attentions, session.caches)):
         attention = model.layers[layer].self_attn
         assert window.scale == attention.sm_scale and np.array_equal(np.array(window.sinks), np.array(attention.sinks))
-        q, k = np.array(window.window_queries), np.array(cache.fetch()[0][0])
-        ours = np.array(head_scores(window.window_queries, cache.fetch()[0][0], heads, window.scale, 5, "avg", window.sinks))
+        q, k = np.array(window.window_queries), np.array(cache.keys_and_values()[0][0])
+        ours = np.array(head_scores(window.window_queries, cache.keys_and_values()[0][0], heads, window.scale, 5, "avg", window.sinks))
         spec = pooled_scores(window_probs(q, k, heads, 2, attention.sm_scale, np.array(attention.sinks)), 8)
         without = pooled_scores(window_probs(q, k, heads, 2, attention.sm_scale), 8)
         np.testing.assert_allclose(ours, spec, rtol=1e-4, atol=1e-7)

@@ -114,7 +114,7 @@ def test_srh_span_mass_is_float32_and_matches_numpy(dtype):
         last_queries = [np.array(a.window_queries[:, -1].astype(mx.float32)) for a in session.attentions]
         generated = list(session.generate(logits, 3))
     for recorder, attention, cache, query in zip(recorders, session.attentions, session.caches, last_queries):
-        keys = np.array(cache.fetch()[0][0, :, :80].astype(mx.float32))  # [kv_heads, 80, d]
+        keys = np.array(cache.keys_and_values()[0][0, :, :80].astype(mx.float32))  # [kv_heads, 80, d]
         group = query.shape[0] // keys.shape[0]
         logit = np.einsum("hd,hnd->hn", query, np.repeat(keys, group, axis=0)) * attention.scale
         probs = np.exp(logit - logit.max(-1, keepdims=True))

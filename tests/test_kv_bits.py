@@ -181,7 +181,7 @@ def test_rows_kept_again_at_a_re_score_stay_bit_for_bit():
             for ours, before, new in zip(cache.packed[0], packed_before, kv_bits.pack(new_k)):
                 expected = before[0, head, row] if row < 6 else np.array(new)[0, head, row - 6]
                 assert np.array_equal(np.array(ours)[0, head, slot], expected)
-    np.testing.assert_allclose(np.array(cache.fetch()[0][0, 0, 3]), np.array(new_k[0, 0, 0]), atol=0.3)  # row 6
+    np.testing.assert_allclose(np.array(cache.keys_and_values()[0][0, 0, 3]), np.array(new_k[0, 0, 0]), atol=0.3)  # row 6
 
 
 @pytest.mark.parametrize("bits", [4, 8])

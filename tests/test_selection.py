@@ -140,7 +140,7 @@ def session_selection(model, method, prompt_len, budget, seed=0):
     mx.random.seed(seed)
     session.prefill(mx.random.randint(1, 128, (prompt_len,)).tolist())
     # the reference scales by 1/sqrt(head_dim); a layer attending with another scale (Gemma) has its queries rescaled
-    inputs = [(np.array(a.window_queries) * a.scale * a.window_queries.shape[-1] ** 0.5, np.array(c.fetch()[0][0]))
+    inputs = [(np.array(a.window_queries) * a.scale * a.window_queries.shape[-1] ** 0.5, np.array(c.keys_and_values()[0][0]))
               for a, c in zip(session.attentions, session.caches)]
     kept = {}
     keep_indices = method.keep_indices

@@ -57,7 +57,7 @@ def windowed(model, window):
 
 def kept_rows(session, budget):
     session.compress(budget)
-    return [np.array(c.fetch()[0]) for c in session.caches]
+    return [np.array(c.keys_and_values()[0]) for c in session.caches]
 
 
 def selects_like_a_fresh_session(session, method, budget=32):

@@ -43,7 +43,7 @@ def test_the_store_holds_every_row_of_the_full_cache_bit_for_bit(tmp_path, dtype
     assert full.tokens == len(DOC)
     bits = mx.uint16 if dtype != "float32" else mx.uint32
     for layer, cache in enumerate(session.caches):
-        for stored, held in zip(full.layer(layer), cache.fetch()):
+        for stored, held in zip(full.layer(layer), cache.keys_and_values()):
             assert stored.dtype == held.dtype
             assert np.array_equal(np.array(stored.view(bits)), np.array(held.view(bits)))
     for stored, held in zip(store.queries(), session.attentions):
@@ -272,7 +272,7 @@ def test_a_store_kept_8_bit_holds_each_row_as_mx_quantize_packs_it(tmp_path, dty
     store = writer.publish(session.remembered_queries())
     full = DiskFullCache(store, tmp_path / CONVERSATIONS)
     for layer, cache in enumerate(session.caches):
-        for stored, held in zip(full.layer(layer), cache.fetch()):
+        for stored, held in zip(full.layer(layer), cache.keys_and_values()):
             expected = mx.dequantize(*mx.quantize(held, group_size=32, bits=8), group_size=32, bits=8)
             assert stored.dtype == held.dtype and mx.array_equal(stored, expected) and mx.all(mx.isfinite(held))
     width = {"float32": 4, "bfloat16": 2}[dtype]

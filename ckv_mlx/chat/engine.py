@@ -42,7 +42,7 @@ from .events import (
     Saved, Status,
 )
 
-SESSION_FORMAT = "ckv-chat-session/1"
+SESSION_FORMAT = "ckv-chat-session/2"  # 2: caches in mlx-lm 0.32's state layout
 VIEW_INTERVAL_S = 0.2
 LOG_NAME = "ckv-chat.log"
 QUESTION_ROOM = 256  # tokens a document cut to fit leaves for the first question

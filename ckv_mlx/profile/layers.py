@@ -69,7 +69,7 @@ def layer_trial(
     logits = session.feed(tokens)
     taps = []
     for layer, (attention, cache) in enumerate(zip(session.attentions, session.caches)):
-        keys = cache.fetch()[0][0]
+        keys = cache.keys_and_values()[0][0]
         keep = method.keep_indices(layer, attention.window_queries, keys, attention.scale, budget, attention.sinks)
         taps.append(LayerError(keep, len(tokens)))
     with tapped(session.attentions, taps):

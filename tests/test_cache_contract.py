@@ -1,0 +1,95 @@
+"""EvictingKVCache follows mlx-lm 0.32's cache protocol: mlx-lm's own save_prompt_cache /
+load_prompt_cache carry a compressed cache (quantized rows, padding, hybrid families), and
+decoding after the round trip equals decoding without it."""
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
+
+import ckv_mlx  # noqa: F401  (registers the cache class with mlx-lm)
+from ckv_mlx.cache import EvictingKVCache, load_caches, save_caches
+from ckv_mlx.errors import CKVError
+from ckv_mlx.methods import make_method
+from ckv_mlx.quantized import KVBits
+from ckv_mlx.session import Session
+from fakes import fake_profile
+from tiny import TinyTokenizer, tiny_model
+
+
+def tokens(n, seed=1):
+    mx.random.seed(seed)
+    return mx.random.randint(1, 128, (n,)).tolist()
+
+
+def compressed(arch="llama", method="compresskv-gqa", bits=None, dtype=mx.float32):
+    model = tiny_model(arch, layers=4, head_dim=32)
+    model.set_dtype(dtype)
+    session = Session(model, TinyTokenizer(), make_method(method, fake_profile(model))[0], region=16,
+                      kv_bits=KVBits(bits, 32) if bits else None)
+    session.prefill(tokens(120))
+    session.compress(40)
+    return model, session
+
+
+def decoded(model, caches, forced):
+    return [model(mx.array([[t]]), cache=caches)[:, -1] for t in forced]
+
+
+@pytest.mark.parametrize("arch, method, bits, dtype", [
+    ("llama", "compresskv-gqa", None, mx.float32),
+    ("llama", "compresskv", 8, mx.float32),
+    ("qwen2", "snapkv-ada", None, mx.float32),  # padding rows: per-head budgets
+    ("llama", "compresskv-gqa+span8", 8, mx.bfloat16),
+    ("gemma3_text", "snapkv", None, mx.float32),  # hybrid: mlx-lm's RotatingKVCache beside ours
+])
+def test_mlx_lm_save_and_load_prompt_cache_continue_token_for_token(tmp_path, arch, method, bits, dtype):
+    model, session = compressed(arch, method, bits, dtype)
+    path = str(tmp_path / "prompt.safetensors")
+    save_prompt_cache(path, session.model_caches(), {"method": method})
+    loaded, metadata = load_prompt_cache(path, return_metadata=True)
+    assert metadata == {"method": method}
+    ours = [c for c in loaded if isinstance(c, EvictingKVCache)]
+    assert len(ours) == len(session.caches) and all(c.compressed for c in ours)
+    forced = tokens(10, seed=3)  # within the region: no re-score needed
+    for a, b in zip(decoded(model, loaded, forced), decoded(model, session.model_caches(), forced)):
+        assert mx.array_equal(a, b)
+    assert [c.nbytes for c in ours] == [c.nbytes for c in session.caches]  # the file holds rows, not free capacity
+
+
+def test_state_is_arrays_and_scalars_and_from_state_takes_one_argument():
+    _, session = compressed(bits=8)
+    cache = session.caches[0]
+    state = cache.state
+    assert [type(x) for x in state[5:]] == [int] * 5
+    assert state[5:] == [cache.offset, cache.budget, 16, 8, 32]
+    again = EvictingKVCache.from_state(state)
+    assert (again.offset, again.length, again.budget, again.kv_bits) == (cache.offset, cache.length, cache.budget, KVBits(8, 32))
+    for a, b in zip(again.keys_and_values(), cache.keys_and_values()):
+        assert mx.array_equal(a, b)
+
+
+def test_keys_and_values_are_the_rows_held_as_mlx_lm_returns_them():
+    ours, theirs = EvictingKVCache(), KVCache()
+    keys, values = mx.random.normal((1, 2, 37, 16)), mx.random.normal((1, 2, 37, 16))
+    ours.update_and_fetch(keys, values)
+    theirs.update_and_fetch(keys, values)
+    for a, b in zip(ours.keys_and_values(), theirs.keys_and_values()):
+        assert mx.array_equal(a, b)
+    assert (ours.size(), ours.empty(), ours.is_trimmable()) == (theirs.size(), theirs.empty(), True)
+
+
+def test_an_empty_cache_round_trips():
+    again = EvictingKVCache.from_state(EvictingKVCache().state)
+    assert again.empty() and again.offset == 0 and again.length == 0
+
+
+def test_a_session_file_of_the_old_layout_is_refused_in_one_line(tmp_path):
+    _, session = compressed()
+    path = tmp_path / "old.safetensors"
+    mx.save_safetensors(str(path), {"cache.0.0": mx.zeros((1, 2, 4, 16))}, metadata={"ckv": '{"layers": [["1"]]}'})
+    with pytest.raises(CKVError, match="older ckv-mlx") as info:
+        load_caches(path)
+    assert "\n" not in str(info.value)
+    save_caches(tmp_path / "new.safetensors", session.caches, {"model": "tiny"})
+    caches, metadata, _ = load_caches(tmp_path / "new.safetensors")
+    assert metadata == {"model": "tiny"} and [c.length for c in caches] == [c.length for c in session.caches]
