@@ -178,7 +178,7 @@ OPTIONS_HELP = ("chunkN (whole N-token chunks), spanN (the N tokens after a kept
 
 def options(name: str) -> tuple[str, dict]:
     """``name``'s base method and its ``+`` options as attributes to set; an unknown
-    method or option is refused in one line."""
+    method or option, or one that does not apply, is refused in one line."""
     base, *parts = name.split("+")
     if base not in METHODS:
         raise CKVError(f"unknown method {base!r}: choose one of {', '.join(METHODS)}")
@@ -187,10 +187,23 @@ def options(name: str) -> tuple[str, dict]:
     settings = {}
     for part in parts:
         match = OPTION.fullmatch(part)
-        if match is None or (match[1] == "kernel" and int(match[2]) % 2 == 0):
+        if match is None:
             raise CKVError(f"method {name!r}: unknown option {part!r}; options are {OPTIONS_HELP}")
-        settings.update({match[1]: int(match[2])} if match[1] else {"pooling": match[3]})
+        attribute, value = (match[1], int(match[2])) if match[1] else ("pooling", match[3])
+        if attribute == "kernel" and value % 2 == 0:
+            raise CKVError(f"method {name!r}: the pooling kernel must be odd, got {value}")
+        if attribute in ("kernel", "pooling") and base == KeyDiff.name:
+            raise CKVError(f"method {name!r}: keydiff pools nothing, so kernelN, avg and max do not apply; drop them")
+        if attribute in settings:
+            raise CKVError(f"method {name!r}: {attribute} is given twice; keep one")
+        settings[attribute] = value
     return base, settings
+
+
+def _named(base: str, settings: dict) -> str:
+    """The one name of ``base`` with ``settings``, options in a fixed order."""
+    order = ("chunk", "span", "window", "kernel", "pooling")
+    return base + "".join(f"+{settings[a]}" if a == "pooling" else f"+{a}{settings[a]}" for a in order if a in settings)
 
 
 def compresses(name: str) -> bool:
@@ -222,5 +235,5 @@ def make_method(name: str, profile=None) -> tuple[Method, list[str]]:
     for attribute, value in settings.items():
         setattr(method, attribute, value)
     if settings:
-        method.name = name
+        method.name = _named(method.name, settings)  # of the method that runs (SnapKV where it fell back)
     return method, notes

@@ -140,9 +140,13 @@ def _needle_text(needle: Needle, boundary: str, after_text: bool) -> str:
 
 
 def _sentence_start(tokenizer, tokens: list[int], at: int, boundary: str = "period") -> int:
-    """Move ``at`` back to the nearest position where a needle may start; 0 if none."""
+    """Move ``at`` back to the nearest position where a needle may start; 0 if none. At
+    the end a sentence needle is appended (the reference's rule); a line needle too,
+    when the text ends a line."""
     if at >= len(tokens):
-        return len(tokens)
+        at = len(tokens)
+        if boundary != "line" or not tokens or tokenizer.decode([tokens[-1]]).endswith("\n"):
+            return at
     while at > 0 and not _starts_here(tokenizer, tokens, at, boundary):
         at -= 1
     return at

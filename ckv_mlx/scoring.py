@@ -106,8 +106,7 @@ def chunked(scores: mx.array, size: int) -> mx.array:
     keepable = scores > -mx.inf
     padded = mx.pad(mx.where(keepable, scores, 0.0), [(0, 0), (0, -n % size)])
     sums = mx.repeat(padded.reshape(rows, -1, size).sum(axis=-1), size, axis=1)[:, :n]
-    order = (mx.arange(n) % size).astype(mx.float32) * 1e-6
-    return mx.where(keepable, sums * (1 - order), -mx.inf)
+    return mx.where(keepable, sums - (mx.arange(n) % size) * _tie_step(sums), -mx.inf)
 
 
 def spread(scores: mx.array, span: int) -> mx.array:
@@ -118,12 +117,18 @@ def spread(scores: mx.array, span: int) -> mx.array:
     if span <= 0 or scores.shape[-1] == 0:
         return scores
     padded = mx.pad(scores, [(0, 0), (span, 0)], constant_values=-mx.inf)
-    n = scores.shape[-1]
+    n, step = scores.shape[-1], _tie_step(scores)
     best = scores
     for back in range(1, span + 1):
-        shifted = padded[:, span - back : span - back + n]
-        best = mx.maximum(best, mx.where(shifted > 0, shifted * (1 - back * 1e-6), shifted))
+        best = mx.maximum(best, padded[:, span - back : span - back + n] - back * step)
     return mx.where(scores > -mx.inf, best, -mx.inf)
+
+
+def _tie_step(scores: mx.array) -> mx.array:
+    """Per row, a step far below any real difference between scores (a millionth of the
+    largest magnitude), to rank equal scores by position whatever their sign."""
+    finite = mx.where(mx.abs(scores) < mx.inf, mx.abs(scores), 0.0)
+    return mx.max(finite, axis=-1, keepdims=True) * 1e-6 + 1e-30
 
 
 def key_novelty(keys: mx.array, window: int) -> mx.array:

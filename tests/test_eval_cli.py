@@ -103,6 +103,12 @@ def test_bad_input_is_one_line(tmp_path, capsys, default_model):
     assert "budget 'lots' is not understood" in capsys.readouterr().err
     assert main(["--lengths", "9000", "--out", str(tmp_path)]) == 2
     assert "exceeds the model's context" in capsys.readouterr().err
+    assert main(["--tasks", "facts", "--kinds", "essays", "--out", str(tmp_path)]) == 2
+    assert "needs --essays DIR" in capsys.readouterr().err
+    assert main(["--tasks", "facts", "--kinds", "poems", "--out", str(tmp_path)]) == 2
+    assert "unknown kind poems" in capsys.readouterr().err
+    assert main(["--methods", "snapkv+kernel4", "--out", str(tmp_path)]) == 2
+    assert "kernel must be odd" in capsys.readouterr().err
 
 
 def test_bounded_prefill_grid(tmp_path, default_model):

@@ -67,6 +67,21 @@ def test_needles_in_code_and_among_distractors_stand_on_a_line_of_their_own(kind
         assert NEEDLE.fullmatch(line), line
 
 
+@pytest.mark.parametrize("kind", ["code", "distractors"])
+def test_a_line_needle_at_the_end_still_stands_on_its_own_line(kind, monkeypatch):
+    monkeypatch.setattr(facts, "DEPTHS", (100,))
+    for sample, document, _ in prompts([kind], ["code", "number7"]):
+        assert sample.depth == 100
+        line = next(l for l in document.split("\n") if sample.info["value"] in l)
+        assert NEEDLE.fullmatch(line), line
+
+
+@pytest.mark.parametrize("form", ["name", "number5"])
+def test_no_distractor_carries_the_asked_value(form):
+    for sample, document, _ in prompts(["distractors"], [form], length=28_000, per_cell=6):
+        assert document.count(sample.info["value"]) == 1, sample.key
+
+
 @pytest.mark.parametrize("kind", ["manual", "legal", "financial", "noise"])
 def test_needles_in_prose_follow_a_sentence_end(kind):
     for sample, document, _ in prompts([kind], ["name"]):
@@ -135,6 +150,7 @@ def test_agreement_counts_only_what_the_full_cache_answers():
     assert agreement(records, "snapkv", "128") == (2, 2)
     assert matching_budget(records, "snapkv") == "128 (2/2)"
     assert matching_budget([r for r in records if r["budget"] != "128"], "snapkv") == "none to 64"
+    assert matching_budget([dict(r, score=0) if r["method"] == "full" else r for r in records], "snapkv") == "-"
 
 
 def test_budget_table_has_a_column_per_kind_and_all():

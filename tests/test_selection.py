@@ -102,19 +102,28 @@ def test_spread_snapkv_keeps_the_tokens_after_its_best_as_numpy(seed, span):
     np.testing.assert_array_equal(got, want)
 
 
-def test_method_options_set_window_pooling_and_kernel():
+def test_method_options_set_window_pooling_and_kernel_under_one_name():
     method = make_method("snapkv+window16+max+kernel9+chunk8")[0]
     assert (method.name, method.window, method.pooling, method.kernel, method.chunk) == (
-        "snapkv+window16+max+kernel9+chunk8", 16, "max", 9, 8)
+        "snapkv+chunk8+window16+kernel9+max", 16, "max", 9, 8)
+    assert make_method("snapkv+max+kernel9")[0].name == make_method("snapkv+kernel9+max")[0].name
     assert make_method("snapkv")[0].chunk == 1
 
 
-@pytest.mark.parametrize("name", ["snapkv+chunk", "snapkv+kernel4", "snapkv+sum", "nokv+chunk8", "snapkv+chunk0",
-                                  "full+span8", "streamingllm+chunk8"])
-def test_unknown_method_options_are_refused_in_one_line(name):
+def test_a_fallback_is_named_for_the_method_that_runs():
+    method, notes = make_method("compresskv-gqa+span8")
+    assert isinstance(method, SnapKV) and method.name == "snapkv+span8" and method.span == 8 and notes
+
+
+@pytest.mark.parametrize("name, words", [
+    ("snapkv+chunk", "unknown option"), ("snapkv+kernel4", "must be odd"), ("snapkv+sum", "unknown option"),
+    ("nokv+chunk8", "unknown method"), ("snapkv+chunk0", "unknown option"), ("full+span8", "takes no options"),
+    ("streamingllm+chunk8", "takes no options"), ("keydiff+max", "pools nothing"), ("snapkv+span8+span4", "twice"),
+])
+def test_bad_method_options_are_refused_in_one_line(name, words):
     with pytest.raises(CKVError) as info:
         make_method(name)
-    assert "\n" not in str(info.value) and any(w in str(info.value) for w in ("option", "unknown method"))
+    assert "\n" not in str(info.value) and words in str(info.value)
 
 
 def test_streamingllm_matches_numpy():

@@ -92,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _check(args, modes, policies, kinds, forms):
     from ..methods import options
+    from .facts import ESSAYS_NEEDED
 
     if not args.methods:
         raise CKVError("--methods is empty: name at least one method")
@@ -120,6 +121,8 @@ def _check(args, modes, policies, kinds, forms):
         if bits != 16 and bits not in BITS:
             raise CKVError(f"--kv-bits {bits}: use 16 (the kept rows as computed), {' or '.join(map(str, BITS))}")
     KVBits(BITS[0], args.kv_group_size)  # a group size mx.quantize refuses fails here, before any prefill
+    if "facts" in args.tasks and "essays" in args.kinds and args.essays is None:
+        raise CKVError(ESSAYS_NEEDED)
     if not all(0 <= d <= 100 for d in args.depths):
         raise CKVError("--depths are percentages: each must be between 0 and 100")
 

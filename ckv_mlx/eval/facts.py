@@ -40,6 +40,8 @@ LAST_NAMES = ("Marsh", "Okonkwo", "Vantongeren", "Castellanos", "Whitcombe", "Li
               "Szymanski", "Fairweather", "Delacroix", "Haldane", "Mbeki", "Rautenbach", "Quennell")
 NOUNS = {"number5": "number", "number7": "number", "uuid": "UUID", "name": "name", "code": "code"}
 ANSWER_SLACK = 4  # answer tokens beyond the value's own
+ESSAYS_NEEDED = ("the essays kind needs --essays DIR, a folder of essays as .txt files (e.g. the paper's Paul Graham "
+                 "essays): pass it or leave essays out of --kinds")
 
 
 @dataclass(frozen=True)
@@ -102,8 +104,7 @@ def documents(kind: str, split: str, essays: Path | None = None) -> list[Path]:
         return []
     folder = essays if kind == "essays" else DOCUMENTS / kind
     if folder is None:
-        raise CKVError("the essays kind needs --essays DIR, a folder of essays as .txt files (e.g. the paper's "
-                       "Paul Graham essays): pass it or leave essays out of --kinds")
+        raise CKVError(ESSAYS_NEEDED)
     files = sorted(Path(folder).glob("*.txt"))
     if len(files) < 2:
         raise CKVError(f"{folder}: the {kind} kind needs at least two .txt documents to split into dev and held-out")
@@ -126,7 +127,7 @@ def make_fact(kind: str, form: str, split: str, index: int, essays: Path | None 
     if kind == "noise":
         return Fact(kind, form, key, value, depth, "noise"), " ".join(NOISE * 40)
     if kind == "distractors":
-        return Fact(kind, form, key, value, depth, "distractors"), _distractors(rng, form, key)
+        return Fact(kind, form, key, value, depth, "distractors"), _distractors(rng, form, key, value)
     files = documents(kind, split, essays)
     if kind == "essays":
         rng.shuffle(files)
@@ -136,10 +137,16 @@ def make_fact(kind: str, form: str, split: str, index: int, essays: Path | None 
     return Fact(kind, form, key, value, depth, chosen.stem), chosen.read_text(encoding="utf-8")
 
 
-def _distractors(rng: random.Random, form: str, asked: str, count: int = 400) -> str:
-    """``count`` needles of ``form`` for keys other than ``asked``, one a line."""
+def _distractors(rng: random.Random, form: str, asked: str, value: str, count: int = 400) -> str:
+    """``count`` needles of ``form`` for keys other than ``asked``, one a line, none with
+    the asked ``value`` (a copied wrong line must not score)."""
     keys = [f"{a}-{k}" for a in ADJECTIVES for k in KEYS if f"{a}-{k}" != asked]
-    lines = [_sentence(NOUNS[form], key, value_of(form, rng)) for key in rng.sample(keys, count)]
+    lines = []
+    for key in rng.sample(keys, count):
+        other = value_of(form, rng)
+        while other == value:
+            other = value_of(form, rng)
+        lines.append(_sentence(NOUNS[form], key, other))
     return "\n".join(lines)
 
 

@@ -30,13 +30,16 @@ def agreement(records, method: str, budget: str) -> tuple[int, int]:
 
 def matching_budget(records, method: str) -> str:
     """The smallest budget at which ``method`` keeps at least 90 % of the full cache's
-    exact answers (with its count), or "none" up to the largest budget run."""
+    exact answers (with its count), "none" up to the largest budget run, or "-" where
+    the full cache answered nothing exactly."""
     budgets = budget_order([r for r in records if r["method"] == method])
-    for budget in budgets:
-        kept, n = agreement(records, method, budget)
+    counts = [(budget, *agreement(records, method, budget)) for budget in budgets]
+    if not any(n for _, _, n in counts):
+        return "-"
+    for budget, kept, n in counts:
         if n and kept >= MATCH_TARGET * n:
             return f"{budget} ({kept}/{n})"
-    return f"none to {budgets[-1]}" if budgets else "-"
+    return f"none to {budgets[-1]}"
 
 
 def agreement_table(records) -> str:
