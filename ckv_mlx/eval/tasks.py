@@ -92,8 +92,8 @@ def fact_samples(tokenizer, kinds, forms, split: str, lengths, per_cell: int, es
                     fact, haystack = facts.make_fact(kind, form, split, index, essays)
                     prompt, answer_tokens = facts.fact_prompt(tokenizer, fact, haystack, length, style)
                     scorer = lambda answer, value=fact.value: facts.score(answer, value)
+                    key = f"facts/{split}/{kind}/{form}/L{length}/S{index}" + ("/chat" if style == "chat" else "")
                     samples.append(EvalSample(
-                        f"facts/{split}/{kind}/{form}/L{length}/S{index}" + ("/chat" if style == "chat" else ""), "facts", length, prompt.document,
-                        [prompt.question], [scorer], fact.depth, answer_tokens,
+                        key, "facts", length, prompt.document, [prompt.question], [scorer], fact.depth, answer_tokens,
                         {"kind": kind, "form": form, "split": split, "document": fact.document, "value": fact.value}))
     return samples
