@@ -7,6 +7,9 @@ __version__ = "0.1.0"
 # numbers and codes; docs/results.md, "Exact facts from real documents").
 DEFAULT_METHOD = "compresskv-gqa+span8"
 
-# mlx-lm's load_prompt_cache finds a cache class by its name in mlx_lm.models.cache: importing
-# the cache module puts EvictingKVCache there, so mlx-lm's own files carry compressed caches.
-from . import cache as _cache  # noqa: E402,F401
+# The Python API. Importing it also registers our caches in mlx_lm.models.cache, where
+# mlx-lm's load_prompt_cache finds a saved cache's class by name.
+from .api import compress, load, make_prompt_cache  # noqa: E402
+from .errors import CKVError  # noqa: E402
+
+__all__ = ["DEFAULT_METHOD", "CKVError", "compress", "load", "make_prompt_cache"]

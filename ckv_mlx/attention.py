@@ -25,7 +25,7 @@ from .errors import CKVError
 from .profiles import Defaults
 
 SDPA = "scaled_dot_product_attention"
-_mlx_lm_sdpa = base.scaled_dot_product_attention
+_mlx_lm_sdpa = getattr(base, "_ckv_mlx_lm_sdpa", base.scaled_dot_product_attention)
 
 
 class LayerWindow:
@@ -36,8 +36,8 @@ class LayerWindow:
     output to use: the profiler records attention with it, the ablation masks heads.
     """
 
-    def __init__(self, attention: nn.Module, window: int = Defaults.window):
-        self.o_proj = attention.o_proj  # what a tap applies to per-head outputs
+    def __init__(self, attention: nn.Module | None = None, window: int = Defaults.window):
+        self.o_proj = getattr(attention, "o_proj", None)  # what a tap applies to per-head outputs
         self.window = window  # the latest queries that score
         self.kept = window  # the latest queries remembered: the widest window installed so far
         self.tap = None
@@ -149,6 +149,14 @@ def joined(state: tuple) -> mx.array | None:
     return mx.concatenate(list(state), axis=2) if state else None
 
 
+def observe_models_loaded_from_now():
+    """Put the pass-through in mlx-lm's ``base`` module, where every model file imported
+    from now on takes its attention from: a model mlx-lm loads after ``import ckv_mlx``
+    needs no :func:`observe` before a cache of ours is used with it (a saved one, say)."""
+    base._ckv_mlx_lm_sdpa = _mlx_lm_sdpa
+    setattr(base, SDPA, observed_sdpa)
+
+
 def observe(attentions: list[nn.Module], window: int = Defaults.window) -> list[LayerWindow]:
     """One :class:`LayerWindow` per attention module in ``attentions`` (the layers whose
     cache compresses), their modules' attention calls made visible (idempotent)."""
@@ -159,3 +167,6 @@ def observe(attentions: list[nn.Module], window: int = Defaults.window) -> list[
                            f"{SDPA}: its window queries cannot be seen")
         setattr(module, SDPA, observed_sdpa)
     return [LayerWindow(attention, window) for attention in attentions]
+
+
+observe_models_loaded_from_now()

@@ -12,6 +12,13 @@ import re
 from .errors import CKVError
 
 
+def check_budget(avg_budget: int | None, window: int) -> None:
+    """Refuse, in one line, an average budget that does not exceed the observation window."""
+    if avg_budget is None or avg_budget <= window:
+        raise CKVError(f"budget {avg_budget} is too small: it must be more than the observation window "
+                       f"({window} tokens)")
+
+
 def uniform(n_layers: int, avg_budget: int) -> list[int]:
     """The same budget for every layer (SnapKV, StreamingLLM, CompressKV without errors)."""
     _check_positive("number of layers", n_layers)

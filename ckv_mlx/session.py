@@ -15,9 +15,11 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from .attention import observe
+from .budgets import check_budget
 from .cache import EvictingKVCache, allocated_rows
 from .disk_cache import DiskFullCache
 from .errors import CKVError
+from .eviction import compress_layer, prompt_budgets
 from .families import attention_modules
 from .layer_caches import all_trimmable, arrays, copies, fresh_others, nbytes
 from .methods import Method
@@ -387,12 +389,7 @@ class Session:
         method = method or self.method
         if not method.compresses:
             return None
-        window = method.window
-        if avg_budget is None or avg_budget <= window:
-            raise CKVError(
-                f"budget {avg_budget} is too small: it must be more than the "
-                f"observation window ({window} tokens)"
-            )
+        check_budget(avg_budget, method.window)
         return method.layer_budgets(avg_budget, len(self.caches))
 
     def compress(self, avg_budget: int | None) -> list[int] | None:
@@ -403,9 +400,7 @@ class Session:
             self.stats.kv_bytes_kept, self.stats.kv_rows_kept = self.kv_bytes, self.kv_rows_bytes
             return None
         start = time.perf_counter()
-        length = self.caches[0].length
-        if length <= avg_budget:
-            budgets = [max(b, length) for b in budgets]
+        budgets = prompt_budgets(budgets, self.caches[0].length, avg_budget)
         for layer, budget in enumerate(budgets):
             self._compress_layer(layer, budget, kv_bits=self.kv_bits)
         self._eval_caches()
@@ -421,8 +416,8 @@ class Session:
         at most one layer's full rows. ``tokens`` join the full cache's rows."""
         budgets = self.layer_budgets(avg_budget)
         total = full.tokens + len(tokens)
-        if budgets is not None and total <= avg_budget:
-            budgets = [max(b, total) for b in budgets]
+        if budgets is not None:
+            budgets = prompt_budgets(budgets, total, avg_budget)
         start, kept = time.perf_counter(), []
 
         def keep(layer: int, keys: mx.array, values: mx.array):
@@ -463,12 +458,7 @@ class Session:
                         kv_bits: KVBits | None = None):
         """Re-score layer ``layer`` and keep ``budget`` rows (packed by ``kv_bits``, or
         as the layer was kept before)."""
-        attention, cache = self.attentions[layer], cache or self.caches[layer]
-        keys = cache.keys_and_values()[0][0]
-        keep = self.method.keep_indices(
-            layer, attention.window_queries, keys, attention.scale, budget, attention.sinks, cache.visible_rows()
-        )
-        cache.compress(keep, budget, kv_bits)
+        compress_layer(cache or self.caches[layer], self.method, layer, self.attentions[layer], budget, kv_bits)
 
     def make_room(self, n: int):
         """Re-score and evict every compressed layer that cannot take ``n`` more rows."""

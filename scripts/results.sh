@@ -4,8 +4,8 @@
 # Each step is resumable: killed and started again, it continues; with larger grids
 # (e.g. --lengths 1000,2000,4000,7000) it adds only the missing records.
 # Usage: bash scripts/results.sh [niah|pyramidkv|uniform|firstk|chunked|coverage|ablation|mixed|agnostic|followup|gemma_niah|kv_bits|
-#                                 facts_dev|facts_coverage|facts_held_out]...
-# (default: all fifteen)
+#                                 facts_dev|facts_coverage|facts_held_out|span_niah]...
+# (default: all sixteen)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -61,6 +61,13 @@ firstk() {  # 3 SRHs per layer instead of 2 (what the profile now ships): compre
     niah_eval runs/smollm2-first-k-3.json docs/eval/niah-first-k-3-7k --methods "$CKV" --lengths 7000 --depths 11,22
     niah_eval runs/smollm2-first-k-3.json docs/eval/niah-first-k-3-all --methods full,compresskv-gqa \
         --lengths 1000,2000,4000,7000 --needle-count 6
+}
+
+span_niah() {  # the exact-fact choice (compresskv-gqa+span8) back on the 240 essay NIAH samples of firstk, beside
+               # compresskv-gqa's records (same profile, prompts and settings); LENGTHS_SPAN picks lengths (default all four)
+    variant runs/smollm2-first-k-3.json 'p["defaults"]["first_k"] = 3'
+    niah_eval runs/smollm2-first-k-3.json docs/eval/niah-first-k-3-all --methods full,compresskv-gqa,compresskv-gqa+span8 \
+        --lengths "${LENGTHS_SPAN:-1000,2000,4000,7000}" --needle-count 6
 }
 
 chunked() {  # bounded-memory prefill: NIAH at 2K, the document read in chunks of 512 kept to 256 tokens per layer,
@@ -137,6 +144,6 @@ facts_held_out() {  # the held-out split, evaluated once after the choice: every
         --methods "full,compresskv,compresskv-gqa,snapkv,pyramidkv,streamingllm,keydiff,snapkv+chunk20,${FACT_CHOICE:-compresskv-gqa+span8}"
 }
 
-for step in "${@:-niah pyramidkv uniform firstk chunked coverage ablation mixed agnostic followup gemma_niah kv_bits facts_dev facts_coverage facts_held_out}"; do
+for step in "${@:-niah pyramidkv uniform firstk chunked coverage ablation mixed agnostic followup gemma_niah kv_bits facts_dev facts_coverage facts_held_out span_niah}"; do
     for s in $step; do $s; done
 done

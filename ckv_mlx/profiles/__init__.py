@@ -184,6 +184,20 @@ def default_profile_path(model_name: str) -> Path | None:
     return None
 
 
+def shipped_profile_for(shape: ModelShape) -> Profile | None:
+    """The shipped profile of a model: by its name, else (a model known only by its
+    geometry) the first whose architecture and geometry it has; None if none."""
+    path = default_profile_path(shape.name)
+    if path is not None:
+        return load_profile(path)
+    folder = profiles_dir()
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        profile = load_profile(path)
+        if profile.shape.same_geometry(shape) and profile.shape.architecture.lower() == shape.architecture.lower():
+            return profile
+    return None
+
+
 def slug(name: str) -> str:
     """Lower-case, runs of other characters as '-': 'SmolLM2-135M-Instruct' style file names."""
     return re.sub(r"[^a-z0-9.]+", "-", name.lower()).strip("-")
