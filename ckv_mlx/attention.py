@@ -109,7 +109,11 @@ class LayerWindow:
 
 def attention(queries, keys, values, cache, scale, mask=None, sinks=None) -> mx.array:
     """mlx-lm's attention, or over rows kept partly quantized; a cache's padding rows
-    (per-head budgets) hidden from every query head of their KV head."""
+    (per-head budgets) hidden from every query head of their KV head. A mask array made
+    from another layer's length (mlx-lm makes one from the first layer's cache; ours hold
+    different numbers of rows once compressed) is made again from this layer's."""
+    if isinstance(mask, mx.array) and hasattr(cache, "visible_rows") and mask.shape[-1] != keys.shape[2]:
+        mask = create_causal_mask(queries.shape[2], keys.shape[2] - queries.shape[2])  # made from another layer's length
     visible = getattr(cache, "visible_rows", lambda: None)()
     if visible is not None:
         mask = with_visible_rows(mask, visible, queries.shape)

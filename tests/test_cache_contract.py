@@ -94,3 +94,17 @@ def test_a_session_file_of_the_old_layout_is_refused_in_one_line(tmp_path):
     save_caches(tmp_path / "new.safetensors", session.caches, {"model": "tiny"})
     caches, metadata, _ = load_caches(tmp_path / "new.safetensors")
     assert metadata == {"model": "tiny"} and [c.length for c in caches] == [c.length for c in session.caches]
+
+
+def test_a_mask_made_from_another_layers_length_is_made_again_from_this_ones():
+    from mlx_lm.models.base import create_causal_mask, scaled_dot_product_attention
+
+    from ckv_mlx.attention import attention
+
+    mx.random.seed(3)
+    queries, keys, values = (mx.random.normal((1, 2, n, 8)) for n in (4, 20, 20))
+    short = EvictingKVCache()
+    short.update_and_fetch(keys, values)  # this layer holds 20 rows; the first layer held 30
+    wrong = create_causal_mask(4, 26)
+    expected = scaled_dot_product_attention(queries, keys, values, None, scale=0.3, mask=create_causal_mask(4, 16))
+    assert mx.allclose(attention(queries, keys, values, short, 0.3, wrong), expected).item()
