@@ -164,7 +164,7 @@ def _via_store(session, loaded, args, tokens: list[int], split: int, budget, wor
         full.close()
         session.stats.disk_bytes, session.stats.store_reused = full.store.nbytes, not read_now
     stats = session.stats
-    stats.prefill_s, stats.prompt_tokens, stats.kv_bytes_full = time.perf_counter() - start, len(tokens), session.full_bytes
+    stats.prefill_s, stats.prompt_tokens = time.perf_counter() - start, len(tokens)
     return logits
 
 

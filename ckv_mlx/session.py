@@ -35,7 +35,7 @@ class Stats:
 
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    kv_bytes_full: int = 0  # allocated by a full cache of the prompt
+    kv_bytes_full: int = 0  # allocated by a full cache of the prompt (as read when it was selected)
     kv_bytes_kept: int = 0  # allocated right after compression
     kv_rows_kept: int = 0  # of which rows holding tokens
     layer_budgets: list[int] | None = None
@@ -274,7 +274,7 @@ class Session:
         mx.eval(logits, [a.window_state() for a in self.attentions])
         self.stats.prefill_s = time.perf_counter() - start
         self.stats.prompt_tokens = len(tokens)
-        self.stats.kv_bytes_full = self.full_bytes
+        self.stats.kv_bytes_full = self.full_bytes  # until a selection (``_selected``) records the prompt's
         self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, self.kv_bytes)
         self.stats.working_budget = working_budget
         return logits
@@ -397,7 +397,7 @@ class Session:
         budget is kept whole."""
         budgets = self.layer_budgets(avg_budget)
         if budgets is None:
-            self.stats.kv_bytes_kept, self.stats.kv_rows_kept = self.kv_bytes, self.kv_rows_bytes
+            self._selected(None)
             return None
         start = time.perf_counter()
         budgets = prompt_budgets(budgets, self.caches[0].length, avg_budget)
@@ -405,8 +405,7 @@ class Session:
             self._compress_layer(layer, budget, kv_bits=self.kv_bits)
         self._eval_caches()
         self.stats.compress_s = time.perf_counter() - start
-        self.stats.kv_bytes_kept, self.stats.kv_rows_kept = self.kv_bytes, self.kv_rows_bytes
-        self.stats.layer_budgets = budgets
+        self._selected(budgets)
         return budgets
 
     def reselect(self, tokens: list[int], full: DiskFullCache, avg_budget: int | None) -> mx.array:
@@ -439,9 +438,15 @@ class Session:
         mx.eval([a.window_state() for a in self.attentions])
         self.caches = kept
         self.stats.reselect_s = time.perf_counter() - start
-        self.stats.kv_bytes_kept, self.stats.kv_rows_kept = self.kv_bytes, self.kv_rows_bytes
-        self.stats.layer_budgets = budgets
+        self._selected(budgets)
         return logits
+
+    def _selected(self, budgets: list[int] | None):
+        """Record what the selection just made kept, beside what a full cache of the
+        prompt read so far allocates: the one definition of both figures."""
+        stats = self.stats
+        stats.kv_bytes_full, stats.kv_bytes_kept, stats.kv_rows_kept = self.full_bytes, self.kv_bytes, self.kv_rows_bytes
+        stats.layer_budgets = budgets
 
     def read_on_disk(self, tokens: list[int], full: DiskFullCache):
         """Read ``tokens`` against every row of the full cache on disk, in pieces, their

@@ -431,3 +431,17 @@ def test_a_growing_conversation_reads_only_each_new_turn(server):
     assert second.model_extra["ckv"]["prefix_tokens_reused"] == system  # the document's; its first turn now stored
     assert third.model_extra["ckv"]["prefix_tokens_reused"] == through_first  # read: the second turn, the question
     assert third.choices[0].message.content == engine_answer(server, tokens, "snapkv", 48, 5)
+
+
+def test_the_full_cache_figure_is_the_prompts_whatever_the_answers_length(server):
+    from ckv_mlx.cache import allocated_rows
+
+    words = server.loaded.tokenizer.encode(DOCUMENT)[:240]
+    prompt = server.loaded.tokenizer.decode(words)
+    tokens = len(server.loaded.tokenizer.encode(prompt))
+    assert 200 < tokens < 256 - 8
+    prompts_full = server.loaded.kv_bytes_per_token * allocated_rows(tokens)  # 256 rows, as mlx-lm's KVCache grows
+    for max_tokens in (1, 60):
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ckv": {"method": "full"}}
+        status, _, reply = post(f"{server.url}/v1/completions", json.dumps(body).encode())
+        assert status == 200 and reply["ckv"]["kv_bytes_full"] == prompts_full, (max_tokens, reply["usage"])

@@ -120,7 +120,7 @@ class Worker:
         text, finish, generated = self._answer(job, logits)
         stats = session.stats
         figures = {"method": method.name, "budget": budget, "kv_bits": session.kv_bits.bits if session.kv_bits else None,
-                   "kv_bytes_full": session.full_bytes, "kv_bytes_kept": stats.kv_bytes_kept,
+                   "kv_bytes_full": stats.kv_bytes_full, "kv_bytes_kept": stats.kv_bytes_kept,
                    "prefix_tokens_reused": reused}
         job.emit(("done", finish, usage(len(tokens), generated), figures))
 
