@@ -9,7 +9,6 @@ the next generated token.
 from __future__ import annotations
 
 import logging
-import queue
 import sys
 import threading
 import time
@@ -34,6 +33,7 @@ from ..methods import make_method
 from ..models import LoadedModel, load_model
 from ..profiles import resolve_profile
 from ..quantized import AS_COMPUTED, AS_COMPUTED_NOTE, KVBits, kv_bits_setting, store_bits_setting
+from ..runtime import Cancelled, MLXThread
 from ..prompts import TRUNCATE_CHOICES, cut_to_fit, document_prefix, question_tokens
 from ..session import PREFILL_STEP, Session
 from ..store import DEFAULT_LIMIT_BYTES, StoreWriter, read_mode, store_key, store_root
@@ -90,10 +90,6 @@ def _log_warning(message, category, filename, lineno, file=None, line=None):
     logging.getLogger("py.warnings").warning(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
 
 
-class _Closing(Exception):
-    """The engine is shutting down: abandon the current job."""
-
-
 @dataclass
 class _Turn:
     question: str
@@ -122,7 +118,6 @@ class ChatEngine:
                  loader: Callable[..., LoadedModel] = load_model):
         self.settings = settings
         self._emit, self._loader = emit, loader
-        self._jobs: queue.Queue = queue.Queue()
         self._stop, self._closing = threading.Event(), threading.Event()
         self._loaded: LoadedModel | None = None
         self._session: Session | None = None
@@ -134,8 +129,7 @@ class ChatEngine:
         self._refused: Path | None = None  # the last document refused for its length
         self._phase = "idle"
         self._last_view = 0.0
-        self._thread = threading.Thread(target=self._work, name="ckv-engine", daemon=True)
-        self._thread.start()
+        self._mlx = MLXThread("ckv-engine", on_exit=self._end_conversation)
 
     # The interface the app drives (any thread).
 
@@ -172,32 +166,24 @@ class ChatEngine:
         self._submit(self._resume, Path(path))
 
     def close(self, timeout: float = 10.0):
+        """Stop what runs (between prefill chunks, or tokens), drop what waits, end the thread."""
         self._closing.set()
         self._stop.set()
-        self._jobs.put(None)
-        self._thread.join(timeout)
+        self._mlx.close(cancel=True, timeout=timeout)
 
     # The engine's thread.
 
     def _submit(self, job, *args):
-        self._jobs.put((job, args))
+        self._mlx.submit(lambda _: self._run(job, args))
 
-    def _work(self):
-        try:
-            while (item := self._jobs.get()) is not None and self._run(*item):
-                pass
-        finally:
-            self._end_conversation()
-            mx.clear_streams()  # MLX must free this thread's streams itself, or exit aborts
-
-    def _run(self, job, args) -> bool:
-        """Run one job, reporting its failure; False when the engine is closing."""
+    def _run(self, job, args):
+        """Run one job, reporting its failure (a cancelled one, the engine closing, ends quietly)."""
         try:
             job(*args)
-        except _Closing:
-            return False
         except CKVError as error:
             self._emit(Failure(str(error)))
+        except Cancelled:
+            raise
         except Exception as error:  # a bug must not take the app down with it
             _log.exception("internal error")  # under the app, into the log file, not onto the screen
             self._emit(Failure(f"internal error ({error.__class__.__name__}: {error}); please report it "
@@ -205,7 +191,6 @@ class ChatEngine:
         self._phase = "idle"
         if self._session is not None and not self._closing.is_set():
             self._emit(self._view())
-        return True
 
     def _ensure_model(self, name: str | None):
         """Load ``name`` (None: the built-in model) unless it is the loaded one."""
@@ -306,7 +291,7 @@ class ChatEngine:
 
         def progress(done: int, total: int):
             if self._closing.is_set():
-                raise _Closing
+                raise Cancelled
             self._emit(Progress(done, total, done / max(time.perf_counter() - start, 1e-9)))
             self._maybe_view()
 

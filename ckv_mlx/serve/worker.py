@@ -1,4 +1,4 @@
-"""The server's one MLX thread: requests run one at a time, in the order they came.
+"""The server's requests, run one at a time on its MLX thread, in the order they came.
 
 Each request is read, compressed and answered by one :class:`~ckv_mlx.session.Session`.
 A long prefix of its prompt (the messages before the last one, or a completion prompt up
@@ -14,9 +14,7 @@ finish_reason, usage, figures)``, or ``("error", APIError)``.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +26,7 @@ from ..errors import CKVError
 from ..memory import plan_prefill
 from ..methods import make_method
 from ..quantized import AS_COMPUTED, KVBits, kv_bits_setting
+from ..runtime import Cancelled, Job, MLXThread
 from ..session import PREFILL_STEP, Session
 from ..store import DEFAULT_LIMIT_BYTES, MANIFEST, read_mode, store_key
 from .protocol import APIError, Request, usage
@@ -49,62 +48,45 @@ class ServeSettings:
     kv_group_size: int | None = None  # for the kv_bits (None: 64, or 32 where 64 does not divide)
 
 
-@dataclass
-class Job:
-    """A request waiting or running, and how to tell its client."""
-
-    request: Request
-    emit: Callable[[tuple], None]
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def cancel(self):
-        """Stop it (its client went away): a waiting job never starts."""
-        self.cancelled.set()
-
-
 class Worker:
-    """One model, one session, one thread; :meth:`submit` queues a request."""
+    """One model, one session, one MLX thread; :meth:`submit` queues a request."""
 
     def __init__(self, loaded, profile, profile_name: str | None, settings: ServeSettings):
         self.loaded, self.profile, self.profile_name, self.settings = loaded, profile, profile_name, settings
         self.session = Session(loaded.model, loaded.tokenizer, make_method("full")[0], region=settings.region)
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="ckv-serve-mlx", daemon=True)
-        self._thread.start()
+        self._mlx = MLXThread("ckv-serve-mlx")
 
     @property
     def waiting(self) -> int:
-        return self._jobs.qsize()
+        """Requests queued whose clients are still there."""
+        return self._mlx.waiting
 
     def submit(self, request: Request, emit: Callable[[tuple], None]) -> Job:
-        job = Job(request, emit)
-        self._jobs.put(job)
-        return job
+        """Queue ``request``; its events go to ``emit``. Cancelling the job returned stops
+        it: before it starts, or between prefill chunks, or between tokens."""
+        return self._mlx.submit(lambda job: self._serve(job, request, emit))
 
     def close(self):
-        self._jobs.put(None)
-        self._thread.join()
+        self._mlx.close(cancel=True)
 
-    def _loop(self):
-        while (job := self._jobs.get()) is not None:
-            if job.cancelled.is_set():
-                continue
-            try:
-                self._run(job)
-            except APIError as error:
-                job.emit(("error", error))
-            except CKVError as error:
-                job.emit(("error", APIError(400, str(error))))
-            except Exception as error:  # a bug must not take the server down with it
-                _log.exception("internal error")
-                job.emit(("error", APIError(500, f"internal error ({type(error).__name__}: {error})",
-                                            kind="server_error")))
-            finally:
-                self.session.reset()  # nothing of a request outlives it
-                mx.clear_cache()
+    def _serve(self, job: Job, request: Request, emit: Callable[[tuple], None]):
+        try:
+            self._run(job, request, emit)
+        except APIError as error:
+            emit(("error", error))
+        except CKVError as error:
+            emit(("error", APIError(400, str(error))))
+        except Cancelled:
+            raise
+        except Exception as error:  # a bug must not take the server down with it
+            _log.exception("internal error")
+            emit(("error", APIError(500, f"internal error ({type(error).__name__}: {error})", kind="server_error")))
+        finally:
+            self.session.reset()  # nothing of a request outlives it
+            mx.clear_cache()
 
-    def _run(self, job: Job):
-        request, session = job.request, self.session
+    def _run(self, job: Job, request: Request, emit: Callable[[tuple], None]):
+        session = self.session
         tokens, prefixes = self._prompt(request)
         self._check_fits(request, len(tokens))
         method, _ = make_method(request.compression.method, self.profile)
@@ -115,14 +97,14 @@ class Worker:
         session.kv_bits = kv_bits_setting(bits, self.settings.kv_group_size if packs else None, method.compresses)
         budget = parse_budget(request.compression.budget, len(tokens)) if method.compresses else None
         session.layer_budgets(budget)  # a budget too small is refused before anything is read
-        logits, reused = self._read(tokens, prefixes, budget)
-        job.emit(("ready", len(tokens)))
-        text, finish, generated = self._answer(job, logits)
+        logits, reused = self._read(tokens, prefixes, budget, job.check)
+        emit(("ready", len(tokens)))
+        text, finish, generated = self._answer(job, request, emit, logits)
         stats = session.stats
         figures = {"method": method.name, "budget": budget, "kv_bits": session.kv_bits.bits if session.kv_bits else None,
                    "kv_bytes_full": stats.kv_bytes_full, "kv_bytes_kept": stats.kv_bytes_kept,
                    "prefix_tokens_reused": reused}
-        job.emit(("done", finish, usage(len(tokens), generated), figures))
+        emit(("done", finish, usage(len(tokens), generated), figures))
 
     def _prompt(self, request: Request) -> tuple[list[int], list[int]]:
         """The prompt's tokens, and the lengths of its prefixes worth storing, longest
@@ -157,13 +139,14 @@ class Worker:
                                 f"{prompt + request.max_tokens:,} in all, over the model's context of {context:,}; "
                                 "shorten the prompt or lower max_tokens", where, "context_length_exceeded")
 
-    def _read(self, tokens: list[int], prefixes: list[int], budget: int | None):
+    def _read(self, tokens: list[int], prefixes: list[int], budget: int | None, progress):
         """The prompt's last logits with the cache compressed to ``budget``, and how many
-        prompt tokens came from the store instead of being read."""
+        prompt tokens came from the store instead of being read; ``progress`` is called
+        between prefill chunks (it raises to stop the read)."""
         session, root = self.session, self.settings.store_dir
         if not session.method.compresses or root is None or not prefixes:
             working, _ = plan_prefill(self.loaded, len(tokens), budget, self.settings.kv_limit, PREFILL_STEP)
-            logits = session.prefill(tokens, working_budget=working)
+            logits = session.prefill(tokens, progress, working_budget=working)
             session.compress(budget)
             return logits, 0
         keys = {n: self._key(tokens[:n], budget) for n in prefixes}
@@ -174,7 +157,7 @@ class Worker:
         def read_prefix(writer):
             read.append(chosen)
             working, _ = plan_prefill(self.loaded, chosen, budget, self.settings.kv_limit, PREFILL_STEP)
-            session.prefill(tokens[:chosen], working_budget=working, store=writer)
+            session.prefill(tokens[:chosen], progress, working_budget=working, store=writer)
 
         full = read_or_reuse(session, root, keys[chosen], "the prompt's prefix", read_prefix, _log.info,
                              self.settings.store_limit, self.settings.store_bits)
@@ -194,10 +177,10 @@ class Worker:
         mode = read_mode(working, PREFILL_STEP, self.session.method.name, self.profile_name, self.settings.store_bits)
         return store_key(self.loaded.identity, prefix, mode)
 
-    def _answer(self, job: Job, logits) -> tuple[str, str, int]:
+    def _answer(self, job: Job, request: Request, emit: Callable[[tuple], None], logits) -> tuple[str, str, int]:
         """Generate and stream the answer: its text, finish reason and token count.
         Text that could be the start of a stop string is held back until it is not."""
-        request, tokenizer = job.request, self.loaded.tokenizer
+        tokenizer = self.loaded.tokenizer
         if request.seed is not None:
             mx.random.seed(request.seed)
         detokenizer = tokenizer.detokenizer
@@ -215,7 +198,7 @@ class Worker:
                 if stopped is not None:
                     break
                 if len(text) - hold > sent:
-                    job.emit(("text", text[sent : len(text) - hold]))
+                    emit(("text", text[sent : len(text) - hold]))
                     sent = len(text) - hold
         finally:
             tokens.close()
@@ -225,7 +208,7 @@ class Worker:
             stopped = _first_stop(text, request.stop)
         text = text if stopped is None else text[:stopped]
         if len(text) > sent:
-            job.emit(("text", text[sent:]))
+            emit(("text", text[sent:]))
         finish = "length" if stopped is None and count >= request.max_tokens else "stop"
         return text, finish, count
 
