@@ -218,7 +218,7 @@ def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[Stor
     """The full cache on disk of the document ``name`` for ``session``: the stored one
     when there is one (the session then stands at its end, nothing read), else what
     ``read(writer)`` reads into ``session``, stored as it goes (packed by ``kv_bits``,
-    which ``key`` must hold: :func:`~ckv_mlx.store.read_mode`). When the disk refuses,
+    which ``key`` must hold: :func:`~ckv_mlx.store.document_key`). When the disk refuses,
     ``read`` still runs (told why), without a store: None, the full cache in memory."""
     session.packable(kv_bits)
     full = stored_full_cache(root, key, notify, kv_bits)

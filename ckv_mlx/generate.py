@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     stores = document and method.compresses and not args.no_store  # a full cache in memory needs no store
     prefix = document_prefix(loaded.tokenizer, document, args.raw) if stores else []
     if prefix and tokens[: len(prefix)] == prefix and len(tokens) > len(prefix):
-        logits = _via_store(session, loaded, args, tokens, len(prefix), budget, working)
+        logits = _via_store(session, loaded, args, tokens, len(prefix), budget, profile)
     else:
         progress = _progress if sys.stderr.isatty() else None
         question = question_tail(loaded.tokenizer, tokens, args.prompt or DEFAULT_PROMPT, args.raw) if working else None
@@ -132,18 +132,19 @@ def run(args: argparse.Namespace) -> int:
     return 130 if interrupted else 0
 
 
-def _via_store(session, loaded, args, tokens: list[int], split: int, budget, working):
+def _via_store(session, loaded, args, tokens: list[int], split: int, budget, profile):
     """Prompt logits with the document's full cache on disk: reused when stored, else
     read and stored; then the question selects from every row (as compressing the
     whole prompt in memory would)."""
     from .disk_cache import read_or_reuse
     from .quantized import store_bits_setting
-    from .store import read_mode, store_key, store_root
+    from .memory import plan_prefill
+    from .store import document_key, store_root
 
     document, question = tokens[:split], tokens[split:]
     store_bits = store_bits_setting(args.store_bits, args.kv_group_size)
-    mode = read_mode(working, args.prefill_chunk, session.method.name, str(args.profile) if args.profile else None,
-                     store_bits)
+    working, _ = plan_prefill(loaded, len(document), budget, args.kv_limit, args.prefill_chunk)  # the document's read
+    key = document_key(loaded.identity, document, working, args.prefill_chunk, session.method.name, profile, store_bits)
     root = Path(args.store_dir).expanduser() if args.store_dir else store_root()
     progress = _progress if sys.stderr.isatty() else None
     read_now = []
@@ -153,7 +154,7 @@ def _via_store(session, loaded, args, tokens: list[int], split: int, budget, wor
         session.prefill(document, progress, working_budget=working, chunk=args.prefill_chunk, store=writer)
 
     start = time.perf_counter()
-    full = read_or_reuse(session, root, store_key(loaded.identity, document, mode), "the document", read,
+    full = read_or_reuse(session, root, key, "the document", read,
                          lambda text: print(f"note: {text}", file=sys.stderr), kv_bits=store_bits)
     if full is None:  # the disk refused: the document is in memory
         logits = session.feed(question)

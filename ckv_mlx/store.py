@@ -66,14 +66,30 @@ def store_root() -> Path:
     return Path(os.environ.get(STORE_DIR_ENV) or cache_dir() / "stores")
 
 
-def read_mode(working_budget: int | None = None, chunk: int = 0, method: str = "", profile: str | None = None,
-              kv_bits: KVBits | None = None) -> dict:
-    """How a document was read and stored, as its store key holds it: whole, or in
-    bounded chunks, whose stored rows depend on what the chunks kept (budget, chunk,
-    method, profile); and the bits the rows are stored with, if quantized."""
+def document_key(model_identity: str, document: list[int], working_budget: int | None = None, chunk: int = 0,
+                 method: str = "", profile=None, kv_bits: KVBits | None = None) -> str:
+    """The name of a document's store: the one builder every tool uses. A hash of the
+    format, the model's identity, the document's tokens (so the template, ``--raw`` and
+    any truncation) and how it was read: whole, or in bounded chunks, whose stored rows
+    depend on what the chunks kept (the working budget, the chunk, the method and the
+    profile's content: two profiles of one file name are two keys, one profile reached
+    by two paths is one); and the bits the rows are stored with, if quantized."""
     mode = {"read": "whole"} if working_budget is None else {
-        "read": "bounded", "working_budget": working_budget, "chunk": chunk, "method": method, "profile": profile}
-    return {**mode, "stored": _bits_record(kv_bits)} if kv_bits else mode
+        "read": "bounded", "working_budget": working_budget, "chunk": chunk, "method": method,
+        "profile": _content_hash(profile)}
+    if kv_bits:
+        mode["stored"] = _bits_record(kv_bits)
+    blob = json.dumps([STORE_FORMAT, model_identity, mode, document], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _content_hash(profile) -> str | None:
+    """What a profile selects with (SRHs, layer errors, defaults, geometry), hashed; not
+    where it came from (its provenance)."""
+    if profile is None:
+        return None
+    content = {k: v for k, v in profile.to_dict().items() if k != "provenance"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _bits_record(kv_bits: KVBits | None) -> dict | None:
@@ -83,14 +99,6 @@ def _bits_record(kv_bits: KVBits | None) -> dict | None:
 def row_bytes(heads: int, dim: int, dtype: mx.Dtype, kv_bits: KVBits | None) -> int:
     """Bytes of one token's keys (or values) in a store file."""
     return kv_bits.row_bytes(heads, dim, dtype) if kv_bits else heads * dim * dtype.size
-
-
-def store_key(model_identity: str, tokens: list[int], mode: dict) -> str:
-    """The store's name: a hash of the format, the model's identity, the document's
-    tokens (so the template, ``--raw`` and any truncation) and how it was read
-    (``mode``: whole, or the bounded prefill's settings, which change the rows)."""
-    blob = json.dumps([STORE_FORMAT, model_identity, mode, tokens], separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def layer_files(layer: int) -> tuple[str, str]:

@@ -75,7 +75,7 @@ def measure(loaded, method, tokens: list[int], questions: list[list[int]], args,
     from ckv_mlx.disk_cache import read_or_reuse
     from ckv_mlx.quantized import KVBits
     from ckv_mlx.session import PREFILL_STEP, Session
-    from ckv_mlx.store import read_mode, store_key
+    from ckv_mlx.store import document_key
 
     store_bits = None if bits == 16 else KVBits(bits)
     row = {"tokens": len(tokens), "store_bits": bits}
@@ -91,7 +91,7 @@ def measure(loaded, method, tokens: list[int], questions: list[list[int]], args,
     fed = [questions[0]] + [[0] * args.answer_tokens + q for q in questions[1:]]  # what each selection reads
     extra = [transients(session, f) for f in fed]
 
-    key = store_key(loaded.identity, tokens, read_mode(kv_bits=store_bits))
+    key = document_key(loaded.identity, tokens, kv_bits=store_bits)
     session.reset()
     start = time.perf_counter()
     full = read_or_reuse(session, root, key, "document", lambda w: session.prefill(tokens, store=w), print,

@@ -3,6 +3,7 @@ memory, reopening without reading, and every disk failure one line with the chat
 
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import shutil
@@ -217,3 +218,26 @@ def test_an_8_bit_store_is_smaller_and_a_saved_chat_resumes_from_it_at_once(doc,
     assert len(sizes) == 2 and sizes[0] == sizes[1] * (32 + 2 * 4) // (32 * 4)  # 8 bits + a float32 scale and bias per 32
     again, recorder = resumed_then_asked(tmp_path / "s.ckv", QUESTIONS[2], head_dim=32)
     assert again == original and not recorder.of(Progress)
+
+
+def test_a_store_the_chat_read_is_the_one_generate_finds_at_the_edge_of_the_kv_limit(tmp_path, monkeypatch, capsys):
+    """Under a limit of 768 rows the document alone fits and document + question does
+    not: both tools size the read by the document (it is what the store holds)."""
+    import ckv_mlx.models
+    from ckv_mlx.generate import main
+    from ckv_mlx.prompts import document_prefix, render
+    from test_chat_engine import smollm_tokenizer, tiny_loader
+
+    tokenizer, words = smollm_tokenizer(), DOC.split() * 20
+    n = bisect.bisect(range(len(words)), 766, key=lambda n: len(document_prefix(tokenizer, " ".join(words[:n]))))
+    text = " ".join(words[: n - 1])
+    assert len(render(tokenizer, text, QUESTIONS[0], raw=False)) > 768
+    path = tmp_path / "edge.txt"
+    path.write_text(text)
+    stores, limit = tmp_path / "stores", f"{768 * 512 // 1024}KiB"  # rows of 2 layers x 2 KV heads x 16 x (K, V) x 4 bytes
+    _, recorder = chat(path, kv_limit=limit, store_dir=str(stores))
+    monkeypatch.setattr(ckv_mlx.models, "load_model", lambda name=None, precision=None: tiny_loader()(name))
+    assert main(["--doc", str(path), "--prompt", QUESTIONS[0], "--method", "snapkv", "--budget", "48",
+                 "--kv-limit", limit, "--store-dir", str(stores), "--max-tokens", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["store_reused"] and len(list_stores(stores)) == 1

@@ -29,7 +29,7 @@ def freed_on(monkeypatch) -> list[str]:
 def test_the_servers_worker_frees_mlx_streams_on_its_own_thread_at_close(monkeypatch):
     threads = freed_on(monkeypatch)
     loaded = loaded_tiny()
-    worker = Worker(loaded, fake_profile(loaded.model), "fake", ServeSettings())
+    worker = Worker(loaded, fake_profile(loaded.model), ServeSettings())
     worker.close()
     assert threads == ["ckv-serve-mlx"]
 
@@ -63,7 +63,7 @@ def completion(words: int, max_tokens: int = 4) -> protocol.Request:
 
 def test_a_cancelled_request_stops_its_prefill_between_chunks(monkeypatch):
     loaded = loaded_tiny()
-    worker = Worker(loaded, fake_profile(loaded.model), "fake", ServeSettings())
+    worker = Worker(loaded, fake_profile(loaded.model), ServeSettings())
     model_class, calls, jobs = type(loaded.model), [], []
     real_call = model_class.__call__
 
@@ -89,7 +89,7 @@ def test_a_cancelled_request_stops_its_prefill_between_chunks(monkeypatch):
 
 def test_the_servers_waiting_count_leaves_out_cancelled_requests():
     loaded = loaded_tiny()
-    worker = Worker(loaded, fake_profile(loaded.model), "fake", ServeSettings())
+    worker = Worker(loaded, fake_profile(loaded.model), ServeSettings())
     running, release = threading.Event(), threading.Event()
 
     def hold(event):  # the running request's first event keeps the MLX thread until released

@@ -52,7 +52,7 @@ class Server:
     def __init__(self, settings: ServeSettings, model=None):
         self.loaded = loaded_tiny(model=model)
         self.profile = fake_profile(self.loaded.model)
-        self.worker = Worker(self.loaded, self.profile, "fake", settings)
+        self.worker = Worker(self.loaded, self.profile, settings)
         self.http = BackgroundServer(create_app(self.worker, MODEL, DEFAULTS, list(METHODS), LIMITS))
         self.url = self.http.url
         self.client = client_of(self.url)
@@ -306,7 +306,7 @@ def test_the_built_in_model_answers_what_generate_answers(default_model, tmp_pat
 
     expected_chat, expected_raw = generated(), generated("--raw")
     profile, path, _ = resolve_profile(None, default_model.shape)
-    worker = Worker(default_model, profile, path.name, ServeSettings(store_dir=tmp_path / "serve"))
+    worker = Worker(default_model, profile, ServeSettings(store_dir=tmp_path / "serve"))
     http = BackgroundServer(create_app(worker, default_model.name, Compression("compresskv", "64"), list(METHODS)))
     try:
         client = client_of(http.url)

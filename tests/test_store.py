@@ -19,8 +19,9 @@ from ckv_mlx.methods import make_method
 from ckv_mlx.session import Session
 from ckv_mlx.quantized import KVBits
 from ckv_mlx.store import (
-    CONVERSATIONS, MANIFEST, StoreCorrupt, StoreWriter, list_stores, open_store, prune, read_mode, store_key,
+    CONVERSATIONS, MANIFEST, StoreCorrupt, StoreWriter, list_stores, open_store, prune, document_key,
 )
+from fakes import fake_profile
 from tiny import TinyTokenizer, mac_model, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,10 +105,26 @@ def test_a_store_of_another_format_or_a_broken_manifest_is_never_used(tmp_path, 
 
 
 def test_the_key_changes_with_the_model_the_tokens_and_how_they_were_read():
-    base = store_key("model-a", DOC, {"read": "whole"})
-    assert base == store_key("model-a", list(DOC), {"read": "whole"})
-    assert len({base, store_key("model-b", DOC, {"read": "whole"}), store_key("model-a", DOC[:-1], {"read": "whole"}),
-                store_key("model-a", DOC, {"read": "bounded", "working_budget": 64})}) == 4
+    base = document_key("model-a", DOC)
+    assert base == document_key("model-a", list(DOC))
+    assert len({base, document_key("model-b", DOC), document_key("model-a", DOC[:-1]),
+                document_key("model-a", DOC, 64, 512, "snapkv")}) == 4
+
+
+def test_a_bounded_key_holds_the_profiles_content_not_its_file_name(tmp_path):
+    from ckv_mlx.profiles import load_profile, save_profile
+
+    model = tiny_model("llama", layers=2)
+    one, other = fake_profile(model, seed=1), fake_profile(model, seed=2)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    save_profile(one, tmp_path / "a" / "tiny.json")
+    save_profile(other, tmp_path / "b" / "tiny.json")  # another profile, the same file name
+    save_profile(one, tmp_path / "copy.json")  # the same profile, another path
+    keys = {name: document_key("m", DOC, 64, 512, "compresskv", load_profile(tmp_path / name))
+            for name in ("a/tiny.json", "b/tiny.json", "copy.json")}
+    assert keys["a/tiny.json"] != keys["b/tiny.json"] and keys["a/tiny.json"] == keys["copy.json"]
+    assert document_key("m", DOC, profile=one) == document_key("m", DOC, profile=other)  # whole: no profile in it
 
 
 def full_disk_writer(tmp_path):
@@ -284,7 +301,7 @@ def test_a_store_kept_8_bit_holds_each_row_as_mx_quantize_packs_it(tmp_path, dty
 
 
 def test_a_store_packed_with_other_bits_is_never_taken_for_one_without(tmp_path):
-    assert store_key("m", DOC, read_mode()) != store_key("m", DOC, read_mode(kv_bits=KVBits(8)))
+    assert document_key("m", DOC) != document_key("m", DOC, kv_bits=KVBits(8))
     model = tiny_model("llama", layers=2, head_dim=32)
     session = Session(model, TinyTokenizer(), make_method("snapkv")[0])
     writer = StoreWriter(tmp_path, "doc", len(session.caches), KVBits(8, 32))

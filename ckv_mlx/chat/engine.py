@@ -36,7 +36,7 @@ from ..quantized import AS_COMPUTED, AS_COMPUTED_NOTE, KVBits, kv_bits_setting, 
 from ..runtime import Cancelled, MLXThread
 from ..prompts import TRUNCATE_CHOICES, cut_to_fit, document_prefix, question_tokens
 from ..session import PREFILL_STEP, Session
-from ..store import DEFAULT_LIMIT_BYTES, StoreWriter, read_mode, store_key, store_root
+from ..store import DEFAULT_LIMIT_BYTES, StoreWriter, document_key, store_root
 from .events import (
     Answering, CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed,
     Saved, Status,
@@ -266,8 +266,8 @@ class ChatEngine:
             if note:
                 self._emit(Notice(f"{note}; every row goes to disk, so each question selects from the whole document"))
             store_bits = self._store_bits()
-            mode = read_mode(working, PREFILL_STEP, session.method.name, self._profile_name, store_bits)
-            key = store_key(self._loaded.identity, document.prefix, mode)
+            key = document_key(self._loaded.identity, document.prefix, working, PREFILL_STEP, session.method.name,
+                               self._profile, store_bits)
             limit = parse_size(self.settings.store_limit) if self.settings.store_limit else DEFAULT_LIMIT_BYTES
             full = read_or_reuse(session, self._store_root(), key, document.path.name,
                                  lambda writer: self._read(document, working, None, writer),

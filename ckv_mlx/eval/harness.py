@@ -22,7 +22,7 @@ from ..disk_cache import DiskFullCache, read_or_reuse
 from ..methods import Method
 from ..quantized import KVBits
 from ..session import PREFILL_STEP, Session, Snapshot
-from ..store import CONVERSATIONS, Store, StoreWriter, read_mode, store_key
+from ..store import CONVERSATIONS, Store, StoreWriter, document_key
 from .tasks import EvalSample
 
 MODES = {"query-aware": "first-question", "query-agnostic": "agnostic"}
@@ -86,7 +86,7 @@ class Harness:
             session.feed(sample.document)
             return session.snapshot(), None
         widest = session.attentions[0].kept
-        key = store_key(self.identity, sample.document, read_mode())
+        key = document_key(self.identity, sample.document)
         full = read_or_reuse(session, self.stores, key, f"{sample.key}'s document",
                              lambda writer: session.prefill(sample.document, store=writer), self.notify)
         if full is not None and not session.caches[0].length:  # stored: every row back from disk

@@ -81,11 +81,11 @@ def serve(args: argparse.Namespace) -> int:
         kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
     )
     loaded = load_model(args.model, args.precision)
-    profile, path, notes = resolve_profile(args.profile, loaded.shape)
+    profile, _, notes = resolve_profile(args.profile, loaded.shape)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     make_method(args.method, profile)  # a method that needs a profile it lacks is refused now, in one line
-    worker = Worker(loaded, profile, path.name if path else None, settings)
+    worker = Worker(loaded, profile, settings)
     defaults = Compression(args.method, args.budget)
     app = create_app(worker, loaded.name, defaults, list(METHODS), limits)
     print(f"serving {loaded.name} on http://{args.host}:{args.port}/v1 ({args.method}, budget {args.budget})",

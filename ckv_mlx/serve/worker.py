@@ -28,7 +28,7 @@ from ..methods import make_method
 from ..quantized import AS_COMPUTED, KVBits, kv_bits_setting
 from ..runtime import Cancelled, Job, MLXThread
 from ..session import PREFILL_STEP, Session
-from ..store import DEFAULT_LIMIT_BYTES, MANIFEST, read_mode, store_key
+from ..store import DEFAULT_LIMIT_BYTES, MANIFEST, document_key
 from .protocol import APIError, Request, usage
 
 MIN_PREFIX_TOKENS = 256  # a shorter prefix is read again rather than stored
@@ -51,8 +51,8 @@ class ServeSettings:
 class Worker:
     """One model, one session, one MLX thread; :meth:`submit` queues a request."""
 
-    def __init__(self, loaded, profile, profile_name: str | None, settings: ServeSettings):
-        self.loaded, self.profile, self.profile_name, self.settings = loaded, profile, profile_name, settings
+    def __init__(self, loaded, profile, settings: ServeSettings):
+        self.loaded, self.profile, self.settings = loaded, profile, settings
         self.session = Session(loaded.model, loaded.tokenizer, make_method("full")[0], region=settings.region)
         self._mlx = MLXThread("ckv-serve-mlx")
 
@@ -174,8 +174,8 @@ class Worker:
 
     def _key(self, prefix: list[int], budget: int | None) -> str:
         working, _ = plan_prefill(self.loaded, len(prefix), budget, self.settings.kv_limit, PREFILL_STEP)
-        mode = read_mode(working, PREFILL_STEP, self.session.method.name, self.profile_name, self.settings.store_bits)
-        return store_key(self.loaded.identity, prefix, mode)
+        return document_key(self.loaded.identity, prefix, working, PREFILL_STEP, self.session.method.name,
+                            self.profile, self.settings.store_bits)
 
     def _answer(self, job: Job, request: Request, emit: Callable[[tuple], None], logits) -> tuple[str, str, int]:
         """Generate and stream the answer: its text, finish reason and token count.
