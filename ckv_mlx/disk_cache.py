@@ -29,8 +29,8 @@ from .errors import CKVError
 from .memory import mib
 from .quantized import KVBits
 from .store import (
-    CONVERSATIONS, DEFAULT_LIMIT_BYTES, LayerRows, Store, StoreCorrupt, StoreWriter, disk_error,
-    layer_files, open_store, prune,
+    CONVERSATIONS, DEFAULT_LIMIT_BYTES, LEASE, LayerRows, Store, StoreCorrupt, StoreWriter, disk_error,
+    layer_files, open_store,
 )
 
 Keep = Callable[[int, mx.array, mx.array], None]
@@ -44,6 +44,7 @@ class DiskFullCache:
         folder = Path(scratch) / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # the process, for store.prune
         try:
             folder.mkdir(parents=True)
+            (folder / LEASE).write_text(store.path.name)  # no prune removes the store while this reads it
         except OSError as error:
             raise disk_error(Path(scratch).parent, error) from None
         self.tail = LayerRows(folder, len(store.manifest["layers"]), store.kv_bits)
@@ -105,6 +106,7 @@ class DiskFullCache:
     def streamed(self, windows: list, keep: Keep | None = None) -> list["StreamedLayer"]:
         """The caches for one model call (see the module doc), each showing its layer's
         window (``attention.LayerWindow``) the queries."""
+        self.store.touch()  # used now: what the least-recently-used limit goes by
         return [StreamedLayer(self, layer, window, keep) for layer, window in enumerate(windows)]
 
     def read(self, model, tokens: list[int], caches: list) -> mx.array:
@@ -173,19 +175,22 @@ class StreamedLayer(_BaseCache):
         return "causal" if n > 1 else None
 
 
-def extended(session, full: DiskFullCache, tokens: list[int], root: Path, key: str) -> DiskFullCache:
+def extended(session, full: DiskFullCache, tokens: list[int], root: Path, key: str,
+             limit_bytes: int = DEFAULT_LIMIT_BYTES) -> DiskFullCache:
     """``full``, where ``session`` stands, with ``tokens`` read after it, published as the
-    store ``key`` (the rows copied, then the new ones): a longer prefix for the next
-    reader. ``session`` then stands at its end, as after :func:`read_or_reuse`."""
+    store ``key`` (the rows copied, then the new ones; the root then pruned to
+    ``limit_bytes``): a longer prefix for the next reader. ``session`` then stands at its
+    end, as after :func:`read_or_reuse`."""
     session.forget_rows()
     session.read_on_disk(tokens, full)
-    writer = StoreWriter(root, key, len(full.tail.shapes), full.store.kv_bits)
+    writer = StoreWriter(root, key, len(full.tail.shapes), full.store.kv_bits, limit_bytes)
     try:
         for layer in range(len(full.tail.shapes)):
             files = [f for pair in (full.store.files(layer), full.tail.files(layer)) for f in pair]
             keys, values = (np.concatenate([np.fromfile(f.path, np.uint8, f.nbytes) for f in files[i::2]]) for i in (0, 1))
             writer.restore_layer(layer, full.store.shape(layer), full.store.dtype, [keys, values])
         writer.advance(full.tokens)
+        full.close()  # its rows are copied: its lease ends before the publish prunes
         store = writer.publish(session.remembered_queries(), session.others)
     except BaseException:
         writer.abort()
@@ -227,7 +232,7 @@ def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[Stor
         session.take_over(full.empty_caches(session.region), full.store.queries(), full.store.others())
         return full
     try:
-        writer = StoreWriter(root, key, len(session.caches), kv_bits)
+        writer = StoreWriter(root, key, len(session.caches), kv_bits, limit_bytes)
     except CKVError as error:
         notify(f"{error}; the full cache stays in memory meanwhile")
         writer = None
@@ -241,7 +246,6 @@ def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[Stor
         return None
     try:
         store = writer.publish(session.remembered_queries(), session.others)
-        prune(root, limit_bytes, keep=store.path.name)
         return DiskFullCache(store, root / CONVERSATIONS)
     except CKVError as error:
         notify(f"{error}; the full cache stays in memory meanwhile")

@@ -48,6 +48,7 @@ READ_BLOCK_ROWS = 512  # rows read from disk at a time: one prefill chunk, all a
 STORED_QUERIES = 64  # window queries a store keeps per layer: enough for any method chosen later
 STORE_DIR_ENV = "CKV_STORE_DIR"
 CONVERSATIONS = ".conversations"  # under a store root: the rows of each running conversation, by process
+LEASE = "lease"  # in a conversation's folder: the key of the store it reads, which prune leaves alone
 
 # MLX dtypes as NumPy can hold their bytes (bfloat16 travels as uint16 and is viewed back).
 _RAW = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}
@@ -238,10 +239,11 @@ class RowFile:
 class StoreWriter(LayerRows):
     """Builds a store in a private folder; :meth:`publish` makes it visible at once."""
 
-    def __init__(self, root: Path, key: str, layers: int, kv_bits: KVBits | None = None):
+    def __init__(self, root: Path, key: str, layers: int, kv_bits: KVBits | None = None,
+                 limit_bytes: int = DEFAULT_LIMIT_BYTES):
         root = Path(root)
         super().__init__(root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}", layers, kv_bits)
-        self.root, self.key = root, key
+        self.root, self.key, self.limit_bytes = root, key, limit_bytes
         self.error: CKVError | None = None
         try:
             self.folder.mkdir(parents=True)
@@ -261,8 +263,9 @@ class StoreWriter(LayerRows):
 
     def publish(self, queries: list[mx.array | None], others: dict | None = None) -> "Store":
         """Write the window queries, mlx-lm's caches of the layers that do not compress
-        (``others``, by layer) and the manifest, then rename into place. If another
-        process published the same store meanwhile, keep theirs."""
+        (``others``, by layer) and the manifest, then rename into place (if another
+        process published the same store meanwhile, keep theirs); then :func:`prune` the
+        root to the writer's limit, this store kept."""
         if self.error is not None:
             raise self.error
         if not all(q is None or isinstance(q, mx.array) for q in queries):
@@ -281,6 +284,7 @@ class StoreWriter(LayerRows):
             if (self.root / self.key / MANIFEST).is_file():
                 return open_store(self.root, self.key, kv_bits=self.kv_bits)
             raise disk_error(self.root, e if isinstance(e, OSError) else OSError(str(e))) from None
+        prune(self.root, self.limit_bytes, keep=self.key)
         return open_store(self.root, self.key, verify=False, kv_bits=self.kv_bits)
 
     def _manifest(self) -> dict:
@@ -422,6 +426,9 @@ def _corrupt(path: Path, why: str):
 
 def disk_error(root: Path, error: OSError) -> CKVError:
     """One line for a store that cannot be written: why, and what to do."""
+    if error.errno == errno.ENOENT:
+        return CKVError(f"the full cache on disk was removed while in use ({error.filename or root}): "
+                        "read the document again")
     reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
     return CKVError(f"cannot write the full cache to {root}: {reason}; free some space or choose a writable "
                     "folder with --store-dir")
@@ -444,11 +451,13 @@ def list_stores(root: Path) -> list[dict]:
 
 def prune(root: Path, limit_bytes: int, keep: str | None = None) -> list[str]:
     """Remove the least recently used stores until the rest fit in ``limit_bytes``
-    (never ``keep``), and leftovers of writers that died; returns the keys removed."""
-    removed, total = [], 0
+    (never ``keep``, nor a store a running conversation reads: its lease), and leftovers
+    of writers and conversations that died; returns the keys removed. The one pruning
+    path: every publish runs it (:meth:`StoreWriter.publish`), and ``ckv-stores prune``."""
+    removed, total, leased = [], 0, _leased(root)
     for store in list_stores(root):
         total += store["bytes"]
-        if total > limit_bytes and store["key"] != keep:
+        if total > limit_bytes and store["key"] != keep and store["key"] not in leased:
             shutil.rmtree(store["path"], ignore_errors=True)
             removed.append(store["key"])
             total -= store["bytes"]
@@ -459,6 +468,18 @@ def prune(root: Path, limit_bytes: int, keep: str | None = None) -> list[str]:
         if not _alive(tail.name.split("-", 1)[0]):
             shutil.rmtree(tail, ignore_errors=True)
     return removed
+
+
+def _leased(root: Path) -> set[str]:
+    """The stores that live processes' conversations read (their lease files name them)."""
+    keys = set()
+    for lease in Path(root).glob(f"{CONVERSATIONS}/*/{LEASE}"):
+        try:
+            if _alive(lease.parent.name.split("-", 1)[0]):
+                keys.add(lease.read_text().strip())
+        except OSError:
+            continue
+    return keys
 
 
 def _alive(pid: str) -> bool:

@@ -445,3 +445,20 @@ def test_the_full_cache_figure_is_the_prompts_whatever_the_answers_length(server
         body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ckv": {"method": "full"}}
         status, _, reply = post(f"{server.url}/v1/completions", json.dumps(body).encode())
         assert status == 200 and reply["ckv"]["kv_bytes_full"] == prompts_full, (max_tokens, reply["usage"])
+
+
+def test_a_growing_conversation_keeps_the_store_folder_within_its_limit(tmp_path):
+    from ckv_mlx.store import list_stores
+
+    limit = 400_000
+    running = Server(ServeSettings(store_dir=tmp_path / "stores", store_limit=limit))
+    try:
+        chat = messages("When did the cold store open?", DOCUMENT + " The cold store opened in 1998.")
+        for turn in range(6):
+            reply = running.client.chat.completions.create(model=MODEL, messages=chat, max_tokens=3)
+            chat += [{"role": "assistant", "content": reply.choices[0].message.content},
+                     {"role": "user", "content": f"And row {turn}?"}]
+            stores = list_stores(tmp_path / "stores")
+            assert sum(s["bytes"] for s in stores[1:]) <= limit, (turn, [s["bytes"] for s in stores])
+    finally:
+        running.stop()

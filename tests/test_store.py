@@ -4,6 +4,7 @@ half-written or foreign ever used."""
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -310,3 +311,45 @@ def test_a_store_packed_with_other_bits_is_never_taken_for_one_without(tmp_path)
     with pytest.raises(StoreCorrupt, match="its rows are stored 8-bit, not as computed"):
         open_store(tmp_path, "doc")
     assert open_store(tmp_path, "doc") is None  # removed
+
+
+def test_a_store_in_use_is_never_pruned_under_its_reader(tmp_path):
+    session, writer = read_into_store(tmp_path, key="a")
+    full = DiskFullCache(writer.publish(session.remembered_queries()), tmp_path / CONVERSATIONS)
+    assert prune(tmp_path, 0) == [] and open_store(tmp_path, "a") is not None  # leased by the reader
+    full.close()
+    assert prune(tmp_path, 0) == ["a"]
+
+
+def test_every_publish_prunes_to_the_limit_and_keeps_what_it_published(tmp_path):
+    for key in ("a", "b"):
+        session, writer = read_into_store(tmp_path, key=key)
+        writer.publish(session.remembered_queries())
+    size = list_stores(tmp_path)[0]["bytes"]
+    os.utime(tmp_path / "a" / MANIFEST, (1, 1))
+    model = tiny_model("llama", layers=2)
+    session = Session(model, TinyTokenizer(), make_method("snapkv")[0])
+    writer = StoreWriter(tmp_path, "c", len(session.caches), limit_bytes=2 * size + size // 2)
+    session.prefill(DOC, store=writer)
+    writer.publish(session.remembered_queries())
+    assert sorted(s["key"] for s in list_stores(tmp_path)) == ["b", "c"]
+
+
+def test_reading_a_store_marks_it_used(tmp_path):
+    session, writer = read_into_store(tmp_path, key="a")
+    full = DiskFullCache(writer.publish(session.remembered_queries()), tmp_path / CONVERSATIONS)
+    os.utime(tmp_path / "a" / MANIFEST, (1, 1))
+    session.forget_rows()
+    session.reselect([7, 8, 9], full, 64)
+    assert (tmp_path / "a" / MANIFEST).stat().st_mtime > 1
+    full.close()
+
+
+def test_a_store_removed_under_its_reader_is_not_called_a_full_disk(tmp_path):
+    session, writer = read_into_store(tmp_path, key="a")
+    full = DiskFullCache(writer.publish(session.remembered_queries()), tmp_path / CONVERSATIONS)
+    shutil.rmtree(tmp_path / "a")  # by hand
+    session.forget_rows()
+    with pytest.raises(CKVError, match="was removed while in use") as error:
+        session.reselect([7, 8, 9], full, 64)
+    assert "disk is full" not in str(error.value) and "free some space" not in str(error.value)

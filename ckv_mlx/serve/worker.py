@@ -166,7 +166,7 @@ class Worker:
             session.compress(budget)
             return logits, 0
         if chosen < longest:  # an earlier turn's prefix: store this conversation's for the next turn
-            full = extended(session, full, tokens[chosen:longest], root, keys[longest])
+            full = extended(session, full, tokens[chosen:longest], root, keys[longest], self.settings.store_limit)
         session.forget_rows()
         logits = session.reselect(tokens[longest:], full, budget)
         full.close()
