@@ -17,16 +17,16 @@ from dataclasses import replace
 from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
 
 from . import DEFAULT_METHOD
-from .attention import observe
-from .budgets import check_budget
+from .kv.attention import observe
+from .policy.budgets import check_budget
 from .errors import CKVError
-from .families import attention_modules
-from .layer_caches import fresh_others
-from .methods import make_method
-from .models import load_model, model_shape
+from .model.families import attention_modules
+from .kv.layer_caches import fresh_others
+from .policy.methods import make_method
+from .model.models import load_model, model_shape
 from .profiles import Profile, check_profile_matches, load_profile, shipped_profile_for
-from .prompt_cache import CompressingKVCache, LayerPolicy
-from .quantized import for_heads, kv_bits_setting
+from .kv.prompt_cache import CompressingKVCache, LayerPolicy
+from .kv.quantized import for_heads, kv_bits_setting
 
 MODEL_NAME = "ckv_model_name"  # the attribute :func:`load` names a model by (what finds its shipped profile)
 UNNAMED = "the model"  # a model mlx-lm loaded: its shipped profile is found by geometry
@@ -46,7 +46,7 @@ def make_prompt_cache(model, method: str = DEFAULT_METHOD, budget: int = 128,
                       kv_group_size: int | None = None, region: int | None = None) -> list:
     """One cache per layer of ``model`` for mlx-lm's ``generate`` / ``stream_generate`` /
     ``generate_step`` (``prompt_cache=``): the layers that compress get a
-    :class:`~ckv_mlx.prompt_cache.CompressingKVCache`, the others mlx-lm's own cache.
+    :class:`~ckv_mlx.kv.prompt_cache.CompressingKVCache`, the others mlx-lm's own cache.
 
     ``budget`` is tokens per layer on average; ``profile`` a profile (file or loaded; default:
     the model's shipped one); ``kv_bits`` packs the kept rows (default 8 for a compressing

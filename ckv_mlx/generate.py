@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from . import DEFAULT_METHOD
-from .blas import ensure_fast_blas, warn_if_slow_blas
+from .model.blas import ensure_fast_blas, warn_if_slow_blas
 from .errors import CKVError, exit_code
 
 DEFAULT_PROMPT = "Summarize the document in a few sentences."
@@ -17,12 +17,12 @@ DEFAULT_PROMPT = "Summarize the document in a few sentences."
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The CLI's arguments (imports MLX: call after :func:`ensure_fast_blas`)."""
-    from .methods import METHOD_HELP
-    from .models import MODEL_HELP
-    from .models import PRECISIONS
-    from .prompts import TRUNCATE_CHOICES
-    from .quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_CHOICES, KV_BITS_HELP, STORE_BITS_HELP
-    from .session import PREFILL_STEP
+    from .policy.methods import METHOD_HELP
+    from .model.models import MODEL_HELP
+    from .model.models import PRECISIONS
+    from .text.prompts import TRUNCATE_CHOICES
+    from .kv.quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_CHOICES, KV_BITS_HELP, STORE_BITS_HELP
+    from .engine.session import PREFILL_STEP
 
     p = argparse.ArgumentParser(
         prog="python -m ckv_mlx.generate",
@@ -70,15 +70,15 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .budgets import parse_budget
-    from .documents import read_document
-    from .memory import plan_prefill
-    from .methods import make_method
-    from .models import load_model
+    from .policy.budgets import parse_budget
+    from .text.documents import read_document
+    from .engine.memory import plan_prefill
+    from .policy.methods import make_method
+    from .model.models import load_model
     from .profiles import resolve_profile
-    from .prompts import document_prefix, prompt_tokens, question_tail
-    from .quantized import AS_COMPUTED_NOTE, kv_bits_setting
-    from .session import Session
+    from .text.prompts import document_prefix, prompt_tokens, question_tail
+    from .kv.quantized import AS_COMPUTED_NOTE, kv_bits_setting
+    from .engine.session import Session
 
     if args.max_tokens < 1:
         raise CKVError("--max-tokens must be at least 1")
@@ -136,10 +136,10 @@ def _via_store(session, loaded, args, tokens: list[int], split: int, budget, pro
     """Prompt logits with the document's full cache on disk: reused when stored, else
     read and stored; then the question selects from every row (as compressing the
     whole prompt in memory would)."""
-    from .disk_cache import read_or_reuse
-    from .quantized import store_bits_setting
-    from .memory import plan_prefill
-    from .store import document_key, store_root
+    from .engine.reselection import read_or_reuse
+    from .kv.quantized import store_bits_setting
+    from .engine.memory import plan_prefill
+    from .disk.store import document_key, store_root
 
     document, question = tokens[:split], tokens[split:]
     store_bits = store_bits_setting(args.store_bits, args.kv_group_size)

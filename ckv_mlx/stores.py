@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from .errors import CKVError
-from .memory import mib, parse_size
-from .store import DEFAULT_LIMIT_BYTES, list_stores, prune, store_root
+from .engine.memory import mib, parse_size
+from .disk.store import DEFAULT_LIMIT_BYTES, list_stores, prune, store_root
 
 
 def parse_args(argv=None) -> argparse.Namespace:

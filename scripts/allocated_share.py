@@ -12,14 +12,13 @@ rows held). Prints a Markdown table: mean share per prompt length and budget, pe
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
-from ckv_mlx.cache import allocated_rows, default_region
+from ckv_mlx.kv.cache import allocated_rows, default_region
 from ckv_mlx.errors import CKVError, read_jsonl
-from ckv_mlx.methods import make_method
+from ckv_mlx.policy.methods import make_method
 from ckv_mlx.profiles import default_profile_path, load_profile
 
 

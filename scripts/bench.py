@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from ckv_mlx.blas import ensure_fast_blas
+from ckv_mlx.model.blas import ensure_fast_blas
 from report_files import write_report
 
 TARGETS = {
@@ -65,7 +65,7 @@ def parse_args(argv=None):
 
 def prompt_ids(tokenizer, length: int) -> list[int]:
     """``length`` tokens of the shipped haystack (repeated if short)."""
-    from ckv_mlx.niah import DEFAULT_HAYSTACK, load_haystack
+    from ckv_mlx.eval.niah import DEFAULT_HAYSTACK, load_haystack
 
     ids = tokenizer.encode(load_haystack(DEFAULT_HAYSTACK))
     return (ids * (length // len(ids) + 1))[:length]
@@ -73,7 +73,7 @@ def prompt_ids(tokenizer, length: int) -> list[int]:
 
 def load(args):
     """The model, with EOS switched off so that every run decodes ``--decode-tokens``."""
-    from ckv_mlx.models import load_model
+    from ckv_mlx.model.models import load_model
 
     loaded = load_model(args.model, args.precision)
     loaded.tokenizer.eos_token_ids = set()
@@ -97,7 +97,7 @@ def mlx_lm_run(loaded, tokens: list[int], n: int, cache=None) -> tuple[float, fl
     """mlx-lm's own ``stream_generate`` (greedy, our prefill step): (prefill s, decode tok/s)."""
     from mlx_lm import stream_generate
 
-    from ckv_mlx.session import PREFILL_STEP
+    from ckv_mlx.engine.session import PREFILL_STEP
 
     return consume(lambda: stream_generate(loaded.model, loaded.tokenizer, tokens, max_tokens=n,
                                            prefill_step_size=PREFILL_STEP, prompt_cache=cache))
@@ -193,11 +193,11 @@ def main(argv=None) -> int:
         return memory_child(args)
     import mlx.core as mx
 
-    from ckv_mlx.memory import weight_bytes
-    from ckv_mlx.methods import make_method
+    from ckv_mlx.engine.memory import weight_bytes
+    from ckv_mlx.policy.methods import make_method
     from ckv_mlx.profiles import resolve_profile
-    from ckv_mlx.quantized import KVBits
-    from ckv_mlx.session import Session
+    from ckv_mlx.kv.quantized import KVBits
+    from ckv_mlx.engine.session import Session
 
     started = time.perf_counter()
     ours, plain = load(args), load(args)
@@ -244,11 +244,11 @@ def memory_child(args) -> int:
     """Prefill once, then for each budget (largest first) compress, free everything
     else and decode: MLX's peak and the process RSS while only the weights and the kept
     cache are held; then the smallest budget's cache with its kept rows quantized."""
-    from ckv_mlx.cache import default_region
-    from ckv_mlx.methods import make_method
+    from ckv_mlx.kv.cache import default_region
+    from ckv_mlx.policy.methods import make_method
     from ckv_mlx.profiles import resolve_profile
-    from ckv_mlx.quantized import KVBits
-    from ckv_mlx.session import Session
+    from ckv_mlx.kv.quantized import KVBits
+    from ckv_mlx.engine.session import Session
 
     loaded = load(args)
     profile, _, _ = resolve_profile(None, loaded.shape)

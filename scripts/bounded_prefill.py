@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from ckv_mlx.blas import ensure_fast_blas
+from ckv_mlx.model.blas import ensure_fast_blas
 
 
 def parse_args(argv=None):
@@ -50,13 +50,13 @@ def read(session, tokens, budget, working, chunk, tokenizer, question=None) -> d
 def main(argv=None) -> int:
     ensure_fast_blas()
     args = parse_args(argv)
-    from ckv_mlx.cache import allocated_rows
-    from ckv_mlx.memory import plan_prefill, weight_bytes
-    from ckv_mlx.methods import make_method
-    from ckv_mlx.models import load_model
-    from ckv_mlx.niah import exact_match, load_haystack, load_needles, needle_prompt
+    from ckv_mlx.kv.cache import allocated_rows
+    from ckv_mlx.engine.memory import plan_prefill, weight_bytes
+    from ckv_mlx.policy.methods import make_method
+    from ckv_mlx.model.models import load_model
+    from ckv_mlx.eval.niah import exact_match, load_haystack, load_needles, needle_prompt
     from ckv_mlx.profiles import resolve_profile
-    from ckv_mlx.session import Session
+    from ckv_mlx.engine.session import Session
 
     loaded = load_model()
     profile, _, _ = resolve_profile(None, loaded.shape)

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ckv_mlx.blas import ensure_fast_blas
+from ckv_mlx.model.blas import ensure_fast_blas
 
 
 def parse_args(argv=None):
@@ -36,7 +36,7 @@ def parse_args(argv=None):
 
 def converse(session, sample, policy: str, budget: int, working: int, full=None) -> dict:
     """Both turns of ``sample`` after a bounded prefill (the caller's); what each found."""
-    from ckv_mlx.conversation import Conversation, answer_line
+    from ckv_mlx.engine.conversation import Conversation, answer_line
 
     peak = session.stats.peak_kv_bytes
     conversation = Conversation(session, policy, budget, full)
@@ -52,14 +52,14 @@ def converse(session, sample, policy: str, budget: int, working: int, full=None)
 def main(argv=None) -> int:
     ensure_fast_blas()
     args = parse_args(argv)
-    from ckv_mlx.disk_cache import read_or_reuse
+    from ckv_mlx.disk.disk_cache import read_or_reuse
     from ckv_mlx.eval.tasks import followup_samples
-    from ckv_mlx.memory import plan_prefill
-    from ckv_mlx.methods import make_method
-    from ckv_mlx.models import load_model
-    from ckv_mlx.niah import DEFAULT_HAYSTACK, load_haystack, load_needles
+    from ckv_mlx.engine.memory import plan_prefill
+    from ckv_mlx.policy.methods import make_method
+    from ckv_mlx.model.models import load_model
+    from ckv_mlx.eval.niah import DEFAULT_HAYSTACK, load_haystack, load_needles
     from ckv_mlx.profiles import resolve_profile
-    from ckv_mlx.session import PREFILL_STEP, Session
+    from ckv_mlx.engine.session import PREFILL_STEP, Session
 
     loaded = load_model(None, "float32")
     method = make_method("compresskv", resolve_profile(None, loaded.shape)[0])[0]

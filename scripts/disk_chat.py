@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ckv_mlx.blas import ensure_fast_blas
+from ckv_mlx.model.blas import ensure_fast_blas
 from report_files import write_report
 
 QUESTIONS = ["\nQuestion: What is this text about? Answer:", "\nQuestion: Who wrote it? Answer:",
@@ -71,11 +71,11 @@ def transients(session, tokens: list[int]) -> int:
 def measure(loaded, method, tokens: list[int], questions: list[list[int]], args, root: Path, bits: int) -> dict:
     import mlx.core as mx
 
-    from ckv_mlx.conversation import Conversation
-    from ckv_mlx.disk_cache import read_or_reuse
-    from ckv_mlx.quantized import KVBits
-    from ckv_mlx.session import PREFILL_STEP, Session
-    from ckv_mlx.store import document_key
+    from ckv_mlx.engine.conversation import Conversation
+    from ckv_mlx.engine.reselection import read_or_reuse
+    from ckv_mlx.kv.quantized import KVBits
+    from ckv_mlx.engine.session import PREFILL_STEP, Session
+    from ckv_mlx.disk.store import document_key
 
     store_bits = None if bits == 16 else KVBits(bits)
     row = {"tokens": len(tokens), "store_bits": bits}
@@ -133,9 +133,9 @@ def measure(loaded, method, tokens: list[int], questions: list[list[int]], args,
 def main(argv=None) -> int:
     ensure_fast_blas()
     args = parse_args(argv)
-    from ckv_mlx.methods import make_method
-    from ckv_mlx.models import load_model
-    from ckv_mlx.niah import DEFAULT_HAYSTACK, load_haystack
+    from ckv_mlx.policy.methods import make_method
+    from ckv_mlx.model.models import load_model
+    from ckv_mlx.eval.niah import DEFAULT_HAYSTACK, load_haystack
     from ckv_mlx.profiles import resolve_profile
 
     started = time.perf_counter()

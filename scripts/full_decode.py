@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import bench
-from ckv_mlx.blas import ensure_fast_blas
+from ckv_mlx.model.blas import ensure_fast_blas
 from report_files import write_report
 
 
@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
-    from ckv_mlx.methods import make_method
-    from ckv_mlx.session import Session
+    from ckv_mlx.policy.methods import make_method
+    from ckv_mlx.engine.session import Session
 
     started = time.perf_counter()
     load_args = bench.parse_args(["--precision", args.precision] if args.precision else [])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Makes a built-in model's shipped profile, ckv_mlx/profiles/data/$MODEL.json, from a clean
+# Makes a built-in model's shipped profile, profiles/$MODEL.json, from a clean
 # start: the SRH needle sweep, then the layer eviction errors. Run logs go to docs/profiling/.
 # A killed run continues where it stopped when started again; extra arguments (e.g.
 # --restart) go to both sweeps.
@@ -12,7 +12,7 @@ MODEL=${MODEL:-smollm2-135m-instruct}
 LENGTHS=${LENGTHS:-500,1500,2500}
 DEPTHS=${DEPTHS:-0,25,50,75,100}
 export HF_HUB_OFFLINE=1
-OUT=ckv_mlx/profiles/data/$MODEL.json
+OUT=profiles/$MODEL.json
 $PY -m ckv_mlx.profile srh --model "$MODEL" --lengths "$LENGTHS" --depths "$DEPTHS" \
     --out "$OUT" --trials "docs/profiling/$MODEL.srh.jsonl" "$@"
 $PY -m ckv_mlx.profile layers --model "$MODEL" --profile "$OUT" --trials "docs/profiling/$MODEL.layers.jsonl" "$@"

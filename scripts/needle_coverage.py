@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from ckv_mlx.blas import ensure_fast_blas
+from ckv_mlx.model.blas import ensure_fast_blas
 from ckv_mlx.errors import CKVError
 
 METHODS = "compresskv,compresskv-gqa,snapkv,pyramidkv"
@@ -79,7 +79,7 @@ def readers(session, profile, positions: list[int], least: float) -> list[dict]:
     every window method ranks by) on ``positions``, with their rank among the layer's SRHs."""
     import numpy as np
 
-    from ckv_mlx.scoring import head_scores
+    from ckv_mlx.policy.scoring import head_scores
 
     d = profile.defaults
     found = []
@@ -96,7 +96,7 @@ def readers(session, profile, positions: list[int], least: float) -> list[dict]:
 
 def niah_prompt(tok, args):
     """The NIAH prompt asked for and its sample name."""
-    from ckv_mlx.niah import load_haystack, load_needles, needle_prompt
+    from ckv_mlx.eval.niah import load_haystack, load_needles, needle_prompt
 
     needles = load_needles()
     if not 0 <= args.needle < len(needles):
@@ -130,11 +130,11 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from ckv_mlx.methods import make_method
-    from ckv_mlx.models import load_model
-    from ckv_mlx.niah import exact_match
+    from ckv_mlx.policy.methods import make_method
+    from ckv_mlx.model.models import load_model
+    from ckv_mlx.eval.niah import exact_match
     from ckv_mlx.profiles import resolve_profile
-    from ckv_mlx.session import Session
+    from ckv_mlx.engine.session import Session
 
     loaded = load_model()
     tok = loaded.tokenizer

@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from ckv_mlx.blas import ensure_fast_blas
-from ckv_mlx.models import load_model
-from ckv_mlx.sweep import Case, sweep
+from ckv_mlx.model.blas import ensure_fast_blas
+from ckv_mlx.model.models import load_model
+from ckv_mlx.eval.sweep import Case, sweep
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from ckv_mlx.blas import ensure_fast_blas
+from ckv_mlx.model.blas import ensure_fast_blas
 from report_files import write_report
 
 QUESTION = "\nQuestion: What is this text about? Answer: This text is about"
@@ -80,11 +80,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import mlx.core as mx
 
-    from ckv_mlx.methods import make_method
-    from ckv_mlx.models import load_model
-    from ckv_mlx.niah import DEFAULT_HAYSTACK, load_haystack
+    from ckv_mlx.policy.methods import make_method
+    from ckv_mlx.model.models import load_model
+    from ckv_mlx.eval.niah import DEFAULT_HAYSTACK, load_haystack
     from ckv_mlx.profiles import resolve_profile
-    from ckv_mlx.session import Session
+    from ckv_mlx.engine.session import Session
 
     started = time.perf_counter()
     loaded = load_model()

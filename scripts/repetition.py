@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from ckv_mlx.blas import ensure_fast_blas
+from ckv_mlx.model.blas import ensure_fast_blas
 from report_files import write_report
 
 QUESTIONS = [
@@ -49,14 +49,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("docs/repetition"))
     args = p.parse_args(argv)
 
-    from ckv_mlx.budgets import parse_budget
+    from ckv_mlx.policy.budgets import parse_budget
     from ckv_mlx.chat.events import ChatSettings
-    from ckv_mlx.documents import read_document
-    from ckv_mlx.methods import make_method
-    from ckv_mlx.models import load_model
+    from ckv_mlx.text.documents import read_document
+    from ckv_mlx.policy.methods import make_method
+    from ckv_mlx.model.models import load_model
     from ckv_mlx.profiles import resolve_profile
-    from ckv_mlx.prompts import split_prompt
-    from ckv_mlx.session import Session
+    from ckv_mlx.text.prompts import split_prompt
+    from ckv_mlx.engine.session import Session
 
     start = time.perf_counter()
     settings = ChatSettings()

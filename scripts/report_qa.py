@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from ckv_mlx.blas import ensure_fast_blas
-from ckv_mlx.documents import read_document
-from ckv_mlx.models import load_model
-from ckv_mlx.sweep import Case, sweep
+from ckv_mlx.model.blas import ensure_fast_blas
+from ckv_mlx.text.documents import read_document
+from ckv_mlx.model.models import load_model
+from ckv_mlx.eval.sweep import Case, sweep
 
 QUESTIONS = [  # completion style: the default model answers these far better than chat style
     ("Who is the chief executive officer? Answer: The chief executive officer is", "Helena Marsh"),

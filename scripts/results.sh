@@ -12,7 +12,7 @@ PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1
 PG=../shared/reference/compresskv/haystack/paul_graham_essays
 LENGTHS=${LENGTHS:-1000}  # niah, mixed, agnostic and followup; docs/results.md says which each used
-SHIPPED=ckv_mlx/profiles/data/smollm2-135m-instruct.json
+SHIPPED=profiles/smollm2-135m-instruct.json
 CKV=compresskv,compresskv-gqa  # the two CompressKV methods, for the profile-variant runs
 TWO_SRH=runs/smollm2-2-srh.json  # the shipped profile with 2 SRHs per layer (defaults.first_k), as it was shipped
                                  # when every record of docs/eval/ except niah-first-k-3* was made

@@ -10,7 +10,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from ckv_mlx.blas import ensure_fast_blas
+from ckv_mlx.model.blas import ensure_fast_blas
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "Who is the chief financial officer?"

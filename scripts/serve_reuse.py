@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ckv_mlx.blas import ensure_fast_blas
+from ckv_mlx.model.blas import ensure_fast_blas
 from report_files import write_report
 
 TARGET = 0.10  # the second request's time to first token, as a share of the first's, at 4K
@@ -56,9 +56,9 @@ def main(argv=None) -> int:
     import mlx.core as mx
     import openai
 
-    from ckv_mlx.methods import METHODS
-    from ckv_mlx.models import load_model
-    from ckv_mlx.niah import DEFAULT_HAYSTACK, load_haystack
+    from ckv_mlx.policy.methods import METHODS
+    from ckv_mlx.model.models import load_model
+    from ckv_mlx.eval.niah import DEFAULT_HAYSTACK, load_haystack
     from ckv_mlx.profiles import resolve_profile
     from ckv_mlx.serve.app import BackgroundServer, create_app
     from ckv_mlx.serve.protocol import Compression, Limits

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from ckv_mlx.blas import ensure_fast_blas
+from ckv_mlx.model.blas import ensure_fast_blas
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,13 +52,13 @@ def by_layer(heads: list[tuple[int, int]], layers: int) -> list[list[int]]:
 
 def main() -> int:
     ensure_fast_blas()
-    from ckv_mlx.conversation import answer_line
-    from ckv_mlx.methods import make_method
-    from ckv_mlx.models import load_model
-    from ckv_mlx.niah import exact_match, load_haystack, load_needles, needle_prompt, DEFAULT_HAYSTACK, DEFAULT_NEEDLES
+    from ckv_mlx.engine.conversation import answer_line
+    from ckv_mlx.policy.methods import make_method
+    from ckv_mlx.model.models import load_model
+    from ckv_mlx.eval.niah import exact_match, load_haystack, load_needles, needle_prompt, DEFAULT_HAYSTACK, DEFAULT_NEEDLES
     from ckv_mlx.profiles import resolve_profile
-    from ckv_mlx.session import Session
-    from ckv_mlx.taps import HeadMask, tapped
+    from ckv_mlx.engine.session import Session
+    from ckv_mlx.profile.taps import HeadMask, tapped
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", type=Path)

@@ -3,7 +3,7 @@ import tempfile
 
 import pytest
 
-from ckv_mlx.blas import ensure_fast_blas
+from ckv_mlx.model.blas import ensure_fast_blas
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Full caches on disk never go to the user's cache: a folder for the whole run (module
@@ -27,7 +27,7 @@ def private_stores(tmp_path_factory, monkeypatch):
 def default_model():
     """The built-in model (loaded once), or skip: its wheel comes with `make setup`."""
     from ckv_mlx.errors import CKVError
-    from ckv_mlx.models import load_model
+    from ckv_mlx.model.models import load_model
 
     try:
         return load_model()

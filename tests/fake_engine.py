@@ -16,7 +16,7 @@ from ckv_mlx.chat.events import (
     Answering, CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed,
     Saved, Status,
 )
-from ckv_mlx.documents import read_document
+from ckv_mlx.text.documents import read_document
 from ckv_mlx.errors import CKVError
 
 LAYERS = 6

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from ckv_mlx.models import ModelShape, model_shape
+from ckv_mlx.model.models import ModelShape, model_shape
 from ckv_mlx.profiles import Defaults, Profile, Provenance
 
 

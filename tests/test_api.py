@@ -19,9 +19,9 @@ from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_promp
 
 import ckv_mlx
 from ckv_mlx.errors import CKVError
-from ckv_mlx.methods import METHODS, make_method
-from ckv_mlx.prompt_cache import CompressingKVCache
-from ckv_mlx.session import Session
+from ckv_mlx.policy.methods import METHODS, make_method
+from ckv_mlx.kv.prompt_cache import CompressingKVCache
+from ckv_mlx.engine.session import Session
 from fakes import fake_profile
 from tiny import FAMILIES, TinyTokenizer, mac_model, plain_greedy, tiny_model
 
@@ -71,7 +71,7 @@ def assert_same_run(ours, theirs, atol=1e-4):
 
 
 def kv(bits):
-    from ckv_mlx.quantized import KVBits
+    from ckv_mlx.kv.quantized import KVBits
 
     return KVBits(bits) if bits else None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ from ckv_chat.app import POLICY_LABELS, ChatApp, QuitScreen
 from ckv_chat.widgets import Answer, CachePanel, Note, UserMessage, bar_chart
 from ckv_mlx.chat.events import ChatSettings
 from ckv_mlx.errors import CKVError
-from ckv_mlx.gguf import builtin_model_folder
+from ckv_mlx.model.gguf import builtin_model_folder
 from fake_engine import FakeEngine
 from test_documents import SOURCE_TEXT, new_pdf, write_pdf
 

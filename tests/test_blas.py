@@ -9,7 +9,7 @@ import sys
 import mlx.core as mx
 import pytest
 
-from ckv_mlx import blas
+from ckv_mlx.model import blas
 
 LIBRARY = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 
@@ -93,7 +93,7 @@ def test_no_warning_with_openblas(monkeypatch, capsys):
 @pytest.mark.skipif(not sys.platform.startswith("linux") or blas.find_openblas() is None,
                     reason="needs Linux with libopenblas.so.0 installed")
 def test_real_reexec_maps_openblas():
-    script = ("import sys; from ckv_mlx import blas; blas.ensure_fast_blas(); "
+    script = ("import sys; from ckv_mlx.model import blas; blas.ensure_fast_blas(); "
               "print(blas.openblas_loaded(), sys.argv[1:])")
     env = {k: v for k, v in os.environ.items()
            if k not in ("LD_PRELOAD", blas.REEXEC_FLAG)}

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from ckv_mlx.errors import CKVError
-from ckv_mlx.memory import kv_bytes_per_token, parse_size, working_budget
-from ckv_mlx.methods import make_method
-from ckv_mlx.session import Session
+from ckv_mlx.engine.memory import kv_bytes_per_token, parse_size, working_budget
+from ckv_mlx.policy.methods import make_method
+from ckv_mlx.engine.session import Session
 from fakes import fake_profile
 from reference import select_snapkv, select_streamingllm
 from tiny import TinyTokenizer, plain_greedy, tiny_model

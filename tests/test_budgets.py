@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from ckv_mlx.budgets import error_aware, parse_budget, pyramid, uniform
+from ckv_mlx.policy.budgets import error_aware, parse_budget, pyramid, uniform
 from ckv_mlx.errors import CKVError
 from reference_data import reference_file
 

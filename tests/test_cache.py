@@ -5,9 +5,9 @@ import gc
 import mlx.core as mx
 import pytest
 
-from ckv_mlx.cache import load_caches, save_caches
-from ckv_mlx.methods import make_method
-from ckv_mlx.session import Session
+from ckv_mlx.kv.cache import load_caches, save_caches
+from ckv_mlx.policy.methods import make_method
+from ckv_mlx.engine.session import Session
 from fakes import fake_profile
 from tiny import TinyTokenizer, masked_plain_logits, tiny_model
 

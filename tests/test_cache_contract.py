@@ -7,11 +7,11 @@ import pytest
 from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
 
 import ckv_mlx  # noqa: F401  (registers the cache class with mlx-lm)
-from ckv_mlx.cache import EvictingKVCache, load_caches, save_caches
+from ckv_mlx.kv.cache import EvictingKVCache, load_caches, save_caches
 from ckv_mlx.errors import CKVError
-from ckv_mlx.methods import make_method
-from ckv_mlx.quantized import KVBits
-from ckv_mlx.session import Session
+from ckv_mlx.policy.methods import make_method
+from ckv_mlx.kv.quantized import KVBits
+from ckv_mlx.engine.session import Session
 from fakes import fake_profile
 from tiny import TinyTokenizer, tiny_model
 
@@ -99,7 +99,7 @@ def test_a_session_file_of_the_old_layout_is_refused_in_one_line(tmp_path):
 def test_a_mask_made_from_another_layers_length_is_made_again_from_this_ones():
     from mlx_lm.models.base import create_causal_mask, scaled_dot_product_attention
 
-    from ckv_mlx.attention import attention
+    from ckv_mlx.kv.attention import attention
 
     mx.random.seed(3)
     queries, keys, values = (mx.random.normal((1, 2, n, 8)) for n in (4, 20, 20))

@@ -10,12 +10,12 @@ import shutil
 
 import pytest
 
-from ckv_mlx.cache import load_caches
+from ckv_mlx.kv.cache import load_caches
 from ckv_mlx.chat.events import (
     CacheView, ChatSettings, DocumentReady, Failure, Notice, Progress, Reply, Resumed, Saved,
 )
-from ckv_mlx.session import Session
-from ckv_mlx.store import list_stores
+from ckv_mlx.engine.session import Session
+from ckv_mlx.disk.store import list_stores
 from test_chat_engine import DOC, doc, start  # noqa: F401 (doc: a fixture)
 
 QUESTIONS = ("Where are the orchards?", "What fruit grows there?", "Which valley?")
@@ -223,9 +223,9 @@ def test_an_8_bit_store_is_smaller_and_a_saved_chat_resumes_from_it_at_once(doc,
 def test_a_store_the_chat_read_is_the_one_generate_finds_at_the_edge_of_the_kv_limit(tmp_path, monkeypatch, capsys):
     """Under a limit of 768 rows the document alone fits and document + question does
     not: both tools size the read by the document (it is what the store holds)."""
-    import ckv_mlx.models
+    import ckv_mlx.model.models
     from ckv_mlx.generate import main
-    from ckv_mlx.prompts import document_prefix, render
+    from ckv_mlx.text.prompts import document_prefix, render
     from test_chat_engine import smollm_tokenizer, tiny_loader
 
     tokenizer, words = smollm_tokenizer(), DOC.split() * 20
@@ -236,7 +236,7 @@ def test_a_store_the_chat_read_is_the_one_generate_finds_at_the_edge_of_the_kv_l
     path.write_text(text)
     stores, limit = tmp_path / "stores", f"{768 * 512 // 1024}KiB"  # rows of 2 layers x 2 KV heads x 16 x (K, V) x 4 bytes
     _, recorder = chat(path, kv_limit=limit, store_dir=str(stores))
-    monkeypatch.setattr(ckv_mlx.models, "load_model", lambda name=None, precision=None: tiny_loader()(name))
+    monkeypatch.setattr(ckv_mlx.model.models, "load_model", lambda name=None, precision=None: tiny_loader()(name))
     assert main(["--doc", str(path), "--prompt", QUESTIONS[0], "--method", "snapkv", "--budget", "48",
                  "--kv-limit", limit, "--store-dir", str(stores), "--max-tokens", "4", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

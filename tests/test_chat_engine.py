@@ -14,17 +14,17 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_tokenizer
 
-from ckv_mlx.cache import load_caches
+from ckv_mlx.kv.cache import load_caches
 from ckv_mlx.chat.engine import QUESTION_ROOM, ChatEngine, quiet_libraries
 from ckv_mlx.chat.events import (
     CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed, Saved,
 )
 from ckv_mlx.errors import CKVError
-from ckv_mlx.gguf import builtin_model_folder
-from ckv_mlx.methods import make_method
-from ckv_mlx.models import LoadedModel
-from ckv_mlx.prompts import chat_messages, document_prefix, question_tokens, render
-from ckv_mlx.session import Session
+from ckv_mlx.model.gguf import builtin_model_folder
+from ckv_mlx.policy.methods import make_method
+from ckv_mlx.model.models import LoadedModel
+from ckv_mlx.text.prompts import chat_messages, document_prefix, question_tokens, render
+from ckv_mlx.engine.session import Session
 from fakes import tiny_shape
 from tiny import plain_greedy, tiny_model
 

@@ -3,10 +3,10 @@
 import mlx.core as mx
 import pytest
 
-from ckv_mlx.conversation import Conversation
+from ckv_mlx.engine.conversation import Conversation
 from ckv_mlx.errors import CKVError
-from ckv_mlx.methods import make_method
-from ckv_mlx.session import Session
+from ckv_mlx.policy.methods import make_method
+from ckv_mlx.engine.session import Session
 from fakes import fake_profile
 from tiny import TinyTokenizer, plain_greedy, tiny_model
 

@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from ckv_mlx.conversation import Conversation
-from ckv_mlx.disk_cache import DiskFullCache, read_or_reuse
+from ckv_mlx.engine.conversation import Conversation
+from ckv_mlx.disk.disk_cache import DiskFullCache
+from ckv_mlx.engine.reselection import read_or_reuse
 from ckv_mlx.errors import CKVError
-from ckv_mlx.methods import METHODS, make_method
-from ckv_mlx.quantized import KVBits
-from ckv_mlx.session import Session
-from ckv_mlx import store
-from ckv_mlx.store import StoreWriter
+from ckv_mlx.policy.methods import METHODS, make_method
+from ckv_mlx.kv.quantized import KVBits
+from ckv_mlx.engine.session import Session
+from ckv_mlx.disk import store
+from ckv_mlx.disk.store import StoreWriter
 from fakes import fake_profile
 from tiny import MIXED_ARGS, TinyTokenizer, as_mlx_lm_quantizes, mac_model, plain_logits, tiny_model
 

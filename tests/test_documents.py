@@ -11,7 +11,7 @@ import pytest
 from fpdf import FPDF
 from PIL import Image
 
-from ckv_mlx.documents import document_hash, read_document
+from ckv_mlx.text.documents import document_hash, read_document
 from ckv_mlx.errors import CKVError
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"

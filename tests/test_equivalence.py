@@ -3,8 +3,8 @@
 import mlx.core as mx
 import pytest
 
-from ckv_mlx.methods import METHODS, make_method
-from ckv_mlx.session import Session
+from ckv_mlx.policy.methods import METHODS, make_method
+from ckv_mlx.engine.session import Session
 from tiny import FAMILIES, TinyTokenizer, plain_logits, session_logits, tiny_model
 from fakes import fake_profile
 

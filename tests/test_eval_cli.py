@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ckv_mlx.eval.__main__ import main
-from ckv_mlx.niah import load_haystack, load_needles, needle_prompt
+from ckv_mlx.eval.niah import load_haystack, load_needles, needle_prompt
 from tiny import plain_greedy
 
 pytestmark = pytest.mark.slow

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from ckv_mlx.families import compressible_layers
-from ckv_mlx.methods import METHODS, make_method
-from ckv_mlx.scoring import head_scores
-from ckv_mlx.session import Session
+from ckv_mlx.model.families import compressible_layers
+from ckv_mlx.policy.methods import METHODS, make_method
+from ckv_mlx.policy.scoring import head_scores
+from ckv_mlx.engine.session import Session
 from fakes import fake_profile
 from reference import pooled_scores, window_probs
 from tiny import MIXED_ARGS, TinyTokenizer, plain_greedy, plain_logits, session_logits, tiny_model
@@ -107,7 +107,7 @@ def test_a_snapshot_keeps_mlx_lms_caches_apart(arch):
 
 def test_a_decode_steps_attention_counts_the_sinks_as_the_spec():
     """What the profiler records of a decode step (taps.decode_probs) on gpt-oss."""
-    from ckv_mlx.taps import decode_probs, tapped
+    from ckv_mlx.profile.taps import decode_probs, tapped
 
     model = with_large_sinks(tiny_model("gpt_oss", layers=4, heads=4, kv_heads=2))
     session = Session(model, TinyTokenizer(), make_method("snapkv")[0])
@@ -131,7 +131,7 @@ def test_a_decode_steps_attention_counts_the_sinks_as_the_spec():
 
 def test_the_shape_is_the_compressing_layers_own():
     """Gemma 4's full layers are wider than its sliding ones (global_head_dim 32, not 16)."""
-    from ckv_mlx.models import model_shape
+    from ckv_mlx.model.models import model_shape
 
     shape = model_shape(tiny_model("gemma4_text", layers=4), "tiny-gemma4")
     assert (shape.layers, shape.compressed_layers, shape.total_layers, shape.head_dim) == (1, (1,), 4, 32)

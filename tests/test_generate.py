@@ -1,14 +1,15 @@
 """`python -m ckv_mlx.generate` on the real default model: output contract and bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from ckv_mlx.errors import CKVError
 from ckv_mlx.generate import main
-from ckv_mlx.models import load_model
-from ckv_mlx.prompts import document_prefix, prompt_tokens, question_tail, render
-from ckv_mlx.store import list_stores
+from ckv_mlx.model.models import load_model
+from ckv_mlx.text.prompts import document_prefix, prompt_tokens, question_tail, render
+from ckv_mlx.disk.store import list_stores
 from reference_data import reference_file
 
 DOC = "Mara keeps bees on the roof of the old mill. The mill stands by the river Lune. " * 12
@@ -77,7 +78,7 @@ def test_json_report(capsys, tokenizer, doc, method):
         if method == "streamingllm":
             assert budgets == [64] * 30
         else:  # the shipped profile of the built-in model
-            assert report["profile"].endswith("ckv_mlx/profiles/data/smollm2-135m-instruct.json")
+            assert report["profile"].endswith("profiles/smollm2-135m-instruct.json")
         assert report["kv_bits"] == 8  # the default for a compressing method
         assert report["kv_bytes_kept"] == allocated_kept(budgets, 8)
         assert report["kv_rows_kept"] == 64 * 30 * 2 * packed_row(8)  # the rows holding tokens, labelled apart
@@ -193,7 +194,7 @@ def test_no_silent_cut(tokenizer):
 
 
 def test_interrupted_generation_keeps_the_partial_answer(capsys, tokenizer, doc, monkeypatch):
-    from ckv_mlx.session import Session
+    from ckv_mlx.engine.session import Session
 
     generate = Session.generate
 
@@ -214,10 +215,10 @@ def test_interrupted_generation_keeps_the_partial_answer(capsys, tokenizer, doc,
 @pytest.mark.parametrize("given, precision, penalty", [([], None, None),
                                                         (["--precision", "float32", "--repetition-penalty", "1.3"], "float32", 1.3)])
 def test_precision_and_repetition_penalty_reach_the_engine(capsys, tokenizer, doc, monkeypatch, given, precision, penalty):
-    import ckv_mlx.models
-    from ckv_mlx.session import Session
+    import ckv_mlx.model.models
+    from ckv_mlx.engine.session import Session
 
-    seen, load, generate = {}, ckv_mlx.models.load_model, Session.generate
+    seen, load, generate = {}, ckv_mlx.model.models.load_model, Session.generate
 
     def loading(name=None, precision=None):
         seen["precision"] = precision
@@ -227,7 +228,7 @@ def test_precision_and_repetition_penalty_reach_the_engine(capsys, tokenizer, do
         seen["penalty"] = repetition_penalty
         return generate(self, *args, repetition_penalty=repetition_penalty, **kwargs)
 
-    monkeypatch.setattr(ckv_mlx.models, "load_model", loading)
+    monkeypatch.setattr(ckv_mlx.model.models, "load_model", loading)
     monkeypatch.setattr(Session, "generate", generating)
     code, _, _ = run(capsys, "--doc", doc, "--method", "snapkv", "--budget", "64", "--max-tokens", "2", *given)
     assert code == 0 and seen == {"precision": precision, "penalty": penalty}  # None: the engine's default
@@ -246,14 +247,14 @@ def test_native_precision_runs_the_built_in_model_in_half_precision(capsys, toke
 
 @pytest.mark.parametrize("stage", ["model load", "prefill"])
 def test_ctrl_c_before_the_answer_is_one_line_and_exit_130(capsys, doc, monkeypatch, request, stage):
-    import ckv_mlx.models
-    from ckv_mlx.session import Session
+    import ckv_mlx.model.models
+    from ckv_mlx.engine.session import Session
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     if stage == "model load":
-        monkeypatch.setattr(ckv_mlx.models, "load_model", interrupt)
+        monkeypatch.setattr(ckv_mlx.model.models, "load_model", interrupt)
     else:
         request.getfixturevalue("tokenizer")  # the built-in model, or skip
         monkeypatch.setattr(Session, "prefill", interrupt)
@@ -275,7 +276,7 @@ def test_save_cache_is_gone_in_favour_of_ckv_chat_sessions(capsys, doc, tmp_path
 
 @pytest.mark.parametrize("raw", [True, False])
 def test_split_prompt_shares_the_document_prefix(tokenizer, raw):
-    from ckv_mlx.prompts import render, split_prompt
+    from ckv_mlx.text.prompts import render, split_prompt
 
     prefix, question = split_prompt(tokenizer, DOC, "Where does Mara keep bees?", raw)
     assert prefix + question == render(tokenizer, DOC, "Where does Mara keep bees?", raw)

@@ -5,14 +5,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from ckv_mlx.cache import load_caches, save_caches
+from ckv_mlx.kv.cache import load_caches, save_caches
 from ckv_mlx.eval.harness import Harness, Setting
 from ckv_mlx.eval.tasks import EvalSample
-from ckv_mlx.methods import METHODS, make_method
+from ckv_mlx.policy.methods import METHODS, make_method
 from ckv_mlx.profile.layers import layer_trial
 from ckv_mlx.profile.srh import head_scores
-from ckv_mlx.session import Session
-from ckv_mlx.taps import SpanRecorder, tapped
+from ckv_mlx.engine.session import Session
+from ckv_mlx.profile.taps import SpanRecorder, tapped
 from fakes import fake_profile
 from tiny import FAMILIES, HALF, TinyTokenizer, mac_model, masked_plain_logits, plain_greedy, plain_logits, session_logits
 
@@ -145,7 +145,7 @@ def test_builtin_model_quantized_in_bfloat16_end_to_end():
     from mlx_lm import generate
 
     from ckv_mlx.errors import CKVError
-    from ckv_mlx.models import load_model
+    from ckv_mlx.model.models import load_model
     from ckv_mlx.profiles import resolve_profile
 
     try:

@@ -7,8 +7,8 @@ import pytest
 
 from ckv_mlx.eval.harness import Harness, Setting
 from ckv_mlx.eval.tasks import EvalSample
-from ckv_mlx.methods import make_method
-from ckv_mlx.session import Session
+from ckv_mlx.policy.methods import make_method
+from ckv_mlx.engine.session import Session
 from fakes import fake_profile
 from tiny import TinyTokenizer, plain_greedy, tiny_model
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import reference as ref
-from ckv_mlx.cache import load_caches, save_caches
-from ckv_mlx.methods import AdaSnapKV, SnapKV, make_method
-from ckv_mlx.quantized import KVBits
-from ckv_mlx.session import Session
+from ckv_mlx.kv.cache import load_caches, save_caches
+from ckv_mlx.policy.methods import AdaSnapKV, SnapKV, make_method
+from ckv_mlx.kv.quantized import KVBits
+from ckv_mlx.engine.session import Session
 from fakes import fake_profile
 from test_kv_bits import CLOSE, GROUP, model_in, spied, tokens
 from test_selection import ours, random_layer

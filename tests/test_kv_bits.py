@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
 
-from ckv_mlx.cache import EvictingKVCache, load_caches, save_caches
+from ckv_mlx.kv.cache import EvictingKVCache, load_caches, save_caches
 from ckv_mlx.errors import CKVError
-from ckv_mlx.methods import make_method
-from ckv_mlx.quantized import KVBits, QuantizedRows, attention, kv_bits_setting
-from ckv_mlx.session import Session
+from ckv_mlx.policy.methods import make_method
+from ckv_mlx.kv.quantized import KVBits, QuantizedRows, attention, kv_bits_setting
+from ckv_mlx.engine.session import Session
 from fakes import fake_profile
 from tiny import (
-    FAMILIES, HALF, TinyTokenizer, mac_model, masked_plain_logits, plain_logits, quantized_plain_logits, tiny_model,
+    FAMILIES, HALF, TinyTokenizer, mac_model, masked_plain_logits, quantized_plain_logits, tiny_model,
 )
 
 GROUP = 32  # the tiny models' heads are 32 wide

@@ -4,7 +4,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from ckv_mlx import memory
+from ckv_mlx.engine import memory
 
 GB = 10**9
 METAL_16GB = {"architecture": "applegpu_g14g", "device_name": "Apple M2", "memory_size": 16 * GB,

@@ -13,11 +13,11 @@ from mlx.utils import tree_flatten
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 
-from ckv_mlx import gguf, models
+from ckv_mlx.model import gguf, models
 from ckv_mlx.errors import CKVError
-from ckv_mlx.fingerprint import model_identity
-from ckv_mlx.families import SUPPORTED
-from ckv_mlx.models import (
+from ckv_mlx.model.fingerprint import model_identity
+from ckv_mlx.model.families import SUPPORTED
+from ckv_mlx.model.models import (
     DEFAULT_MODEL, load_model, model_shape, to_float32,
 )
 from tiny import tiny_model

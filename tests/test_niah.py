@@ -3,8 +3,8 @@
 import pytest
 
 from ckv_mlx.errors import CKVError
-from ckv_mlx.niah import exact_match, load_haystack, load_needles, needle_prompt
-from ckv_mlx.prompts import render
+from ckv_mlx.eval.niah import exact_match, load_haystack, load_needles, needle_prompt
+from ckv_mlx.text.prompts import render
 
 
 @pytest.mark.parametrize("style", ["completion", "chat"])

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from ckv_mlx.errors import CKVError
-from ckv_mlx.models import load_model
+from ckv_mlx.model.models import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ckv_mlx.errors import CKVError
-from ckv_mlx.niah import answer_span, rouge1_recall
+from ckv_mlx.eval.niah import answer_span, rouge1_recall
 from ckv_mlx.profile.__main__ import default_first_k, default_lengths
 from ckv_mlx.profile.layers import layer_errors
 from ckv_mlx.profile.srh import head_scores, mean_scores, rank_heads

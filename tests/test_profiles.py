@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ckv_mlx.budgets import error_aware
+from ckv_mlx.policy.budgets import error_aware
 from ckv_mlx.errors import CKVError
-from ckv_mlx.models import ModelShape
+from ckv_mlx.model.models import ModelShape
 from ckv_mlx.profiles import (
     Defaults,
     Profile,
@@ -198,7 +198,7 @@ def version_1(data: dict) -> dict:
 @pytest.mark.parametrize("source", ["tiny", "shipped"])
 def test_a_version_1_profile_loads_as_every_layer_compressing(tmp_path, source):
     data = _tiny() if source == "tiny" else json.loads(
-        (REPO / "ckv_mlx/profiles/data/smollm2-135m-instruct.json").read_text())
+        (REPO / "profiles/smollm2-135m-instruct.json").read_text())
     old = load_profile(_write(tmp_path, version_1(data)))
     layers = data["model"]["layers"]
     assert old.shape.compressed_layers == tuple(range(layers)) and old.shape.total_layers == layers
@@ -273,7 +273,7 @@ def test_same_model_has_no_warnings(tmp_path):
 
 def test_default_profiles_dir_is_the_package_folder(monkeypatch):
     monkeypatch.delenv("CKV_PROFILES_DIR", raising=False)
-    assert profiles_dir() == REPO / "ckv_mlx" / "profiles" / "data"
+    assert profiles_dir() == REPO / "ckv_mlx" / "profiles" / "data" and profiles_dir().resolve() == REPO / "profiles"
 
 
 def test_default_profile_path_by_file_name_and_by_model_name(tmp_path, monkeypatch):

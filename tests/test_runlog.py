@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ckv_mlx.errors import CKVError
-from ckv_mlx.runlog import RunLog
+from ckv_mlx.eval.runlog import RunLog
 
 
 def test_records_survive_and_a_cut_off_line_is_dropped(tmp_path):

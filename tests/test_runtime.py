@@ -8,10 +8,9 @@ import threading
 import time
 
 import mlx.core as mx
-import pytest
 
-from ckv_mlx.methods import METHODS
-from ckv_mlx.runtime import MLXThread
+from ckv_mlx.policy.methods import METHODS
+from ckv_mlx.engine.runtime import MLXThread
 from ckv_mlx.serve import protocol
 from ckv_mlx.serve.worker import ServeSettings, Worker
 from fakes import fake_profile

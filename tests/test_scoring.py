@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from ckv_mlx.scoring import SCORE_BLOCK, head_scores
+from ckv_mlx.policy.scoring import SCORE_BLOCK, head_scores
 from reference import pooled_scores, window_probs
 
 

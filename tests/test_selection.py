@@ -7,8 +7,8 @@ import pytest
 
 import reference as ref
 from ckv_mlx.errors import CKVError
-from ckv_mlx.methods import CompressKV, CompressKVGQA, KeyDiff, PyramidKV, SnapKV, StreamingLLM, make_method
-from ckv_mlx.session import Session
+from ckv_mlx.policy.methods import CompressKV, CompressKVGQA, KeyDiff, PyramidKV, SnapKV, StreamingLLM, make_method
+from ckv_mlx.engine.session import Session
 from fakes import fake_profile
 from reference_data import reference_file
 from tiny import FAMILIES, TinyTokenizer, tiny_model
@@ -177,7 +177,7 @@ def test_session_selects_like_numpy_on_a_tiny_model(name, arch):
 
 
 def test_llama_profile_runs_on_a_model_of_its_shape():
-    from ckv_mlx.budgets import error_aware
+    from ckv_mlx.policy.budgets import error_aware
     from ckv_mlx.profiles import check_profile_matches
     from ckv_mlx.profiles.importer import import_head_idx, read_layer_score
     from fakes import tiny_shape

@@ -15,15 +15,15 @@ from email.message import Message
 import mlx.core as mx
 import pytest
 
-from ckv_mlx.methods import METHODS, make_method
-from ckv_mlx.models import LoadedModel
-from ckv_mlx.quantized import KVBits
+from ckv_mlx.policy.methods import METHODS, make_method
+from ckv_mlx.model.models import LoadedModel
+from ckv_mlx.kv.quantized import KVBits
 from ckv_mlx.serve import protocol
 from ckv_mlx.serve.app import BackgroundServer, create_app
 from ckv_mlx.serve.protocol import Compression, Limits
 from ckv_mlx.serve.worker import ServeSettings, Worker
-from ckv_mlx.memory import plan_prefill
-from ckv_mlx.session import PREFILL_STEP, Session
+from ckv_mlx.engine.memory import plan_prefill
+from ckv_mlx.engine.session import PREFILL_STEP, Session
 from fakes import fake_profile, tiny_shape
 from test_chat_engine import smollm_tokenizer
 from tiny import mac_model, tiny_model
@@ -434,7 +434,7 @@ def test_a_growing_conversation_reads_only_each_new_turn(server):
 
 
 def test_the_full_cache_figure_is_the_prompts_whatever_the_answers_length(server):
-    from ckv_mlx.cache import allocated_rows
+    from ckv_mlx.kv.cache import allocated_rows
 
     words = server.loaded.tokenizer.encode(DOCUMENT)[:240]
     prompt = server.loaded.tokenizer.decode(words)
@@ -448,7 +448,7 @@ def test_the_full_cache_figure_is_the_prompts_whatever_the_answers_length(server
 
 
 def test_a_growing_conversation_keeps_the_store_folder_within_its_limit(tmp_path):
-    from ckv_mlx.store import list_stores
+    from ckv_mlx.disk.store import list_stores
 
     limit = 400_000
     running = Server(ServeSettings(store_dir=tmp_path / "stores", store_limit=limit))

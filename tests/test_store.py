@@ -14,12 +14,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from ckv_mlx.disk_cache import DiskFullCache
+from ckv_mlx.disk.disk_cache import DiskFullCache
 from ckv_mlx.errors import CKVError
-from ckv_mlx.methods import make_method
-from ckv_mlx.session import Session
-from ckv_mlx.quantized import KVBits
-from ckv_mlx.store import (
+from ckv_mlx.policy.methods import make_method
+from ckv_mlx.engine.session import Session
+from ckv_mlx.kv.quantized import KVBits
+from ckv_mlx.disk.store import (
     CONVERSATIONS, MANIFEST, StoreCorrupt, StoreWriter, list_stores, open_store, prune, document_key,
 )
 from fakes import fake_profile
@@ -181,9 +181,9 @@ def test_the_second_of_two_writers_keeps_the_first_ones_store(tmp_path):
 WRITER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
-    from ckv_mlx.methods import make_method
-    from ckv_mlx.session import Session
-    from ckv_mlx.store import StoreWriter, open_store
+    from ckv_mlx.policy.methods import make_method
+    from ckv_mlx.engine.session import Session
+    from ckv_mlx.disk.store import StoreWriter, open_store
     from tiny import TinyTokenizer, tiny_model
     session = Session(tiny_model("llama", layers=2), TinyTokenizer(), make_method("snapkv")[0])
     writer = StoreWriter({root!r}, "doc", 2)

@@ -3,9 +3,9 @@
 import mlx.core as mx
 import numpy as np
 
-from ckv_mlx.methods import make_method
-from ckv_mlx.session import Session
-from ckv_mlx.taps import HeadMask, LayerError, SpanRecorder, decode_probs, tapped
+from ckv_mlx.policy.methods import make_method
+from ckv_mlx.engine.session import Session
+from ckv_mlx.profile.taps import HeadMask, LayerError, SpanRecorder, decode_probs, tapped
 from tiny import TinyTokenizer, tiny_model
 
 HEADS, KV_HEADS, DIM = 4, 2, 16

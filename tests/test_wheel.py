@@ -15,9 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "ckv_mlx" / "profiles" / "data" / "smollm2-135m-instruct.json"
 CHECK = """
 import json, ckv_mlx
-from ckv_mlx.gguf import BUILTIN_MODEL
-from ckv_mlx.methods import make_method
-from ckv_mlx.models import ModelShape
+from ckv_mlx.model.gguf import BUILTIN_MODEL
+from ckv_mlx.policy.methods import make_method
+from ckv_mlx.model.models import ModelShape
 from ckv_mlx.profiles import resolve_profile
 profile, path, notes = resolve_profile(None, ModelShape(BUILTIN_MODEL, "llama", 30, 9, 3, 64))
 method, method_notes = make_method("compresskv", profile)

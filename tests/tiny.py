@@ -74,7 +74,7 @@ def tiny_model(
 
 
 class TinyTokenizer:
-    """Just what :class:`ckv_mlx.session.Session` asks of a tokenizer."""
+    """Just what :class:`ckv_mlx.engine.session.Session` asks of a tokenizer."""
 
     eos_token_ids: set[int] = set()
 

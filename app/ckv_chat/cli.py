@@ -7,16 +7,16 @@ import sys
 from pathlib import Path
 
 from ckv_mlx import DEFAULT_METHOD
-from ckv_mlx.blas import ensure_fast_blas
+from ckv_mlx.model.blas import ensure_fast_blas
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     from ckv_mlx.chat.events import DEFAULT_POLICY
-    from ckv_mlx.conversation import POLICIES
-    from ckv_mlx.methods import METHOD_HELP
-    from ckv_mlx.models import MODEL_HELP, PRECISIONS
-    from ckv_mlx.prompts import TRUNCATE_CHOICES
-    from ckv_mlx.quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_CHOICES, KV_BITS_HELP, STORE_BITS_HELP
+    from ckv_mlx.engine.conversation import POLICIES
+    from ckv_mlx.policy.methods import METHOD_HELP
+    from ckv_mlx.model.models import MODEL_HELP, PRECISIONS
+    from ckv_mlx.text.prompts import TRUNCATE_CHOICES
+    from ckv_mlx.kv.quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_CHOICES, KV_BITS_HELP, STORE_BITS_HELP
 
     p = argparse.ArgumentParser(prog="ckv-chat", description="Chat with a long document; the KV cache is compressed with CompressKV.")
     p.add_argument("--doc", type=Path, help="document to open: .pdf .txt .md .html .docx .epub")
@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, help="float32: dequantize weights to float32 (the fast default on "
                    "a CPU); native: keep weights quantized and run in the model's half-precision dtype, as on a Mac "
                    "(default: $CKV_PRECISION, else native on Metal and float32 on a CPU)")
-    p.add_argument("--profile", help="SRH profile (default: the model's shipped profile in ckv_mlx/profiles/data/, "
+    p.add_argument("--profile", help="SRH profile (default: the model's shipped profile in profiles/, "
                    "or in $CKV_PROFILES_DIR when set, if any)")
     p.add_argument("--method", default=DEFAULT_METHOD, help=METHOD_HELP)
     p.add_argument("--budget", default="128", help="tokens per layer (average), or a share of the document: 5%%")
@@ -61,9 +61,9 @@ def main(argv=None) -> int:
         print("error: --repetition-penalty must be more than 0 (1 is no penalty; try 1.1)", file=sys.stderr)
         return 2
     from ckv_mlx.errors import CKVError
-    from ckv_mlx.memory import parse_size
-    from ckv_mlx.methods import compresses
-    from ckv_mlx.quantized import kv_bits_setting
+    from ckv_mlx.engine.memory import parse_size
+    from ckv_mlx.policy.methods import compresses
+    from ckv_mlx.kv.quantized import kv_bits_setting
 
     try:
         args.kv_limit and parse_size(args.kv_limit)

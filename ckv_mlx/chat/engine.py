@@ -20,23 +20,24 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ..budgets import parse_budget
-from ..cache import load_caches, save_caches
-from ..conversation import Conversation, KeptCache
-from ..documents import document_hash, read_document
+from ..policy.budgets import parse_budget
+from ..kv.cache import load_caches, save_caches
+from ..engine.conversation import Conversation, KeptCache
+from ..text.documents import document_hash, read_document
 from ..errors import CKVError
-from ..gguf import cache_dir
-from ..layer_caches import from_saved, to_saved
-from ..disk_cache import DiskFullCache, read_or_reuse, stored_full_cache
-from ..memory import mib, parse_size, plan_prefill
-from ..methods import make_method
-from ..models import LoadedModel, load_model
+from ..model.gguf import cache_dir
+from ..kv.layer_caches import from_saved, to_saved
+from ..disk.disk_cache import DiskFullCache, stored_full_cache
+from ..engine.reselection import read_or_reuse
+from ..engine.memory import parse_size, plan_prefill
+from ..policy.methods import make_method
+from ..model.models import LoadedModel, load_model
 from ..profiles import resolve_profile
-from ..quantized import AS_COMPUTED, AS_COMPUTED_NOTE, KVBits, kv_bits_setting, store_bits_setting
-from ..runtime import Cancelled, MLXThread
-from ..prompts import TRUNCATE_CHOICES, cut_to_fit, document_prefix, question_tokens
-from ..session import PREFILL_STEP, Session
-from ..store import DEFAULT_LIMIT_BYTES, StoreWriter, document_key, store_root
+from ..kv.quantized import AS_COMPUTED, AS_COMPUTED_NOTE, KVBits, kv_bits_setting, store_bits_setting
+from ..engine.runtime import Cancelled, MLXThread
+from ..text.prompts import TRUNCATE_CHOICES, cut_to_fit, document_prefix, question_tokens
+from ..engine.session import PREFILL_STEP, Session
+from ..disk.store import DEFAULT_LIMIT_BYTES, StoreWriter, document_key, store_root
 from .events import (
     Answering, CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed,
     Saved, Status,

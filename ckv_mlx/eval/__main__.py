@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..blas import ensure_fast_blas, warn_if_slow_blas
+from ..model.blas import ensure_fast_blas, warn_if_slow_blas
 from ..errors import CKVError, exit_code
 
 DEFAULT_LENGTHS = [1000, 2000, 4000, 7000]
@@ -35,15 +35,15 @@ def _ints(text: str) -> list[int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from ..methods import METHODS, OPTIONS_HELP
-    from ..models import MODEL_HELP
-    from ..quantized import DEFAULT_GROUP_SIZE
+    from ..policy.methods import METHODS, OPTIONS_HELP
+    from ..model.models import MODEL_HELP
+    from ..kv.quantized import DEFAULT_GROUP_SIZE
     from .facts import FORMS, KINDS, SPLITS
     from .harness import FOLLOWUP_POLICIES, MODES
 
     p = argparse.ArgumentParser(prog="python -m ckv_mlx.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--profile", type=Path, help="SRH profile (default: the model's shipped profile in ckv_mlx/profiles/data/, or in $CKV_PROFILES_DIR when set)")
+    p.add_argument("--profile", type=Path, help="SRH profile (default: the model's shipped profile in profiles/, or in $CKV_PROFILES_DIR when set)")
     p.add_argument("--tasks", type=_list, default=["niah"], help=f"comma-separated: {', '.join(TASKS)} (default niah)")
     p.add_argument("--lengths", type=_ints, default=DEFAULT_LENGTHS, help="prompt lengths in tokens (default 1000,2000,4000,7000)")
     p.add_argument("--depths", type=_ints, default=DEFAULT_DEPTHS, help="needle depths in %% (default 10 from 0 to 100)")
@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _check(args, modes, policies, kinds, forms):
-    from ..methods import options
+    from ..policy.methods import options
     from .facts import ESSAYS_NEEDED
 
     if not args.methods:
@@ -105,8 +105,8 @@ def _check(args, modes, policies, kinds, forms):
             raise CKVError(f"unknown {name} {', '.join(unknown) or '(none)'}: choose from {', '.join(valid)}")
     if args.max_tokens < 1 or args.samples < 1 or args.needle_count < 1:
         raise CKVError("--max-tokens, --samples and --needle-count must be at least 1")
-    from ..budgets import parse_budget
-    from ..quantized import BITS, KVBits
+    from ..policy.budgets import parse_budget
+    from ..kv.quantized import BITS, KVBits
 
     for budget in args.budgets:
         parse_budget(budget, 1)  # a malformed budget fails here, before any prefill
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
 
 def _settings(args, methods) -> list:
     """Every compressing method at every budget and KV bits; the full cache once, as computed."""
-    from ..quantized import KVBits
+    from ..kv.quantized import KVBits
     from .harness import Setting
 
     bits = [None if b == 16 else KVBits(b, args.kv_group_size) for b in args.kv_bits]
@@ -146,7 +146,7 @@ def _settings(args, methods) -> list:
 
 
 def _methods(names, profile):
-    from ..methods import PROFILED, make_method, options
+    from ..policy.methods import PROFILED, make_method, options
 
     if profile is None and any(options(n)[0] in PROFILED for n in names):
         raise CKVError("no SRH profile for this model: make one with `python -m ckv_mlx.profile srh`, "
@@ -158,7 +158,7 @@ def _methods(names, profile):
 
 
 def _samples(args, loaded):
-    from ..niah import DEFAULT_HAYSTACK, DEFAULT_NEEDLES, load_haystack, load_needles
+    from .niah import DEFAULT_HAYSTACK, DEFAULT_NEEDLES, load_haystack, load_needles
     from .tasks import fact_samples, followup_samples, niah_samples, ruler_samples
 
     tokenizer = loaded.tokenizer
@@ -182,7 +182,7 @@ def _identity(args, loaded, profile) -> dict:
     """What gives a record its meaning. The grid (lengths, depths, methods, budgets,
     modes, tasks) is not part of it: records are keyed by their place in the grid, so a
     run can be extended by running again with more."""
-    from ..niah import DEFAULT_HAYSTACK, DEFAULT_NEEDLES
+    from .niah import DEFAULT_HAYSTACK, DEFAULT_NEEDLES
 
     srh = None if profile is None else [profile.srh_heads(l) for l in range(profile.shape.layers)]
     return {"model": loaded.name, "srh": str(srh), "layer_errors": str(profile and profile.layer_errors),
@@ -197,11 +197,11 @@ def _identity(args, loaded, profile) -> dict:
 def run(args, argv) -> int:
     from tqdm import tqdm
 
-    from ..models import load_model
+    from ..model.models import load_model
     from ..profiles import resolve_profile
-    from ..runlog import RunLog
-    from ..session import Session
-    from ..store import store_root
+    from .runlog import RunLog
+    from ..engine.session import Session
+    from ..disk.store import store_root
     from . import report
     from .harness import Harness
 

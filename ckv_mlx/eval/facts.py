@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CKVError
-from ..niah import Needle, needle_prompt, rouge1_recall
+from .niah import Needle, needle_prompt, rouge1_recall
 from .ruler import KEYS, NOISE
 
 DOCUMENTS = Path(__file__).resolve().parents[1] / "data" / "documents"

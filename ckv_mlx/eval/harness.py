@@ -15,14 +15,15 @@ from typing import Iterator
 
 import mlx.core as mx
 
-from ..attention import joined
-from ..budgets import parse_budget
-from ..conversation import POLICIES, Conversation, answer_line
-from ..disk_cache import DiskFullCache, read_or_reuse
-from ..methods import Method
-from ..quantized import KVBits
-from ..session import PREFILL_STEP, Session, Snapshot
-from ..store import CONVERSATIONS, Store, StoreWriter, document_key
+from ..kv.attention import joined
+from ..policy.budgets import parse_budget
+from ..engine.conversation import POLICIES, Conversation, answer_line
+from ..disk.disk_cache import DiskFullCache
+from ..engine.reselection import read_or_reuse
+from ..policy.methods import Method
+from ..kv.quantized import KVBits
+from ..engine.session import PREFILL_STEP, Session, Snapshot
+from ..disk.store import CONVERSATIONS, Store, StoreWriter, document_key
 from .tasks import EvalSample
 
 MODES = {"query-aware": "first-question", "query-agnostic": "agnostic"}

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import CKVError
-from ..niah import Needle, exact_match, needle_prompt, question_text, rouge1_recall
-from ..prompts import split_prompt
+from .niah import Needle, exact_match, needle_prompt, question_text, rouge1_recall
+from ..text.prompts import split_prompt
 from . import facts, ruler
 
 WORDS_PER_TOKEN = 0.7

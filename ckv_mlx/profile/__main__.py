@@ -19,7 +19,7 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
-from ..blas import ensure_fast_blas, warn_if_slow_blas
+from ..model.blas import ensure_fast_blas, warn_if_slow_blas
 from ..errors import CKVError, exit_code
 
 DEFAULT_DEPTHS = [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
@@ -48,7 +48,7 @@ def _ints(text: str) -> list[int]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ckv_mlx.profile", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    from ..models import MODEL_HELP
+    from ..model.models import MODEL_HELP
 
     model_help = MODEL_HELP
 
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
     layers = commands.add_parser("layers", help="measure per-layer eviction errors; add them to a profile")
     layers.add_argument("--model", help=model_help)
-    layers.add_argument("--profile", type=Path, help="profile with SRHs (default: the model's shipped profile in ckv_mlx/profiles/data/, or in $CKV_PROFILES_DIR when set)")
+    layers.add_argument("--profile", type=Path, help="profile with SRHs (default: the model's shipped profile in profiles/, or in $CKV_PROFILES_DIR when set)")
     layers.add_argument("--prompts", type=Path, help='JSONL of {"context", "question"} (default: shipped synthetic QA)')
     layers.add_argument("--words", type=int, default=1500, help="context words of the shipped prompts (default 1500)")
     layers.add_argument("--budget", type=int, default=DEFAULT_LAYER_BUDGET, help="selection budget per layer (default 32)")
@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     layers.set_defaults(run=_layers)
 
     for command in (srh, layers):
-        command.add_argument("--out", type=Path, help="profile to write (default: <model>.json in ckv_mlx/profiles/data/, or in $CKV_PROFILES_DIR when set; layers: the input profile)")
+        command.add_argument("--out", type=Path, help="profile to write (default: <model>.json in profiles/, or in $CKV_PROFILES_DIR when set; layers: the input profile)")
         command.add_argument("--trials", type=Path, help="run log (default: beside --out, .srh.jsonl / .layers.jsonl)")
         command.add_argument("--restart", action="store_true", help="discard the run log and start over")
 
@@ -116,7 +116,7 @@ def _source() -> str:
 
 def _shown(path: Path) -> str:
     """A data path as a reader of the profile can find it: package data relative to the package."""
-    from ..niah import DATA
+    from ..eval.niah import DATA
 
     path, data = Path(path).resolve(), DATA.resolve()
     return f"ckv_mlx/data/{path.relative_to(data)}" if path.is_relative_to(data) else str(path)
@@ -145,12 +145,12 @@ def _run_trials(log, plan, run_one, unit: str):
 
 
 def _srh(args, argv):
-    from ..methods import FullCache
-    from ..models import load_model
-    from ..niah import DEFAULT_HAYSTACK, DEFAULT_NEEDLES, load_haystack, load_needles, needle_prompt
+    from ..policy.methods import FullCache
+    from ..model.models import load_model
+    from ..eval.niah import DEFAULT_HAYSTACK, DEFAULT_NEEDLES, load_haystack, load_needles, needle_prompt
     from ..profiles import Defaults, Profile, Provenance, save_profile
-    from ..runlog import RunLog
-    from ..session import Session
+    from ..eval.runlog import RunLog
+    from ..engine.session import Session
     from .srh import mean_scores, rank_heads, srh_trial
 
     needles_path, haystack_path = args.needles or DEFAULT_NEEDLES, args.haystack or DEFAULT_HAYSTACK
@@ -213,11 +213,11 @@ def _srh(args, argv):
 
 
 def _layers(args, argv):
-    from ..methods import CompressKV, FullCache
-    from ..models import load_model
+    from ..policy.methods import CompressKV, FullCache
+    from ..model.models import load_model
     from ..profiles import Provenance, resolve_profile, save_profile
-    from ..runlog import RunLog
-    from ..session import Session
+    from ..eval.runlog import RunLog
+    from ..engine.session import Session
     from .layers import default_prompts, layer_errors, layer_trial, load_prompts
 
     if args.max_tokens < 1 or args.budget < 1:
@@ -279,7 +279,7 @@ def _validate(args, argv):
 
     profile = load_profile(args.profile)
     if args.model:
-        from ..models import load_model
+        from ..model.models import load_model
 
         for warning in check_profile_matches(profile, load_model(args.model).shape):
             print(f"warning: {warning}", file=sys.stderr)

@@ -14,12 +14,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..conversation import answer_line
+from ..engine.conversation import answer_line
 from ..errors import CKVError, read_jsonl
 from ..eval.ruler import TASKS, make_sample
-from ..methods import Method
-from ..session import Session
-from ..taps import LayerError, tapped
+from ..policy.methods import Method
+from ..engine.session import Session
+from .taps import LayerError, tapped
 
 REDUCTIONS = ("sum", "mean")
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from ..conversation import answer_line
-from ..niah import NeedlePrompt, answer_span, exact_match, rouge1_recall
-from ..session import Session
-from ..taps import SpanRecorder, tapped
+from ..engine.conversation import answer_line
+from ..eval.niah import NeedlePrompt, answer_span, exact_match, rouge1_recall
+from ..engine.session import Session
+from .taps import SpanRecorder, tapped
 
 ROUGE_GATE = 0.5
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CKVError
-from ..models import ModelShape
+from ..model.models import ModelShape
 
 FORMAT = "ckv-profile"
 VERSION = 2  # 2: the model's compressing layers (compressed_layers, total_layers); 1 had every layer
@@ -160,7 +160,9 @@ def check_profile_matches(profile: Profile, shape: ModelShape) -> list[str]:
 
 
 def profiles_dir() -> Path:
-    """The profiles shipped in the package (``ckv_mlx/profiles/data/``), or $CKV_PROFILES_DIR when set."""
+    """The shipped profiles, or $CKV_PROFILES_DIR when set. They live in the repository's
+    top-level ``profiles/``; ``ckv_mlx/profiles/data`` links to it, so a wheel carries them
+    inside the package (setuptools copies the linked files) and a checkout reads them in place."""
     override = os.environ.get(PROFILES_ENV)
     if override:
         return Path(override)

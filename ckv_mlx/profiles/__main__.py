@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from ..budgets import error_aware
+from ..policy.budgets import error_aware
 from ..errors import exit_code
 from . import Profile, load_profile, save_profile
 from .importer import PRESETS, import_head_idx, import_raw_scores

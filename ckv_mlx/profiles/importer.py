@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CKVError
-from ..models import ModelShape
+from ..model.models import ModelShape
 from . import Defaults, Profile, Provenance, parse_profile, slug
 
 PRESETS = {

@@ -11,15 +11,15 @@ import sys
 from pathlib import Path
 
 from .. import DEFAULT_METHOD
-from ..blas import ensure_fast_blas
+from ..model.blas import ensure_fast_blas
 from ..errors import CKVError, exit_code
 from .protocol import Limits
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from ..methods import METHOD_HELP
-    from ..models import MODEL_HELP, PRECISIONS
-    from ..quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_CHOICES, KV_BITS_HELP, STORE_BITS_HELP
+    from ..policy.methods import METHOD_HELP
+    from ..model.models import MODEL_HELP, PRECISIONS
+    from ..kv.quantized import BITS, GROUP_SIZE_HELP, GROUP_SIZES, KV_BITS_CHOICES, KV_BITS_HELP, STORE_BITS_HELP
 
     p = argparse.ArgumentParser(prog="ckv-serve", description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("--model", help=MODEL_HELP)
@@ -57,12 +57,12 @@ def main(argv=None) -> int:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..memory import parse_size
-    from ..methods import METHODS, compresses, make_method
-    from ..models import load_model
+    from ..engine.memory import parse_size
+    from ..policy.methods import METHODS, compresses, make_method
+    from ..model.models import load_model
     from ..profiles import resolve_profile
-    from ..quantized import kv_bits_setting, store_bits_setting
-    from ..store import DEFAULT_LIMIT_BYTES, store_root
+    from ..kv.quantized import kv_bits_setting, store_bits_setting
+    from ..disk.store import DEFAULT_LIMIT_BYTES, store_root
     from .app import create_app
     from .protocol import Compression
     from .worker import ServeSettings, Worker

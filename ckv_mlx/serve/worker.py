@@ -1,6 +1,6 @@
 """The server's requests, run one at a time on its MLX thread, in the order they came.
 
-Each request is read, compressed and answered by one :class:`~ckv_mlx.session.Session`.
+Each request is read, compressed and answered by one :class:`~ckv_mlx.engine.session.Session`.
 A long prefix of its prompt (the messages before the last one, or a completion prompt up
 to its last line) is looked up in the document store: found, the request reads only its
 new tokens against the stored rows and selects for its question (as the chat does with
@@ -20,15 +20,15 @@ from typing import Callable
 
 import mlx.core as mx
 
-from ..budgets import parse_budget
-from ..disk_cache import extended, read_or_reuse
+from ..policy.budgets import parse_budget
+from ..engine.reselection import extended, read_or_reuse
 from ..errors import CKVError
-from ..memory import plan_prefill
-from ..methods import make_method
-from ..quantized import AS_COMPUTED, KVBits, kv_bits_setting
-from ..runtime import Cancelled, Job, MLXThread
-from ..session import PREFILL_STEP, Session
-from ..store import DEFAULT_LIMIT_BYTES, MANIFEST, document_key
+from ..engine.memory import plan_prefill
+from ..policy.methods import make_method
+from ..kv.quantized import AS_COMPUTED, KVBits, kv_bits_setting
+from ..engine.runtime import Cancelled, Job, MLXThread
+from ..engine.session import PREFILL_STEP, Session
+from ..disk.store import DEFAULT_LIMIT_BYTES, MANIFEST, document_key
 from .protocol import APIError, Request, usage
 
 MIN_PREFIX_TOKENS = 256  # a shorter prefix is read again rather than stored

@@ -21,8 +21,8 @@ from mlx_lm.models import base
 from mlx_lm.models.base import create_causal_mask
 
 from . import quantized
-from .errors import CKVError
-from .profiles import Defaults
+from ..errors import CKVError
+from ..profiles import Defaults
 
 SDPA = "scaled_dot_product_attention"
 _mlx_lm_sdpa = getattr(base, "_ckv_mlx_lm_sdpa", base.scaled_dot_product_attention)

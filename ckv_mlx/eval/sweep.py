@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from .methods import make_method
-from .prompts import split_prompt
-from .session import Session
+from ..policy.methods import make_method
+from ..text.prompts import split_prompt
+from ..engine.session import Session
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ last selection), it selects its layer's budget with its method's window, whose n
 query is the prompt's last token, exactly when ``python -m ckv_mlx.generate`` compresses.
 From then on it re-scores and evicts back to its budget whenever its region is full.
 
-Its ``state`` adds what selection needs to :class:`~ckv_mlx.cache.EvictingKVCache`'s: the
+Its ``state`` adds what selection needs to :class:`~ckv_mlx.kv.cache.EvictingKVCache`'s: the
 layer's policy (method, SRHs, budgets; a JSON string) and its window queries, so mlx-lm's
 ``save_prompt_cache`` / ``load_prompt_cache`` restore a cache that goes on compressing.
 """
@@ -23,9 +23,9 @@ import mlx_lm.models.cache as mlx_lm_cache
 
 from .attention import LayerWindow
 from .cache import EvictingKVCache
-from .errors import CKVError
+from ..errors import CKVError
 from .eviction import compress_layer, prompt_budgets
-from .methods import METHODS, PROFILED, Method, options
+from ..policy.methods import METHODS, PROFILED, Method, options
 from .quantized import KVBits
 
 POLICY_FIELDS = 4  # what the state adds: the policy, the window queries, the scale, the sinks

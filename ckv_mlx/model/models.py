@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,12 +14,12 @@ from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import HFValidationError
 from mlx.utils import tree_unflatten
 
-from .errors import CKVError
+from ..errors import CKVError
 from .families import check_config_file, compressible_layers, one_token_caches, text_model
 from .fingerprint import model_identity
 from .gemma_gguf import GEMMA_MODEL, gemma_model_folder
 from .gguf import BUILTIN_MODEL, builtin_model_folder
-from .memory import kv_bytes_per_token
+from ..engine.memory import kv_bytes_per_token
 
 if TYPE_CHECKING:  # mlx_lm pulls in transformers (~1.5 s): imported only to load a model
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -226,7 +225,7 @@ def _refuse_quantized_left(model: nn.Module) -> None:
 def model_shape(model: nn.Module, name: str, probe: list | None = None) -> ModelShape:
     """The attention geometry of an mlx-lm model: its (text model's) query heads, and the
     KV heads and head size of the layers that compress, as one token read by mlx-lm
-    shows them (``probe``: :func:`~ckv_mlx.families.one_token_caches`, made if not
+    shows them (``probe``: :func:`~ckv_mlx.model.families.one_token_caches`, made if not
     given); ``layers`` counts those layers (what a profile describes)."""
     args = text_model(model).args
     layers = compressible_layers(model)

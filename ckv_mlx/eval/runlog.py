@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import CKVError
+from ..errors import CKVError
 
 
 def _normal(value: Any) -> Any:

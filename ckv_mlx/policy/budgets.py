@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 
-from .errors import CKVError
+from ..errors import CKVError
 
 
 def check_budget(avg_budget: int | None, window: int) -> None:

@@ -35,9 +35,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .errors import CKVError
-from .layer_caches import from_saved, to_saved
-from .quantized import KVBits
+from ..errors import CKVError
+from ..kv.layer_caches import from_saved, to_saved
+from ..kv.quantized import KVBits
 
 STORE_FORMAT = "ckv-store/1"
 MANIFEST = "manifest.json"
@@ -62,7 +62,7 @@ class StoreCorrupt(CKVError):
 def store_root() -> Path:
     """Where stores live by default: ``$CKV_STORE_DIR``, else ``stores`` beside the
     converted models (in ``$XDG_CACHE_HOME/ckv-mlx``)."""
-    from .gguf import cache_dir
+    from ..model.gguf import cache_dir
 
     return Path(os.environ.get(STORE_DIR_ENV) or cache_dir() / "stores")
 

@@ -13,8 +13,8 @@ import mlx.core as mx
 from mlx_lm.models import cache as mlx_caches
 from mlx_lm.models.cache import make_prompt_cache
 
-from .errors import CKVError
-from .families import compressible_layers
+from ..errors import CKVError
+from ..model.families import compressible_layers
 
 
 def fresh_others(model) -> dict[int, object]:

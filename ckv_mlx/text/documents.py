@@ -18,7 +18,7 @@ import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 from bs4 import BeautifulSoup
 
-from .errors import CKVError
+from ..errors import CKVError
 
 WESTERN_DEFAULT = "cp1252"
 NEAR_TIE_CHAOS = 10.0  # percentage points of charset-normalizer's "chaos" score

@@ -24,7 +24,7 @@ import mlx_lm.models.cache as mlx_lm_cache
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import _BaseCache
 
-from .errors import CKVError
+from ..errors import CKVError
 from .quantized import KVBits, Packed, QuantizedRows, cut, joined, packed_rows, take, take_rows
 
 GROWTH_STEP = 256  # rows a cache grows by before compression, as mlx-lm's KVCache

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .attention import LayerWindow
 from .cache import EvictingKVCache
-from .methods import Method
+from ..policy.methods import Method
 from .quantized import KVBits
 
 

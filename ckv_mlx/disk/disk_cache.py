@@ -1,6 +1,6 @@
 """A conversation's full cache on disk, read one layer at a time.
 
-It is the document's :class:`~ckv_mlx.store.Store` (shared, never changed) followed by
+It is the document's :class:`~ckv_mlx.disk.store.Store` (shared, never changed) followed by
 the conversation's tail (the questions and answers read against the full cache, in a
 private folder removed on :meth:`DiskFullCache.close`). :meth:`DiskFullCache.streamed`
 gives the per-layer caches of one model call: each reads its layer's rows from disk when
@@ -24,13 +24,11 @@ import numpy as np
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import _BaseCache
 
-from .cache import EvictingKVCache, allocated_rows
-from .errors import CKVError
-from .memory import mib
-from .quantized import KVBits
+from ..kv.cache import EvictingKVCache, allocated_rows
+from ..errors import CKVError
+from ..kv.quantized import KVBits
 from .store import (
-    CONVERSATIONS, DEFAULT_LIMIT_BYTES, LEASE, LayerRows, Store, StoreCorrupt, StoreWriter, disk_error,
-    layer_files, open_store,
+    CONVERSATIONS, LEASE, LayerRows, Store, StoreCorrupt, disk_error, layer_files, open_store,
 )
 
 Keep = Callable[[int, mx.array, mx.array], None]
@@ -175,33 +173,6 @@ class StreamedLayer(_BaseCache):
         return "causal" if n > 1 else None
 
 
-def extended(session, full: DiskFullCache, tokens: list[int], root: Path, key: str,
-             limit_bytes: int = DEFAULT_LIMIT_BYTES) -> DiskFullCache:
-    """``full``, where ``session`` stands, with ``tokens`` read after it, published as the
-    store ``key`` (the rows copied, then the new ones; the root then pruned to
-    ``limit_bytes``): a longer prefix for the next reader. ``session`` then stands at its
-    end, as after :func:`read_or_reuse`."""
-    session.forget_rows()
-    session.read_on_disk(tokens, full)
-    writer = StoreWriter(root, key, len(full.tail.shapes), full.store.kv_bits, limit_bytes)
-    try:
-        for layer in range(len(full.tail.shapes)):
-            files = [f for pair in (full.store.files(layer), full.tail.files(layer)) for f in pair]
-            keys, values = (np.concatenate([np.fromfile(f.path, np.uint8, f.nbytes) for f in files[i::2]]) for i in (0, 1))
-            writer.restore_layer(layer, full.store.shape(layer), full.store.dtype, [keys, values])
-        writer.advance(full.tokens)
-        full.close()  # its rows are copied: its lease ends before the publish prunes
-        store = writer.publish(session.remembered_queries(), session.others)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        full.close()
-    longer = DiskFullCache(store, root / CONVERSATIONS)
-    session.take_over(longer.empty_caches(session.region), store.queries(), store.others())
-    return longer
-
-
 def stored_full_cache(root: Path, key: str, notify: Callable[[str], None],
                       kv_bits: KVBits | None = None) -> DiskFullCache | None:
     """The stored document ``key`` under ``root`` (its rows packed by ``kv_bits``) if
@@ -215,38 +186,3 @@ def stored_full_cache(root: Path, key: str, notify: Callable[[str], None],
     except CKVError as error:
         notify(f"{error}; the full cache stays in memory meanwhile")
     return None
-
-
-def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[StoreWriter | None], None],
-                  notify: Callable[[str], None], limit_bytes: int = DEFAULT_LIMIT_BYTES,
-                  kv_bits: KVBits | None = None) -> DiskFullCache | None:
-    """The full cache on disk of the document ``name`` for ``session``: the stored one
-    when there is one (the session then stands at its end, nothing read), else what
-    ``read(writer)`` reads into ``session``, stored as it goes (packed by ``kv_bits``,
-    which ``key`` must hold: :func:`~ckv_mlx.store.document_key`). When the disk refuses,
-    ``read`` still runs (told why), without a store: None, the full cache in memory."""
-    session.packable(kv_bits)
-    full = stored_full_cache(root, key, notify, kv_bits)
-    if full is not None:
-        notify(f"{name} was read before: its stored cache ({mib(full.nbytes)} on disk) is used, nothing to read")
-        session.take_over(full.empty_caches(session.region), full.store.queries(), full.store.others())
-        return full
-    try:
-        writer = StoreWriter(root, key, len(session.caches), kv_bits, limit_bytes)
-    except CKVError as error:
-        notify(f"{error}; the full cache stays in memory meanwhile")
-        writer = None
-    try:
-        read(writer)
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    if writer is None:
-        return None
-    try:
-        store = writer.publish(session.remembered_queries(), session.others)
-        return DiskFullCache(store, root / CONVERSATIONS)
-    except CKVError as error:
-        notify(f"{error}; the full cache stays in memory meanwhile")
-        return None

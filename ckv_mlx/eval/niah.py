@@ -14,10 +14,10 @@ from pathlib import Path
 
 from rouge_score import rouge_scorer
 
-from .errors import CKVError, read_jsonl
-from .prompts import render, split_prompt
+from ..errors import CKVError, read_jsonl
+from ..text.prompts import render, split_prompt
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"  # ckv_mlx/data
 DEFAULT_NEEDLES = DATA / "needles.jsonl"
 DEFAULT_HAYSTACK = DATA / "haystack"
 STYLES = ("completion", "chat")

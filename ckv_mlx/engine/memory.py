@@ -13,9 +13,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .cache import allocated_rows
-from .errors import CKVError
-from .families import compressible_layers, one_token_caches
+from ..kv.cache import allocated_rows
+from ..errors import CKVError
+from ..model.families import compressible_layers, one_token_caches
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
          "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30}
@@ -45,7 +45,7 @@ def weight_bytes(model: nn.Module) -> int:
 def kv_bytes_per_token(model: nn.Module, probe: list | None = None) -> int:
     """Bytes one token adds to the full cache over the layers that compress (keys and
     values), in the dtype the model computes its keys in: one token read by mlx-lm
-    (``probe``: :func:`~ckv_mlx.families.one_token_caches`, made if not given)."""
+    (``probe``: :func:`~ckv_mlx.model.families.one_token_caches`, made if not given)."""
     caches = probe or one_token_caches(model)
     return sum((caches[i].keys.nbytes + caches[i].values.nbytes) // caches[i].keys.shape[2]
                for i in compressible_layers(model))
@@ -86,7 +86,7 @@ def working_budget(prompt_tokens: int, per_token: int, kv_limit: int, chunk: int
 def plan_prefill(loaded, prompt_tokens: int, budget: int | None, kv_limit: str | None,
                  chunk: int) -> tuple[int | None, str | None]:
     """The working budget for reading ``prompt_tokens`` with ``loaded`` (a
-    :class:`~ckv_mlx.models.LoadedModel`) under ``kv_limit`` (a size; None:
+    :class:`~ckv_mlx.model.models.LoadedModel`) under ``kv_limit`` (a size; None:
     :func:`default_kv_limit`) and a note saying why, or ``(None, None)`` when it fits."""
     limit = parse_size(kv_limit) if kv_limit else default_kv_limit(loaded.model)
     per_token = loaded.kv_bytes_per_token

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .errors import CKVError
+from ..errors import CKVError
 
 TRUNCATE_CHOICES = ("none", "start", "middle", "end")
 ANSWER_MARK = "\u27e6ckv-answer\u27e7"  # stands in for the last answer when rendering a follow-up

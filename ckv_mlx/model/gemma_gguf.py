@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .errors import CKVError
+from ..errors import CKVError
 from .gguf import atomic_folder, cache_dir, mlx_name
 
 GEMMA_MODEL = "gemma3-270m"

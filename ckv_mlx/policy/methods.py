@@ -17,8 +17,8 @@ import re
 import mlx.core as mx
 
 from . import budgets
-from .errors import CKVError
-from .profiles import Defaults
+from ..errors import CKVError
+from ..profiles import Defaults
 from .scoring import chunked, group_mean, head_scores, keep_per_head, keep_top, key_novelty, spread
 
 

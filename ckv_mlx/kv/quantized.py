@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 
-from .errors import CKVError
+from ..errors import CKVError
 
 BITS = (4, 8)
 AS_COMPUTED = 16  # --kv-bits 16: the kept rows in the model's own dtype

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from .errors import CKVError
+from ..errors import CKVError
 
 SUPPORTED = (
     "llama", "mistral", "qwen2", "qwen3",  # plain GQA

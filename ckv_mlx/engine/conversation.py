@@ -5,7 +5,7 @@
 * ``agnostic``: compress right after the document, before any question.
 * ``per-question``: keep the full cache of document and conversation, and select afresh
   from all of it for each question (best answers). The full cache is either on disk (a
-  :class:`~ckv_mlx.disk_cache.DiskFullCache`: memory holds only the selection) or in
+  :class:`~ckv_mlx.disk.disk_cache.DiskFullCache`: memory holds only the selection) or in
   memory (a compressed copy is made for each question).
 """
 
@@ -16,10 +16,10 @@ from typing import Callable, Iterator
 
 import mlx.core as mx
 
-from .attention import joined
-from .disk_cache import DiskFullCache
-from .errors import CKVError
-from .layer_caches import copies, from_saved, nbytes, to_saved
+from ..kv.attention import joined
+from ..disk.disk_cache import DiskFullCache
+from ..errors import CKVError
+from ..kv.layer_caches import copies, from_saved, nbytes, to_saved
 from .session import Session
 
 POLICIES = ("first-question", "agnostic", "per-question")

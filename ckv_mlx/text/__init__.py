@@ -1,0 +1,1 @@
+"""Text in: documents read from files (``documents``) and turned into prompts (``prompts``)."""
