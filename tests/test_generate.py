@@ -78,7 +78,7 @@ def test_json_report(capsys, tokenizer, doc, method):
         if method == "streamingllm":
             assert budgets == [64] * 30
         else:  # the shipped profile of the built-in model
-            assert report["profile"].endswith("profiles/smollm2-135m-instruct.json")
+            assert Path(report["profile"]).resolve().parts[-2:] == ("profiles", "smollm2-135m-instruct.json")
         assert report["kv_bits"] == 8  # the default for a compressing method
         assert report["kv_bytes_kept"] == allocated_kept(budgets, 8)
         assert report["kv_rows_kept"] == 64 * 30 * 2 * packed_row(8)  # the rows holding tokens, labelled apart
