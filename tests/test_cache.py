@@ -5,7 +5,8 @@ import gc
 import mlx.core as mx
 import pytest
 
-from ckv_mlx.kv.cache import load_caches, save_caches
+from ckv_mlx.chat import session_file
+from ckv_mlx.chat.session_file import SavedSession
 from ckv_mlx.policy.methods import make_method
 from ckv_mlx.engine.session import Session
 from fakes import fake_profile
@@ -124,9 +125,10 @@ def test_region_keeps_memory_bounded_over_1000_tokens(name):
 def test_saved_cache_loads_and_continues_identically(tmp_path):
     session, _, _ = compressed_session("snapkv", budget=32)
     path = tmp_path / "session.safetensors"
-    save_caches(path, session.caches, {"model": "tiny", "budget": 32})
-    caches, meta, _ = load_caches(path)
-    assert meta == {"model": "tiny", "budget": 32}
+    session_file.write(path, SavedSession({"model": "tiny", "budget": 32}, session.caches, [None] * 3, {}))
+    saved = session_file.read(path)
+    caches = saved.caches
+    assert (saved.metadata["model"], saved.metadata["budget"]) == ("tiny", 32)
     for a, b in zip(session.caches, caches):
         assert (a.offset, a.length, a.budget, a.region) == (b.offset, b.length, b.budget, b.region)
     token = mx.array([[5]])
@@ -158,7 +160,7 @@ def test_unwritable_session_path_is_one_clear_error(tmp_path):
     session, _, _ = compressed_session("snapkv", budget=32)
     target = tmp_path / "no-such-dir" / "session.safetensors"
     with pytest.raises(CKVError, match="cannot write .*session.safetensors.*writable"):
-        save_caches(target, session.caches, {})
+        session_file.write(target, SavedSession({}, session.caches, [None] * 3, {}))
 
 
 def test_a_step_cut_short_leaves_the_session_inconsistent():

@@ -7,7 +7,9 @@ import pytest
 from mlx_lm.models.cache import KVCache, load_prompt_cache, save_prompt_cache
 
 import ckv_mlx  # noqa: F401  (registers the cache class with mlx-lm)
-from ckv_mlx.kv.cache import EvictingKVCache, load_caches, save_caches
+from ckv_mlx.chat import session_file
+from ckv_mlx.chat.session_file import SavedSession
+from ckv_mlx.kv.cache import EvictingKVCache
 from ckv_mlx.errors import CKVError
 from ckv_mlx.policy.methods import make_method
 from ckv_mlx.kv.quantized import KVBits
@@ -87,13 +89,14 @@ def test_an_empty_cache_round_trips():
 def test_a_session_file_of_the_old_layout_is_refused_in_one_line(tmp_path):
     _, session = compressed()
     path = tmp_path / "old.safetensors"
-    mx.save_safetensors(str(path), {"cache.0.0": mx.zeros((1, 2, 4, 16))}, metadata={"ckv": '{"layers": [["1"]]}'})
+    old = '{"format": "%s", "layers": [["1"]]}' % session_file.SESSION_FORMAT
+    mx.save_safetensors(str(path), {"cache.0.0": mx.zeros((1, 2, 4, 16))}, metadata={"ckv": old})
     with pytest.raises(CKVError, match="older ckv-mlx") as info:
-        load_caches(path)
+        session_file.read(path)
     assert "\n" not in str(info.value)
-    save_caches(tmp_path / "new.safetensors", session.caches, {"model": "tiny"})
-    caches, metadata, _ = load_caches(tmp_path / "new.safetensors")
-    assert metadata == {"model": "tiny"} and [c.length for c in caches] == [c.length for c in session.caches]
+    session_file.write(tmp_path / "new.ckv", SavedSession({"model": "tiny"}, session.caches, [None] * 2, {}))
+    saved = session_file.read(tmp_path / "new.ckv")
+    assert saved.metadata["model"] == "tiny" and [c.length for c in saved.caches] == [c.length for c in session.caches]
 
 
 def test_a_mask_made_from_another_layers_length_is_made_again_from_this_ones():

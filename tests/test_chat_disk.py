@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from ckv_mlx.kv.cache import load_caches
+from ckv_mlx.chat import session_file
 from ckv_mlx.chat.events import (
     CacheView, ChatSettings, DocumentReady, Failure, Notice, Progress, Reply, Resumed, Saved,
 )
@@ -144,10 +144,11 @@ def resumed_then_asked(path, question: str, arch: str = "llama", head_dim: int =
 @pytest.mark.parametrize("arch", ["llama", *MIXED])
 def test_a_saved_session_refers_to_the_store_carries_the_conversation_and_resumes_at_once(doc, tmp_path, arch):
     original = saved_then_asked(doc, tmp_path, 2, arch)
-    _, meta, arrays = load_caches(tmp_path / "s.ckv")
-    assert meta["full_cache"]["store"] == list_stores(tmp_path / "stores")[0]["key"]
-    assert {"tail.000.keys", "tail.001.values", "selection.0"} <= set(arrays)
-    assert bool(meta["others"]) == bool(meta["full_cache"]["others"]) == (arch != "llama")
+    saved = session_file.read(tmp_path / "s.ckv")
+    disk = saved.on_disk
+    assert disk.store == list_stores(tmp_path / "stores")[0]["key"]
+    assert disk.tail_tokens and len(disk.tail) == len(saved.caches) and disk.selection_queries[0] is not None
+    assert bool(saved.others) == bool(disk.selection_others) == (arch != "llama")
     again, recorder = resumed_then_asked(tmp_path / "s.ckv", QUESTIONS[2], arch)
     assert again == original and not recorder.of(Progress)  # nothing read again
 

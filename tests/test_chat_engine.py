@@ -14,7 +14,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_tokenizer
 
-from ckv_mlx.kv.cache import load_caches
+from ckv_mlx.chat import session_file
 from ckv_mlx.chat.engine import QUESTION_ROOM, ChatEngine, quiet_libraries
 from ckv_mlx.chat.events import (
     CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed, Saved,
@@ -92,8 +92,8 @@ def saved(engine, recorder, path) -> tuple[list, dict]:
     """Save the session; its caches and metadata as written."""
     engine.save(path)
     recorder.wait(Saved, len(recorder.of(Saved)) + 1)
-    caches, meta, _ = load_caches(path)
-    return caches, meta
+    saved = session_file.read(path)
+    return saved.caches, saved.metadata
 
 
 def test_answers_match_plain_mlx_lm_over_the_fed_tokens(doc, tmp_path):

@@ -5,7 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from ckv_mlx.kv.cache import load_caches, save_caches
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 from ckv_mlx.eval.harness import Harness, Setting
 from ckv_mlx.eval.tasks import EvalSample
 from ckv_mlx.policy.methods import METHODS, make_method
@@ -84,8 +84,8 @@ def test_saved_cache_resumes_identically(dtype, tmp_path):
     session = Session(model, TinyTokenizer(), make_method("snapkv")[0])
     session.prefill(tokens(80))
     session.compress(32)
-    save_caches(tmp_path / "s.safetensors", session.caches, {"model": "tiny"})
-    caches, _, _ = load_caches(tmp_path / "s.safetensors")
+    save_prompt_cache(str(tmp_path / "s.safetensors"), session.caches)  # mlx-lm's own file
+    caches = load_prompt_cache(str(tmp_path / "s.safetensors"))
     assert caches[0].keys.dtype == HALF[dtype]
     token = mx.array([[5]])
     assert mx.array_equal(model(token, cache=caches), model(token, cache=session.model_caches()))

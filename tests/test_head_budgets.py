@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import reference as ref
-from ckv_mlx.kv.cache import load_caches, save_caches
+from ckv_mlx.chat import session_file
+from ckv_mlx.chat.session_file import SavedSession
 from ckv_mlx.policy.methods import AdaSnapKV, SnapKV, make_method
 from ckv_mlx.kv.quantized import KVBits
 from ckv_mlx.engine.session import Session
@@ -95,13 +96,13 @@ def test_a_saved_padded_cache_continues_token_for_token(bits, tmp_path):
     logits = first.prefill(tokens(120))
     first.compress(32)
     head = list(first.generate(logits, 5))  # past a re-score
-    save_caches(tmp_path / "s.safetensors", first.caches, {}, {f"window.{i}": q for i, q in
-                                                               enumerate(first.remembered_queries()) if q is not None})
+    session_file.write(tmp_path / "s.ckv", SavedSession({}, first.caches, first.remembered_queries(), {}))
     expected = list(first.generate(first.model(mx.array([[head[-1]]]), cache=first.model_caches())[:, -1], 12))
-    caches, _, queries = load_caches(tmp_path / "s.safetensors")
+    saved = session_file.read(tmp_path / "s.ckv")
+    caches = saved.caches
     assert any(c.valid is not None for c in caches)
     again = session()
-    again.take_over(caches, [queries.get(f"window.{i}") for i in range(len(caches))])
+    again.take_over(caches, saved.window_queries)
     got = list(again.generate(again.model(mx.array([[head[-1]]]), cache=again.model_caches())[:, -1], 12))
     assert got == expected
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
 
-from ckv_mlx.kv.cache import EvictingKVCache, load_caches, save_caches
+from ckv_mlx.chat import session_file
+from ckv_mlx.chat.session_file import SavedSession
+from ckv_mlx.kv.cache import EvictingKVCache
 from ckv_mlx.errors import CKVError
 from ckv_mlx.policy.methods import make_method
 from ckv_mlx.kv.quantized import KVBits, QuantizedRows, attention, kv_bits_setting
@@ -225,13 +227,13 @@ def test_a_saved_quantized_cache_continues_token_for_token(dtype, tmp_path):
     logits = first.prefill(tokens(120))
     first.compress(32)
     head = list(first.generate(logits, 5))  # past the region's first re-score, with rows in full precision left
-    save_caches(tmp_path / "s.safetensors", first.caches, {}, {f"window.{i}": q for i, q in
-                                                               enumerate(first.remembered_queries()) if q is not None})
+    session_file.write(tmp_path / "s.ckv", SavedSession({}, first.caches, first.remembered_queries(), {}))
     expected = list(first.generate(first.model(mx.array([[head[-1]]]), cache=first.model_caches())[:, -1], 12))
-    caches, _, queries = load_caches(tmp_path / "s.safetensors")
+    saved = session_file.read(tmp_path / "s.ckv")
+    caches = saved.caches
     assert all(c.kv_bits == KVBits(4, GROUP) and c.packed is not None for c in caches)
     again = session()
-    again.take_over(caches, [queries.get(f"window.{i}") for i in range(len(caches))])
+    again.take_over(caches, saved.window_queries)
     got = list(again.generate(again.model(mx.array([[head[-1]]]), cache=again.model_caches())[:, -1], 12))
     assert got == expected
 

@@ -21,12 +21,10 @@ from typing import Callable
 import mlx.core as mx
 
 from ..policy.budgets import parse_budget
-from ..kv.cache import load_caches, save_caches
 from ..engine.conversation import Conversation, KeptCache
 from ..text.documents import document_hash, read_document
 from ..errors import CKVError
 from ..model.gguf import cache_dir
-from ..kv.layer_caches import from_saved, to_saved
 from ..disk.disk_cache import DiskFullCache, stored_full_cache
 from ..engine.reselection import read_or_reuse
 from ..engine.memory import parse_size, plan_prefill
@@ -38,12 +36,13 @@ from ..engine.runtime import Cancelled, MLXThread
 from ..text.prompts import TRUNCATE_CHOICES, cut_to_fit, document_prefix, question_tokens
 from ..engine.session import PREFILL_STEP, Session
 from ..disk.store import DEFAULT_LIMIT_BYTES, StoreWriter, document_key, store_root
+from . import session_file
+from .session_file import OnDisk, SavedSession
 from .events import (
     Answering, CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed,
     Saved, Status,
 )
 
-SESSION_FORMAT = "ckv-chat-session/2"  # 2: caches in mlx-lm 0.32's state layout
 VIEW_INTERVAL_S = 0.2
 LOG_NAME = "ckv-chat.log"
 QUESTION_ROOM = 256  # tokens a document cut to fit leaves for the first question
@@ -420,30 +419,27 @@ class ChatEngine:
             raise CKVError(f"nothing to save yet: {document.path.name} is read with the first question; ask one, then save")
         if not session.consistent:
             raise CKVError("the cache is out of step after an interrupted step; /reread, then save")
-        queries, others = to_saved(session.others)
-        queries.update({f"window.{i}": q for i, q in enumerate(session.remembered_queries()) if q is not None})
         metadata = {
-            "format": SESSION_FORMAT, "model": self._loaded.name, "profile": self._profile_name,
+            "model": self._loaded.name, "profile": self._profile_name,
             "settings": asdict(replace(self.settings, kv_bits=session.kv_bits.bits if session.kv_bits else AS_COMPUTED)),
             "document": str(document.path.resolve()),
             "document_hash": document.digest, "turns": [asdict(t) for t in document.turns],
             "conversation_turns": self._conversation.turns, "prefill_s": session.stats.prefill_s,
             "kv_bytes_full": session.stats.kv_bytes_full, "prompt_tokens": session.stats.prompt_tokens,
-            "others": others,
         }
-        full = self._conversation.full_on_disk
+        full, on_disk = self._conversation.full_on_disk, None
         if full is not None:  # the document's store is referred to; the conversation's rows are carried
-            selection, arrays = self._conversation.disk_state()
-            metadata["full_cache"] = {**selection, "store": full.store.path.name, "store_dir": str(full.store.path.parent),
-                                      "store_bits": full.store.manifest["kv_bits"], "tail_tokens": full.tail.tokens}
-            queries.update(arrays)
-            queries.update(full.tail_arrays())
-        save_caches(path, session.caches, metadata, queries)
+            on_disk = OnDisk(full.store.path.name, str(full.store.path.parent), full.store.manifest["kv_bits"],
+                             *self._conversation.disk_state(), full.tail.tokens, full.tail_bytes())
+        session_file.write(path, SavedSession(metadata, session.caches, session.remembered_queries(), session.others,
+                                              on_disk))
         self._emit(Saved(str(path)))
 
     def _resume(self, path: Path):
         self._emit(Status(f"restoring {path.name}"))
-        caches, metadata, queries = _read_session(path)
+        saved = session_file.read(path)
+        metadata, on_disk = saved.metadata, saved.on_disk
+        referred = "full_cache" in metadata  # a store referred to in an older layout, without the conversation's rows
         if self.settings.model not in (None, metadata["model"]):
             raise CKVError(f"{path}: saved with model {metadata['model']}, not {self.settings.model}; "
                            f"resume without --model or with --model {metadata['model']}")
@@ -455,19 +451,17 @@ class ChatEngine:
         if document_hash(text) != metadata["document_hash"]:
             raise CKVError(f"{path}: {document} has changed since the session was saved; "
                            f"open it anew with --doc {document}")
-        on_disk = metadata.get("full_cache")
         self.settings = ChatSettings(**metadata["settings"])
         if self.settings.kv_bits is None:  # saved before the kept rows were 8-bit by default
             self.settings = replace(self.settings, kv_bits=AS_COMPUTED)
-        if self._full_cache_on_disk() and not on_disk:  # saved with it in memory, or before it could be on disk
+        if self._full_cache_on_disk() and not (on_disk or referred):  # saved with it in memory, or before it could be on disk
             self.settings = replace(self.settings, full_cache="memory")
         self._ensure_model(metadata["model"])
         session = self._session
         session.kv_bits = kv_bits_setting(self.settings.kv_bits, self.settings.kv_group_size,
                                           store_bits=self.settings.store_bits)
         try:
-            session.take_over(caches, [queries.get(f"window.{i}") for i in range(len(caches))],
-                              from_saved(queries, metadata.get("others", [])))
+            session.take_over(saved.caches, saved.window_queries, saved.others)
         except CKVError as error:
             raise CKVError(f"{path}: {error}") from None
         stats = session.stats
@@ -476,27 +470,26 @@ class ChatEngine:
         turns = [_Turn(**t) for t in metadata["turns"]]
         document = replace(self._fitted(document, text), turns=turns)
         budget = self._budget_tokens(self.settings, len(document.prefix))
-        full = self._resumed_full_cache(on_disk, queries) if on_disk and "tail_tokens" in on_disk else None
-        if on_disk and full is None:
-            why = ("is gone (removed past the disk limit, or damaged)" if "tail_tokens" in on_disk
-                   else "is referred to in an older session format")
+        full = self._resumed_full_cache(on_disk) if on_disk else None
+        if (on_disk or referred) and full is None:
+            why = "is gone (removed past the disk limit, or damaged)" if on_disk else "is referred to in an older session format"
             self._emit(Notice(f"the stored cache of {document.path.name} {why}: reading it and the conversation again"))
             self._prefill(document)
         else:
             self._conversation = Conversation(session, self.settings.policy, budget, full)
             self._conversation.turns = metadata["conversation_turns"]
             if full is not None:
-                self._conversation.resume_disk_state(on_disk, queries)
+                self._conversation.resume_disk_state(on_disk.unread, on_disk.selection_queries, on_disk.selection_others)
             self._document = document
         self._emit(Resumed(self.settings, str(document.path), document.pairs))
 
-    def _resumed_full_cache(self, saved: dict, arrays: dict) -> DiskFullCache | None:
+    def _resumed_full_cache(self, on_disk: OnDisk) -> DiskFullCache | None:
         """The saved session's full cache on disk: the document's store it refers to, and
         the conversation's rows it carries; None when the store is gone."""
-        bits = KVBits(**saved["store_bits"]) if saved.get("store_bits") else None
-        full = stored_full_cache(Path(saved["store_dir"]), saved["store"], lambda text: self._emit(Notice(text)), bits)
+        bits = KVBits(**on_disk.store_bits) if on_disk.store_bits else None
+        full = stored_full_cache(Path(on_disk.store_dir), on_disk.store, lambda text: self._emit(Notice(text)), bits)
         if full is not None:
-            full.restore_tail(arrays, saved["tail_tokens"])
+            full.restore_tail(on_disk.tail, on_disk.tail_tokens)
         return full
 
     def _maybe_view(self, force: bool = False):
@@ -530,17 +523,3 @@ class ChatEngine:
             peak_memory_bytes=mx.get_peak_memory(), prefill_tps=stats.prefill_tps,
             decode_tps=stats.decode_tps,
         )
-
-
-def _read_session(path: Path) -> tuple[list, dict, dict]:
-    """Caches, metadata and window queries of a saved session; one-line errors."""
-    if not path.is_file():
-        raise CKVError(f"{path}: no such session file; check the path")
-    try:
-        caches, metadata, queries = load_caches(path)
-    except (RuntimeError, ValueError, KeyError, OSError):
-        raise CKVError(f"{path}: not a ckv-chat session (unreadable or damaged)") from None
-    if metadata.get("format") != SESSION_FORMAT:
-        raise CKVError(f"{path}: not a ckv-chat session (format {metadata.get('format')!r}, "
-                       f"expected {SESSION_FORMAT})")
-    return caches, metadata, queries

@@ -28,7 +28,7 @@ from ..kv.cache import EvictingKVCache, allocated_rows
 from ..errors import CKVError
 from ..kv.quantized import KVBits
 from .store import (
-    CONVERSATIONS, LEASE, LayerRows, Store, StoreCorrupt, disk_error, layer_files, open_store,
+    CONVERSATIONS, LEASE, LayerRows, Store, StoreCorrupt, disk_error, open_store,
 )
 
 Keep = Callable[[int, mx.array, mx.array], None]
@@ -69,19 +69,18 @@ class DiskFullCache:
         buffers with ``room`` rows free at the end, ``[1, kv_heads, tokens + room, dim]``."""
         return _read([self.store.files(layer), self.tail.files(layer)], room)
 
-    def tail_arrays(self) -> dict[str, mx.array]:
-        """The conversation's rows, to save: each file's bytes as they are (packed rows
-        stay packed), ``tail.NNN.keys`` and ``.values``."""
-        return {f"tail.{f.path.name}": mx.array(np.fromfile(f.path, dtype=np.uint8, count=f.nbytes))
-                for layer in range(len(self.tail.shapes)) for f in self.tail.files(layer) or ()}
+    def tail_bytes(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The conversation's rows, to save: per layer, its keys' and values' file bytes
+        as they are (packed rows stay packed); none before the conversation wrote any."""
+        files = [self.tail.files(layer) for layer in range(len(self.tail.shapes))]
+        return [tuple(np.fromfile(f.path, dtype=np.uint8, count=f.nbytes) for f in pair) for pair in files if pair]
 
-    def restore_tail(self, arrays: dict[str, mx.array], tokens: int):
-        """Write back the ``tokens`` rows of the conversation that :meth:`tail_arrays` gave."""
+    def restore_tail(self, tail: list[tuple[np.ndarray, np.ndarray]], tokens: int):
+        """Write back the ``tokens`` rows of the conversation that :meth:`tail_bytes` gave."""
         if not tokens:
             return
-        for layer in range(len(self.tail.shapes)):
-            self.tail.restore_layer(layer, self.store.shape(layer), self.store.dtype,
-                                    [np.array(arrays[f"tail.{name}"]) for name in layer_files(layer)])
+        for layer, pair in enumerate(tail):
+            self.tail.restore_layer(layer, self.store.shape(layer), self.store.dtype, list(pair))
         self.tail.advance(tokens)
 
     def empty_caches(self, region: int | None = None) -> list[EvictingKVCache]:

@@ -19,7 +19,7 @@ import mlx.core as mx
 from ..kv.attention import joined
 from ..disk.disk_cache import DiskFullCache
 from ..errors import CKVError
-from ..kv.layer_caches import copies, from_saved, nbytes, to_saved
+from ..kv.layer_caches import copies, nbytes
 from .session import Session
 
 POLICIES = ("first-question", "agnostic", "per-question")
@@ -115,19 +115,15 @@ class Conversation:
         self._others_at_tail = copies(self.session.others)
         return logits
 
-    def disk_state(self) -> tuple[dict, dict[str, mx.array]]:
+    def disk_state(self) -> tuple[list[int], list[mx.array | None], dict[int, object]]:
         """What selecting from disk needs beyond the caches, to save: the last answer
-        not read yet and the other layers' caches' layout (JSON-able), the window
-        queries of the last selection and those caches' arrays."""
-        arrays, layout = to_saved(self._others_at_tail, "selection-others")
-        arrays.update({f"selection.{i}": joined(state) for i, state in enumerate(self._queries) if state})
-        return {"unread": self._unread, "others": layout}, arrays
+        not read yet, each layer's window queries at the last selection, and mlx-lm's
+        caches of the other layers where the disk ends."""
+        return self._unread, [joined(state) for state in self._queries], self._others_at_tail
 
-    def resume_disk_state(self, saved: dict, arrays: dict[str, mx.array]):
+    def resume_disk_state(self, unread: list[int], queries: list[mx.array | None], others: dict[int, object]):
         """Go on from what :meth:`disk_state` gave."""
-        self._unread = list(saved["unread"])
-        self._queries = [arrays.get(f"selection.{i}") for i in range(len(self.session.attentions))]
-        self._others_at_tail = from_saved(arrays, saved.get("others", []))
+        self._unread, self._queries, self._others_at_tail = list(unread), queries, others
 
     def finish(self, answer: list[int]):
         """Make sure the whole answer is in the cache that the next question builds on:

@@ -14,23 +14,16 @@ attention never sees (:meth:`EvictingKVCache.visible_rows`); they are allocated,
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
 import mlx_lm.models.cache as mlx_lm_cache
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import _BaseCache
 
-from ..errors import CKVError
 from .quantized import KVBits, Packed, QuantizedRows, cut, joined, packed_rows, take, take_rows
 
 GROWTH_STEP = 256  # rows a cache grows by before compression, as mlx-lm's KVCache
 REGION_SHARE = 4  # by default a layer's region is a quarter of its budget ...
 MIN_REGION = 8  # ... and at least this many rows
-CACHE_SCALARS = "cache_scalars"  # where a saved file keeps its caches' scalars (offset, budget, ...)
 
 
 def default_region(budget: int) -> int:
@@ -307,36 +300,3 @@ def _resized(old: mx.array | None, like: mx.array, used: int, size: int) -> mx.a
     if old is not None and used:
         new[..., :used, :] = old[..., :used, :]
     return new
-
-
-def save_caches(path: str | Path, caches: list[EvictingKVCache], metadata: dict,
-                extra: dict[str, mx.array] | None = None) -> None:
-    """Write caches (their mlx-lm ``state``: the arrays as tensors, the scalars in the
-    JSON), ``extra`` named arrays and JSON-able ``metadata`` to one safetensors file,
-    atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    flat = tree_flatten([c.state for c in caches])
-    arrays = {f"cache.{k}": v for k, v in flat if isinstance(v, mx.array)}
-    scalars = {k: v for k, v in flat if not isinstance(v, mx.array)}
-    meta = {"ckv": json.dumps({**metadata, CACHE_SCALARS: scalars})}
-    tmp = path.with_name(f".{path.name}.tmp.safetensors")
-    try:
-        mx.save_safetensors(str(tmp), {**arrays, **(extra or {})}, metadata=meta)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
-        raise CKVError(f"cannot write {path}: {e}; choose a writable path") from e
-
-
-def load_caches(path: str | Path) -> tuple[list[EvictingKVCache], dict, dict[str, mx.array]]:
-    """Read what :func:`save_caches` wrote: ``(caches, metadata, extra)``; a file of the
-    layout before mlx-lm 0.32's cache protocol is refused in one line."""
-    arrays, meta = mx.load(str(path), format="safetensors", return_metadata=True)
-    info = json.loads(meta["ckv"])
-    if CACHE_SCALARS not in info:
-        raise CKVError(f"{path}: saved by an older ckv-mlx, whose cache layout this one no longer reads; "
-                       "open the document again")
-    leaves = [(k[len("cache."):], v) for k, v in arrays.items() if k.startswith("cache.")]
-    states = tree_unflatten(leaves + list(info.pop(CACHE_SCALARS).items()))
-    extra = {k: v for k, v in arrays.items() if not k.startswith("cache.")}
-    return [EvictingKVCache.from_state(s) for s in states], info, extra
