@@ -74,7 +74,7 @@ def make_prompt_cache(model, method: str = DEFAULT_METHOD, budget: int = 128,
         CompressingKVCache(LayerPolicy(
             scorer.name, layer, layer_budget, budget, shape.kv_heads, shape.head_dim, scorer.window, scorer.kernel,
             scorer.pooling, profiled.srh_heads(layer) if profiled else None, profiled.layer_errors if profiled else None,
-            (bits.bits, bits.group_size) if bits else None), region)
+            (bits.bits, bits.group_size) if bits else None, profiled.name if profiled else None), region)
         for layer, layer_budget in enumerate(scorer.layer_budgets(budget, len(windows)))
     ])
     others = fresh_others(model)

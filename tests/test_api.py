@@ -186,7 +186,7 @@ def test_a_saved_cache_carries_its_method_budgets_and_srhs(tmp_path):
     expected_budgets = make_method("compresskv-gqa", profile)[0].layer_budgets(64, 4)
     assert [c.policy.budget for c in loaded] == expected_budgets
     assert [c.policy.srh_heads for c in loaded] == [profile.srh_heads(layer) for layer in range(4)]
-    assert {c.policy.method for c in loaded} == {"compresskv-gqa+span8"}
+    assert {(c.policy.method, c.policy.profile) for c in loaded} == {("compresskv-gqa+span8", "tiny")}
     assert {c.kv_bits.bits for c in loaded} == {8}
 
 

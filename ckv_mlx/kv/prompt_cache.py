@@ -47,6 +47,7 @@ class LayerPolicy:
     srh_heads: list[int] | None = None  # the layer's SRHs (profiled methods)
     layer_errors: list[float] | None = None  # the profile's, for error-aware budgets at another average
     kv_bits: tuple[int, int | None] | None = None  # (bits, group size) of the kept rows; None: as computed
+    profile: str | None = None  # the profile's model name (where the SRHs and layer errors came from)
 
     def made_method(self) -> Method:
         """The method this policy names, able to score this layer."""
