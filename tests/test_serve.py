@@ -42,29 +42,30 @@ def loaded_tiny(context: int = 4096, model=None) -> LoadedModel:
     return LoadedModel(model, smollm_tokenizer(), MODEL, tiny_shape(model), context, identity="tiny-serve")
 
 
-def client_of(url: str):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+def client_of(url: str, api_key: str | None = None):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key or "unused", max_retries=0, timeout=120)
 
 
 class Server:
     """ckv-serve on a free loopback port, in a thread, for one test module."""
 
-    def __init__(self, settings: ServeSettings, model=None):
+    def __init__(self, settings: ServeSettings, model=None, api_key: str | None = None):
         self.loaded = loaded_tiny(model=model)
         self.profile = fake_profile(self.loaded.model)
         self.worker = Worker(self.loaded, self.profile, settings)
-        self.http = BackgroundServer(create_app(self.worker, MODEL, DEFAULTS, list(METHODS), LIMITS))
+        self.http = BackgroundServer(create_app(self.worker, MODEL, DEFAULTS, list(METHODS), LIMITS, api_key))
         self.url = self.http.url
-        self.client = client_of(self.url)
+        self.client = client_of(self.url, api_key)
 
     def stop(self):
         self.http.stop()
         self.worker.close()
 
 
-def post(url: str, body: bytes) -> tuple[int, Message, dict]:
+def post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, Message, dict]:
     """POST ``body`` as JSON: the status, the headers (any case) and the JSON answer."""
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.headers, json.loads(response.read())
@@ -220,6 +221,12 @@ def body(**fields) -> bytes:
     ("/v1/chat/completions", body(messages=[{"role": "user", "content": "pear " * 5000}], max_tokens=8), 400,
      "over the model's context of 4,096"),
     ("/v1/nothing", body(), 404, "/v1/nothing"),
+    ("/v1/chat/completions", body(stream=True, stream_options="yes"), 400, "'stream_options' must be an object"),
+    ("/v1/chat/completions", body(seed=-1), 400, "'seed' must be an integer from 0 to 2**64 - 1"),
+    ("/v1/chat/completions", body(seed=2**64), 400, "'seed' must be an integer from 0 to 2**64 - 1"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "a \\ud800 b"}', 400, "'prompt' is not valid text"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}', 400,
+     "'messages[0].content' is not valid text"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_serves_on(server, path, payload, status, words):
     code, _, answer = post(server.url + path, payload)
@@ -462,3 +469,69 @@ def test_a_growing_conversation_keeps_the_store_folder_within_its_limit(tmp_path
             assert sum(s["bytes"] for s in stores[1:]) <= limit, (turn, [s["bytes"] for s in stores])
     finally:
         running.stop()
+
+
+def test_null_n_and_max_tokens_are_openais_defaults(server):
+    for fields in ({"n": None}, {"max_tokens": None}, {"n": None, "max_tokens": None, "seed": 2**64 - 1}):
+        code, _, answer = post(f"{server.url}/v1/chat/completions", body(**fields))
+        assert code == 200 and answer["choices"][0]["message"]["content"] is not None, (fields, answer)
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    running = Server(ServeSettings(store_dir=tmp_path_factory.mktemp("keyed")), api_key="sk-local-test")
+    yield running
+    running.stop()
+
+
+def get(url: str, headers: dict | None = None) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize("headers, words", [
+    ({}, "no API key"), ({"Authorization": "Bearer sk-wrong"}, "incorrect API key"),
+    ({"Authorization": "sk-local-test"}, "no API key"), ({"Authorization": "Basic sk-local-test"}, "no API key"),
+])
+def test_with_a_key_every_route_but_health_needs_it(keyed, headers, words):
+    for path in ("/v1/models", "/v1/nothing"):
+        code, answer = get(keyed.url + path, headers)
+        assert code == 401 and words in answer["error"]["message"], (path, answer)
+        assert answer["error"]["code"] == "invalid_api_key" and set(answer["error"]) == {"message", "type", "param", "code"}
+    code, _, answer = post(f"{keyed.url}/v1/chat/completions", body(), headers)
+    assert code == 401 and answer["error"]["type"] == "invalid_request_error"
+    assert get(keyed.url + "/health")[0] == 200
+
+
+def test_with_the_key_the_openai_client_is_answered(keyed):
+    reply = keyed.client.chat.completions.create(model=MODEL, messages=messages("Row 3?"), max_tokens=2)
+    assert reply.choices[0].message.content is not None
+    with pytest.raises(openai.AuthenticationError, match="incorrect API key"):
+        client_of(keyed.url, "sk-wrong").models.list()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--host", "0.0.0.0"], "without an API key"),
+    (["--host", "192.168.1.20", "--api-key", ""], "without an API key"),
+])
+def test_listening_beyond_loopback_without_a_key_is_refused_before_any_model_loads(capsys, monkeypatch, args, words):
+    from ckv_mlx.serve.cli import main
+
+    monkeypatch.delenv("CKV_API_KEY", raising=False)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert words in err and "--allow-unauthenticated" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_key_may_come_from_the_environment(monkeypatch):
+    from ckv_mlx.serve.cli import parse_args, server_key
+
+    monkeypatch.setenv("CKV_API_KEY", "sk-env")
+    assert server_key(parse_args(["--host", "0.0.0.0"])) == "sk-env"
+    assert server_key(parse_args(["--host", "0.0.0.0", "--api-key", "sk-flag"])) == "sk-flag"
+    monkeypatch.delenv("CKV_API_KEY")
+    assert server_key(parse_args(["--host", "::", "--allow-unauthenticated"])) is None
+    assert server_key(parse_args(["--host", "localhost"])) is None

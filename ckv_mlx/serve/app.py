@@ -6,6 +6,7 @@ streams as server-sent events (sse-starlette). It never touches MLX: requests go
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import threading
 import time
@@ -13,6 +14,7 @@ import time
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -24,8 +26,10 @@ DISCONNECT_POLL_S = 0.5  # how often a request answered whole checks that its cl
 RETRY_AFTER_S = 1  # what a busy server (429) tells clients to wait
 
 
-def create_app(worker, model_name: str, defaults: Compression, methods, limits: Limits = Limits()) -> Starlette:
-    """The server for ``worker``'s model, served as ``model_name``."""
+def create_app(worker, model_name: str, defaults: Compression, methods, limits: Limits = Limits(),
+               api_key: str | None = None) -> Starlette:
+    """The server for ``worker``'s model, served as ``model_name``; with ``api_key``, every
+    route but ``/health`` needs ``Authorization: Bearer <api_key>``."""
 
     async def completions(request: HTTPRequest, kind: str):
         try:
@@ -69,7 +73,31 @@ def create_app(worker, model_name: str, defaults: Compression, methods, limits: 
 
     routes = [Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/completions", complete, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    middleware = [Middleware(RequireKey, key=api_key)] if api_key else []
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, middleware=middleware)
+
+
+class RequireKey:
+    """Answer 401, in OpenAI's shape, to a request without the server's key (``/health``
+    aside); keys are compared in constant time."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            error = APIError(401, "no API key: send it as the header 'Authorization: Bearer <key>'",
+                             code="invalid_api_key")
+        elif not hmac.compare_digest(token.strip(), self.key):
+            error = APIError(401, "incorrect API key: send the key ckv-serve was started with (--api-key or "
+                                  "CKV_API_KEY)", code="invalid_api_key")
+        else:
+            return await self.app(scope, receive, send)
+        await _error(error)(scope, receive, send)
 
 
 def _error(error: APIError) -> JSONResponse:

@@ -2,11 +2,14 @@
 
     ckv-serve                                   # the built-in model on http://127.0.0.1:8080/v1
     ckv-serve --model mlx-community/Qwen3-4B-4bit --budget 256 --port 8000
+    CKV_API_KEY=sk-... ckv-serve --host 0.0.0.0      # beyond this machine: with a key
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +17,8 @@ from .. import DEFAULT_METHOD
 from ..model.blas import ensure_fast_blas
 from ..errors import CKVError, exit_code
 from .protocol import Limits
+
+KEY_ENV = "CKV_API_KEY"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,6 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "Metal and float32 on a CPU)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None, help=f"every route but /health needs 'Authorization: Bearer <key>' "
+                   f"(default: ${KEY_ENV}; required to listen beyond loopback)")
+    p.add_argument("--allow-unauthenticated", action="store_true", help="listen beyond loopback without a key: "
+                   "anyone who can reach the port can use the model")
     p.add_argument("--profile", help="SRH profile (default: the model's shipped profile, if any)")
     p.add_argument("--method", default=DEFAULT_METHOD, help=f"default method, {METHOD_HELP} "
                    '(a request\'s "ckv": {"method": ...} overrides it)')
@@ -54,6 +63,25 @@ def main(argv=None) -> int:
     return exit_code(lambda: serve(args))
 
 
+def server_key(args: argparse.Namespace) -> str | None:
+    """The key requests must carry (--api-key, else $CKV_API_KEY; None: none); listening
+    beyond loopback without one is refused in one line unless --allow-unauthenticated."""
+    key = args.api_key if args.api_key is not None else os.environ.get(KEY_ENV)
+    if not key and not _loopback(args.host) and not args.allow_unauthenticated:
+        raise CKVError(f"refusing to listen on {args.host} without an API key: anyone who can reach it could use the "
+                       f"model; pass --api-key (or set {KEY_ENV}), or --allow-unauthenticated")
+    return key or None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve beyond this machine
+        return False
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -67,6 +95,7 @@ def serve(args: argparse.Namespace) -> int:
     from .protocol import Compression
     from .worker import ServeSettings, Worker
 
+    api_key = server_key(args)
     if args.max_tokens < 1:
         raise CKVError("--max-tokens must be at least 1")
     if args.max_waiting < 0:
@@ -87,7 +116,7 @@ def serve(args: argparse.Namespace) -> int:
     make_method(args.method, profile)  # a method that needs a profile it lacks is refused now, in one line
     worker = Worker(loaded, profile, settings)
     defaults = Compression(args.method, args.budget)
-    app = create_app(worker, loaded.name, defaults, list(METHODS), limits)
+    app = create_app(worker, loaded.name, defaults, list(METHODS), limits, api_key)
     print(f"serving {loaded.name} on http://{args.host}:{args.port}/v1 ({args.method}, budget {args.budget})",
           file=sys.stderr)
     try:

@@ -84,12 +84,12 @@ def parse(body: bytes, kind: str, served: str, defaults: Compression, max_tokens
     if model != served:
         raise APIError(404, f"the model '{model}' does not exist: this server serves '{served}'", "model",
                        "model_not_found")
-    if data.get("n", 1) != 1:
+    if data.get("n") not in (None, 1):
         raise APIError(400, "only n = 1 is supported", "n")
     fields = dict(
         kind=kind, model=model, max_tokens=_max_tokens(data, max_tokens), temperature=_temperature(data),
-        seed=_integer(data, "seed"), stop=_stop(data), stream=_boolean(data, "stream"),
-        include_usage=_boolean(data.get("stream_options") or {}, "include_usage"),
+        seed=_seed(data), stop=_stop(data), stream=_boolean(data, "stream"),
+        include_usage=_boolean(_object(data, "stream_options"), "include_usage"),
         compression=_compression(data.get("ckv"), defaults, methods),
     )
     if kind == "chat":
@@ -105,7 +105,7 @@ def _messages(messages) -> list[dict]:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise APIError(400, f"messages[{i}] needs a role: one of {', '.join(ROLES)}", f"messages[{i}].role")
         checked.append({"role": "system" if message["role"] == "developer" else message["role"],
-                        "content": _content(message.get("content"), i)})
+                        "content": _text(_content(message.get("content"), i), f"messages[{i}].content")})
     if checked[-1]["role"] == "assistant":
         raise APIError(400, "the last message must be the user's (or the system's), not the assistant's", "messages")
     return checked
@@ -125,11 +125,22 @@ def _prompt(prompt) -> str:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise APIError(400, "'prompt' must be a non-empty string", "prompt")
-    return prompt
+    return _text(prompt, "prompt")
+
+
+def _text(text: str, name: str) -> str:
+    """``text``, refused if it cannot be encoded as UTF-8 (JSON allows a lone surrogate, \\ud800)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise APIError(400, f"'{name}' is not valid text: a lone surrogate at character {error.start}", name) from None
+    return text
 
 
 def _max_tokens(data: dict, limit: int) -> int:
-    value = data.get("max_completion_tokens", data.get("max_tokens", min(256, limit)))
+    value = data.get("max_completion_tokens")
+    value = data.get("max_tokens") if value is None else value
+    value = min(256, limit) if value is None else value
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise APIError(400, f"'max_tokens' must be a positive integer, not {value!r}", "max_tokens")
     if value > limit:
@@ -146,11 +157,20 @@ def _temperature(data: dict) -> float:
     return float(value)
 
 
-def _integer(data: dict, name: str) -> int | None:
-    value = data.get(name)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-        raise APIError(400, f"'{name}' must be an integer", name)
+def _seed(data: dict) -> int | None:
+    """OpenAI's seed, within what MLX's random seed takes (an unsigned 64-bit integer)."""
+    value = data.get("seed")
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**64):
+        raise APIError(400, f"'seed' must be an integer from 0 to 2**64 - 1, not {value!r}", "seed")
     return value
+
+
+def _object(data: dict, name: str) -> dict:
+    """The JSON object ``data[name]`` ({} when absent or null)."""
+    value = data.get(name)
+    if value is not None and not isinstance(value, dict):
+        raise APIError(400, f"'{name}' must be an object, not {value!r}", name)
+    return value or {}
 
 
 def _boolean(data: dict, name: str) -> bool:
