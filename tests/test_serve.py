@@ -535,3 +535,18 @@ def test_the_key_may_come_from_the_environment(monkeypatch):
     monkeypatch.delenv("CKV_API_KEY")
     assert server_key(parse_args(["--host", "::", "--allow-unauthenticated"])) is None
     assert server_key(parse_args(["--host", "localhost"])) is None
+
+
+def test_a_long_body_of_short_messages_renders_the_template_a_bounded_number_of_times(server, monkeypatch):
+    tokenizer = server.loaded.tokenizer
+    real, calls = type(tokenizer).apply_chat_template, []
+    monkeypatch.setattr(type(tokenizer), "apply_chat_template",
+                        lambda self, *a, **kw: calls.append(len(a[0])) or real(self, *a, **kw))
+    chat = [{"role": "system", "content": DOCUMENT}]
+    for i in range(200):
+        chat += [{"role": "user", "content": f"Row {i}?"}, {"role": "assistant", "content": "Plums."}]
+    chat.append({"role": "user", "content": "Row 7?"})
+    code, _, answer = post(f"{server.url}/v1/chat/completions", json.dumps({"model": MODEL, "messages": chat,
+                                                                             "max_tokens": 1}).encode())
+    assert code in (200, 400), answer  # answered, or refused for the context: either way after a bounded search
+    assert len(calls) <= 8, len(calls)

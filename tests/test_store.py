@@ -353,3 +353,31 @@ def test_a_store_removed_under_its_reader_is_not_called_a_full_disk(tmp_path):
     with pytest.raises(CKVError, match="was removed while in use") as error:
         session.reselect([7, 8, 9], full, 64)
     assert "disk is full" not in str(error.value) and "free some space" not in str(error.value)
+
+
+def test_a_manifest_of_another_format_breaks_no_listing_and_no_prune(tmp_path):
+    session, writer = read_into_store(tmp_path, key="ours")
+    writer.publish(session.remembered_queries())
+    (tmp_path / "future").mkdir()
+    (tmp_path / "future" / MANIFEST).write_text(json.dumps({"format": "ckv-store/9", "key": "future", "tokens": 5}))
+    assert [s["key"] for s in list_stores(tmp_path)] == ["ours"]
+    assert prune(tmp_path, 0) == ["ours"] and (tmp_path / "future").is_dir()  # not ours to remove
+
+
+def test_a_store_is_checksummed_once_per_process_and_file_identity(tmp_path, monkeypatch):
+    import ckv_mlx.disk.store as store_module
+
+    session, writer = read_into_store(tmp_path, key="a")
+    writer.publish(session.remembered_queries())
+    checked = []
+    real = store_module._check
+    monkeypatch.setattr(store_module, "_check", lambda path, record: checked.append(path.name) or real(path, record))
+    for _ in range(3):
+        assert open_store(tmp_path, "a") is not None
+    files = len(checked)
+    assert files and files == len(set(checked))  # each file once, not once per open
+    keys = tmp_path / "a" / "000.keys"
+    keys.write_bytes(keys.read_bytes()[:-1] + b"\0")  # changed on disk: checked again, and caught
+    os.utime(keys, (1, 1))
+    with pytest.raises(StoreCorrupt):
+        open_store(tmp_path, "a")

@@ -387,12 +387,28 @@ def open_store(root: Path, key: str, verify: bool = True, kv_bits: KVBits | None
                               f"not {_bits_text(_bits_record(kv_bits))}")
     if verify:
         for name, record in _records(manifest):
+            identity = _identity(path / name)
+            if identity in _VERIFIED:
+                continue
             problem = _check(path / name, record)
             if problem:
                 return _corrupt(path, f"{name} {problem}")
+            _VERIFIED.add(identity)
     store = Store(path, manifest)
     store.touch()
     return store
+
+
+_VERIFIED: set[tuple] = set()  # files this process checksummed, by identity: each is read once, not per open
+
+
+def _identity(path: Path) -> tuple | None:
+    """What tells a file apart from a changed or replaced one: path, inode, size, mtime."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return str(path), info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def _bits_text(record: dict | None) -> str:
@@ -442,6 +458,8 @@ def list_stores(root: Path) -> list[dict]:
             info = json.loads(manifest.read_text())
             used = manifest.stat().st_mtime
         except (OSError, ValueError):
+            continue
+        if not isinstance(info, dict) or info.get("format") != STORE_FORMAT:  # not ours (a future format): left alone
             continue
         size = sum(r["bytes"] for _, r in _records(info))
         found.append({"key": manifest.parent.name, "tokens": info.get("tokens"), "bytes": size, "used": used,

@@ -108,15 +108,15 @@ class Worker:
 
     def _prompt(self, request: Request) -> tuple[list[int], list[int]]:
         """The prompt's tokens, and the lengths of its prefixes worth storing, longest
-        first: the messages before the last (each boundary), or a completion prompt up
-        to its last line."""
+        first: leading messages (:func:`_boundaries`), or a completion prompt up to its
+        last line."""
         tokenizer = self.loaded.tokenizer
         if request.kind == "chat":
             try:
                 tokens = list(tokenizer.apply_chat_template(request.messages, add_generation_prompt=True))
             except Exception as error:  # jinja's errors: a template that refuses a role or an order
                 raise APIError(400, f"the model's chat template refuses these messages ({error})", "messages") from None
-            heads = [head for k in range(len(request.messages) - 1, 0, -1) if (head := self._head(request.messages[:k]))]
+            heads = [head for k in _boundaries(len(request.messages)) if (head := self._head(request.messages[:k]))]
         else:
             tokens = tokenizer.encode(request.prompt)
             cut = request.prompt.rstrip("\n").rfind("\n")
@@ -211,6 +211,14 @@ class Worker:
             emit(("text", text[sent:]))
         finish = "length" if stopped is None and count >= request.max_tokens else "stop"
         return text, finish, count
+
+
+def _boundaries(messages: int) -> list[int]:
+    """How many leading messages make the prefixes worth looking up, longest first: all but
+    the last (what this request stores for its next turn), one and two fewer (the previous
+    turn's), and the first alone (a document in a system prompt). A bounded number: a
+    long body of short messages costs a few template renders, never one per message."""
+    return sorted({k for k in (messages - 1, messages - 2, messages - 3, 1) if k > 0}, reverse=True)
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:
