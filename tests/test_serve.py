@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from email.message import Message
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -550,3 +551,21 @@ def test_a_long_body_of_short_messages_renders_the_template_a_bounded_number_of_
                                                                              "max_tokens": 1}).encode())
     assert code in (200, 400), answer  # answered, or refused for the context: either way after a bounded search
     assert len(calls) <= 8, len(calls)
+
+
+def test_a_disk_error_is_a_507_that_names_no_server_path(server, monkeypatch):
+    import errno
+
+    from ckv_mlx.disk.store import disk_error
+    from ckv_mlx.engine.session import Session as EngineSession
+
+    def full_disk(self, *args, **kwargs):
+        raise disk_error(Path("/srv/secret-stores"), OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(EngineSession, "reselect", full_disk)
+    chat = messages("Which fruit grows on row 9?")  # a document prefix: read into the store, then selected from it
+    code, _, answer = post(f"{server.url}/v1/chat/completions", json.dumps({"model": MODEL, "messages": chat,
+                                                                             "max_tokens": 2}).encode())
+    assert code == 507 and "the disk is full" in answer["error"]["message"], answer
+    assert "/srv" not in answer["error"]["message"] and "--store-dir" not in answer["error"]["message"]
+    assert set(answer["error"]) == {"message", "type", "param", "code"}

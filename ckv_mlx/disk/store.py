@@ -440,14 +440,23 @@ def _corrupt(path: Path, why: str):
     raise StoreCorrupt(f"the stored cache {path.name} was damaged ({why}) and has been removed")
 
 
-def disk_error(root: Path, error: OSError) -> CKVError:
+class DiskError(CKVError):
+    """The disk refused a store: the message (for the local user) names the folder; a
+    server tells its clients only :attr:`reason`."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def disk_error(root: Path, error: OSError) -> DiskError:
     """One line for a store that cannot be written: why, and what to do."""
     if error.errno == errno.ENOENT:
-        return CKVError(f"the full cache on disk was removed while in use ({error.filename or root}): "
-                        "read the document again")
+        return DiskError(f"the full cache on disk was removed while in use ({error.filename or root}): "
+                         "read the document again", "a stored cache was removed while in use")
     reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-    return CKVError(f"cannot write the full cache to {root}: {reason}; free some space or choose a writable "
-                    "folder with --store-dir")
+    return DiskError(f"cannot write the full cache to {root}: {reason}; free some space or choose a writable "
+                     "folder with --store-dir", reason)
 
 
 def list_stores(root: Path) -> list[dict]:

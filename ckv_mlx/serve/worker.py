@@ -28,7 +28,7 @@ from ..policy.methods import make_method
 from ..kv.quantized import AS_COMPUTED, KVBits, kv_bits_setting
 from ..engine.runtime import Cancelled, Job, MLXThread
 from ..engine.session import PREFILL_STEP, Session
-from ..disk.store import DEFAULT_LIMIT_BYTES, MANIFEST, document_key
+from ..disk.store import DEFAULT_LIMIT_BYTES, MANIFEST, DiskError, document_key
 from .protocol import APIError, Request, usage
 
 MIN_PREFIX_TOKENS = 256  # a shorter prefix is read again rather than stored
@@ -74,6 +74,10 @@ class Worker:
             self._run(job, request, emit)
         except APIError as error:
             emit(("error", error))
+        except DiskError as error:  # the server's folders are not the client's business: logged here, not sent
+            _log.warning("%s", error)
+            emit(("error", APIError(507, f"the server's disk refused this request's cache ({error.reason}); "
+                                         "retry later", code="insufficient_storage", kind="server_error")))
         except CKVError as error:
             emit(("error", APIError(400, str(error))))
         except Cancelled:
