@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from .policy.budgets import parse_budget
     from .text.documents import read_document
     from .engine.memory import plan_prefill
-    from .policy.methods import make_method
+    from .policy.methods import compresses, make_method
     from .model.models import load_model
     from .profiles import resolve_profile
     from .text.prompts import document_prefix, prompt_tokens, question_tail
@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     if args.repetition_penalty is not None and args.repetition_penalty <= 0:
         raise CKVError("--repetition-penalty must be more than 0 (1 is no penalty; try 1.1)")
     document = read_document(args.doc) if args.doc else ""
-    loaded = load_model(args.model, args.precision)
+    stores = bool(args.doc) and compresses(args.method) and not args.no_store  # a full cache in memory needs no store
+    loaded = load_model(args.model, args.precision, identify=stores)
     warn_if_slow_blas()
     profile, profile_path, notes = resolve_profile(args.profile, loaded.shape)
     method, method_notes = make_method(args.method, profile)
@@ -114,7 +115,6 @@ def run(args: argparse.Namespace) -> int:
     for note in notes + method_notes + [memory_note] * bool(memory_note):
         print(f"note: {note}", file=sys.stderr)
 
-    stores = document and method.compresses and not args.no_store  # a full cache in memory needs no store
     prefix = document_prefix(loaded.tokenizer, document, args.raw) if stores else []
     if prefix and tokens[: len(prefix)] == prefix and len(tokens) > len(prefix):
         logits = _via_store(session, loaded, args, tokens, len(prefix), budget, profile)

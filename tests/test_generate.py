@@ -220,9 +220,9 @@ def test_precision_and_repetition_penalty_reach_the_engine(capsys, tokenizer, do
 
     seen, load, generate = {}, ckv_mlx.model.models.load_model, Session.generate
 
-    def loading(name=None, precision=None):
+    def loading(name=None, precision=None, identify=True):
         seen["precision"] = precision
-        return load(name, precision)
+        return load(name, precision, identify)
 
     def generating(self, *args, repetition_penalty=None, **kwargs):
         seen["penalty"] = repetition_penalty
@@ -303,3 +303,15 @@ def test_a_document_read_before_is_not_read_again_and_answers_the_same(tmp_path,
     assert first["text"] == again["text"] == in_memory["text"] and first["text"]
     assert first["kv_bytes_kept"] == again["kv_bytes_kept"] == in_memory["kv_bytes_kept"]
     assert in_memory["disk_bytes"] == 0 and len(list_stores(stores)) == 1
+
+
+@pytest.mark.parametrize("args, identified", [(["--no-store"], False), (["--method", "full"], False), ([], True)])
+def test_the_weights_are_hashed_only_when_a_store_may_be_keyed_by_them(capsys, tokenizer, doc, monkeypatch, args,
+                                                                        identified):
+    import ckv_mlx.model.models
+
+    hashed = []
+    real = ckv_mlx.model.models.model_identity
+    monkeypatch.setattr(ckv_mlx.model.models, "model_identity", lambda *a: hashed.append(a) or real(*a))
+    code, _, _ = run(capsys, "--doc", doc, "--max-tokens", "1", "--store-dir", doc.parent / "stores", *args)
+    assert code == 0 and bool(hashed) == identified

@@ -97,13 +97,15 @@ def checked_precision(precision: str, where: str = "precision") -> str:
     return precision
 
 
-def load_model(name: str | None = None, precision: str | None = None) -> LoadedModel:
+def load_model(name: str | None = None, precision: str | None = None, identify: bool = True) -> LoadedModel:
     """Load a built-in model (None: the default; or a name in :data:`BUILTIN_MODELS`), a
     local mlx-lm folder, or a Hugging Face id.
 
     ``precision`` (default :func:`default_precision`): ``float32`` dequantizes the
     weights to float32; ``native`` keeps them quantized and computes in the model's
-    half-precision dtype, as a Mac does.
+    half-precision dtype, as a Mac does. ``identify`` hashes the weights for
+    :attr:`LoadedModel.identity` (what stores are keyed by): a caller that stores nothing
+    skips it (seconds for a large model).
     """
     import mlx_lm
 
@@ -119,7 +121,8 @@ def load_model(name: str | None = None, precision: str | None = None) -> LoadedM
     folder = Path(source) if Path(source).is_dir() else _hub_folder(source)
     probe = one_token_caches(model)
     return LoadedModel(model, tokenizer, name, model_shape(model, name, probe),
-                       int(config.get("max_position_embeddings") or 0), precision, model_identity(folder, precision),
+                       int(config.get("max_position_embeddings") or 0), precision,
+                       model_identity(folder, precision) if identify else "",
                        kv_bytes_per_token(model, probe))
 
 

@@ -109,7 +109,7 @@ def serve(args: argparse.Namespace) -> int:
         store_bits=store_bits_setting(args.store_bits, args.kv_group_size), kv_limit=args.kv_limit,
         kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
     )
-    loaded = load_model(args.model, args.precision)
+    loaded = load_model(args.model, args.precision, identify=not args.no_store)  # no store: nothing to key
     profile, _, notes = resolve_profile(args.profile, loaded.shape)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
