@@ -225,9 +225,10 @@ def body(**fields) -> bytes:
     ("/v1/chat/completions", body(stream=True, stream_options="yes"), 400, "'stream_options' must be an object"),
     ("/v1/chat/completions", body(seed=-1), 400, "'seed' must be an integer from 0 to 2**64 - 1"),
     ("/v1/chat/completions", body(seed=2**64), 400, "'seed' must be an integer from 0 to 2**64 - 1"),
-    ("/v1/completions", b'{"model": "tiny", "prompt": "a \\ud800 b"}', 400, "'prompt' is not valid text"),
+    ("/v1/completions", b'{"model": "tiny", "prompt": "a \\ud800 b"}', 400, "not valid Unicode (a lone surrogate"),
     ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}', 400,
-     "'messages[0].content' is not valid text"),
+     "not valid Unicode"),
+    ("/v1/chat/completions", b'{"model": "\\ud800", "messages": []}', 400, "not valid Unicode"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_serves_on(server, path, payload, status, words):
     code, _, answer = post(server.url + path, payload)

@@ -78,6 +78,7 @@ def parse(body: bytes, kind: str, served: str, defaults: Compression, max_tokens
         raise APIError(400, f"the request body is not valid JSON ({error})") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    _check_text(data)
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(400, "'model' is required: the name GET /v1/models lists", "model")
@@ -105,7 +106,7 @@ def _messages(messages) -> list[dict]:
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise APIError(400, f"messages[{i}] needs a role: one of {', '.join(ROLES)}", f"messages[{i}].role")
         checked.append({"role": "system" if message["role"] == "developer" else message["role"],
-                        "content": _text(_content(message.get("content"), i), f"messages[{i}].content")})
+                        "content": _content(message.get("content"), i)})
     if checked[-1]["role"] == "assistant":
         raise APIError(400, "the last message must be the user's (or the system's), not the assistant's", "messages")
     return checked
@@ -125,16 +126,17 @@ def _prompt(prompt) -> str:
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise APIError(400, "'prompt' must be a non-empty string", "prompt")
-    return _text(prompt, "prompt")
+    return prompt
 
 
-def _text(text: str, name: str) -> str:
-    """``text``, refused if it cannot be encoded as UTF-8 (JSON allows a lone surrogate, \\ud800)."""
+def _check_text(data: dict):
+    """Refuse a body whose strings cannot be UTF-8 (JSON's escapes allow a lone surrogate,
+    ``\\ud800``, which no tokenizer, template or answer can carry), anywhere in it."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise APIError(400, f"'{name}' is not valid text: a lone surrogate at character {error.start}", name) from None
-    return text
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the request holds text that is not valid Unicode (a lone surrogate such as \\ud800); "
+                            "send UTF-8 text") from None
 
 
 def _max_tokens(data: dict, limit: int) -> int:
