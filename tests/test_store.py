@@ -377,7 +377,9 @@ def test_a_store_is_checksummed_once_per_process_and_file_identity(tmp_path, mon
     files = len(checked)
     assert files and files == len(set(checked))  # each file once, not once per open
     keys = tmp_path / "a" / "000.keys"
-    keys.write_bytes(keys.read_bytes()[:-1] + b"\0")  # changed on disk: checked again, and caught
+    data = bytearray(keys.read_bytes())
+    data[-1] ^= 0xFF
+    keys.write_bytes(bytes(data))  # changed on disk (same size): checked again, and caught
     os.utime(keys, (1, 1))
     with pytest.raises(StoreCorrupt):
         open_store(tmp_path, "a")
