@@ -52,7 +52,8 @@ def make_prompt_cache(model, method: str = DEFAULT_METHOD, budget: int = 128,
     the model's shipped one); ``kv_bits`` packs the kept rows (default 8 for a compressing
     method, 16: as computed); ``region`` the rows for new tokens before a re-score.
     """
-    windows = observe(attention_modules(model))
+    attentions = attention_modules(model)
+    observe(attentions)  # their modules' attention made visible; each cache brings its own window
     shape = model_shape(model, getattr(model, MODEL_NAME, None) or UNNAMED)
     chosen = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)
     chosen = chosen or shipped_profile_for(shape)
@@ -75,10 +76,10 @@ def make_prompt_cache(model, method: str = DEFAULT_METHOD, budget: int = 128,
             scorer.name, layer, layer_budget, budget, shape.kv_heads, shape.head_dim, scorer.window, scorer.kernel,
             scorer.pooling, profiled.srh_heads(layer) if profiled else None, profiled.layer_errors if profiled else None,
             (bits.bits, bits.group_size) if bits else None, profiled.name if profiled else None), region)
-        for layer, layer_budget in enumerate(scorer.layer_budgets(budget, len(windows)))
+        for layer, layer_budget in enumerate(scorer.layer_budgets(budget, len(attentions)))
     ])
     others = fresh_others(model)
-    return [others[i] if i in others else next(caches) for i in range(len(windows) + len(others))]
+    return [others[i] if i in others else next(caches) for i in range(len(attentions) + len(others))]
 
 
 def compress(prompt_cache: list, budget: int | None = None) -> list:
