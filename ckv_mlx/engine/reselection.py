@@ -14,7 +14,7 @@ import numpy as np
 
 from ..disk.disk_cache import DiskFullCache, stored_full_cache
 from ..disk.store import CONVERSATIONS, DEFAULT_LIMIT_BYTES, StoreWriter
-from ..engine.memory import mib
+from .memory import mib
 from ..errors import CKVError
 from ..kv.cache import EvictingKVCache
 from ..kv.eviction import prompt_budgets
