@@ -10,16 +10,18 @@ import hmac
 import json
 import threading
 import time
+from importlib.metadata import version
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import protocol
+from . import protocol, schema
+from .metrics import CountRequests, Metrics
 from .protocol import APIError, Compression, Limits
 
 DISCONNECT_POLL_S = 0.5  # how often a request answered whole checks that its client is still there
@@ -30,6 +32,8 @@ def create_app(worker, model_name: str, defaults: Compression, methods, limits: 
                api_key: str | None = None) -> Starlette:
     """The server for ``worker``'s model, served as ``model_name``; with ``api_key``, every
     route but ``/health`` needs ``Authorization: Bearer <api_key>``."""
+    metrics = Metrics(lambda: worker.waiting, worker.settings.store_dir)
+    document = schema.openapi("ckv-serve", version("ckv-mlx"), model_name, limits.max_tokens)
 
     async def completions(request: HTTPRequest, kind: str):
         try:
@@ -40,7 +44,8 @@ def create_app(worker, model_name: str, defaults: Compression, methods, limits: 
             return _error(error)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        job = worker.submit(parsed, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        emit = metrics.watch(lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        job = worker.submit(parsed, emit)
         try:
             first = await _next(events, request, job)
         except asyncio.CancelledError:
@@ -67,13 +72,21 @@ def create_app(worker, model_name: str, defaults: Compression, methods, limits: 
     async def health(request: HTTPRequest):
         return JSONResponse({"status": "ok", "model": model_name, "waiting": worker.waiting})
 
+    async def prometheus(request: HTTPRequest):
+        body, kind = metrics.render()
+        return Response(body, media_type=kind)
+
+    async def openapi(request: HTTPRequest):
+        return JSONResponse(document)
+
     async def http_error(request: HTTPRequest, error: HTTPException):
         code = "not_found" if error.status_code == 404 else None
         return _error(APIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}", code=code))
 
     routes = [Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/completions", complete, methods=["POST"]),
-              Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"])]
-    middleware = [Middleware(RequireKey, key=api_key)] if api_key else []
+              Route("/v1/models", models, methods=["GET"]), Route("/health", health, methods=["GET"]),
+              Route("/metrics", prometheus, methods=["GET"]), Route("/openapi.json", openapi, methods=["GET"])]
+    middleware = [Middleware(CountRequests, metrics=metrics)] + ([Middleware(RequireKey, key=api_key)] if api_key else [])
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, middleware=middleware)
 
 

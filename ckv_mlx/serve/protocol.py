@@ -14,9 +14,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 from .. import DEFAULT_METHOD
-
-ROLES = ("system", "user", "assistant", "developer")
-MAX_STOP = 4  # as OpenAI's API
+from . import schema
 
 
 class APIError(Exception):
@@ -71,7 +69,8 @@ class Request:
 
 def parse(body: bytes, kind: str, served: str, defaults: Compression, max_tokens: int, methods) -> Request:
     """The request in ``body`` for the model ``served``, or :class:`APIError` (4xx) saying
-    what is wrong with it; ``max_tokens`` is the most one answer may ask for."""
+    what is wrong with it; ``max_tokens`` is the most one answer may ask for. Types,
+    ranges and nulls are :mod:`~ckv_mlx.serve.schema`'s; what depends on this server here."""
     try:
         data = json.loads(body or b"null")
     except (ValueError, UnicodeDecodeError) as error:
@@ -79,54 +78,32 @@ def parse(body: bytes, kind: str, served: str, defaults: Compression, max_tokens
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     _check_text(data)
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise APIError(400, "'model' is required: the name GET /v1/models lists", "model")
-    if model != served:
-        raise APIError(404, f"the model '{model}' does not exist: this server serves '{served}'", "model",
+    try:
+        checked = schema.validate(data, kind)
+    except schema.SchemaError as error:
+        raise APIError(400, str(error), error.param) from None
+    if checked.model != served:
+        raise APIError(404, f"the model '{checked.model}' does not exist: this server serves '{served}'", "model",
                        "model_not_found")
-    if data.get("n") not in (None, 1):
-        raise APIError(400, "only n = 1 is supported", "n")
     fields = dict(
-        kind=kind, model=model, max_tokens=_max_tokens(data, max_tokens), temperature=_temperature(data),
-        seed=_seed(data), stop=_stop(data), stream=_boolean(data, "stream"),
-        include_usage=_boolean(_object(data, "stream_options"), "include_usage"),
-        compression=_compression(data.get("ckv"), defaults, methods),
+        kind=kind, model=checked.model, max_tokens=_max_tokens(checked, max_tokens),
+        temperature=checked.temperature or 0.0, seed=checked.seed,
+        stop=[checked.stop] if isinstance(checked.stop, str) else checked.stop or [], stream=bool(checked.stream),
+        include_usage=bool(checked.stream_options and checked.stream_options.include_usage),
+        compression=_compression(checked.ckv, defaults, methods),
     )
     if kind == "chat":
-        return Request(messages=_messages(data.get("messages")), **fields)
-    return Request(prompt=_prompt(data.get("prompt")), **fields)
+        return Request(messages=_messages(checked.messages), **fields)
+    return Request(prompt=checked.prompt if isinstance(checked.prompt, str) else checked.prompt[0], **fields)
 
 
-def _messages(messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list of {role, content}", "messages")
-    checked = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise APIError(400, f"messages[{i}] needs a role: one of {', '.join(ROLES)}", f"messages[{i}].role")
-        checked.append({"role": "system" if message["role"] == "developer" else message["role"],
-                        "content": _content(message.get("content"), i)})
-    if checked[-1]["role"] == "assistant":
+def _messages(messages: list[schema.Message]) -> list[dict]:
+    """The messages as the chat template takes them: text only, developer as system."""
+    if messages[-1].role == "assistant":
         raise APIError(400, "the last message must be the user's (or the system's), not the assistant's", "messages")
-    return checked
-
-
-def _content(content, i: int) -> str:
-    """A message's text: a string, or a list of text parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
-
-
-def _prompt(prompt) -> str:
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise APIError(400, "'prompt' must be a non-empty string", "prompt")
-    return prompt
+    return [{"role": "system" if m.role == "developer" else m.role,
+             "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+            for m in messages]
 
 
 def _check_text(data: dict):
@@ -139,71 +116,21 @@ def _check_text(data: dict):
                             "send UTF-8 text") from None
 
 
-def _max_tokens(data: dict, limit: int) -> int:
-    value = data.get("max_completion_tokens")
-    value = data.get("max_tokens") if value is None else value
-    value = min(256, limit) if value is None else value
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise APIError(400, f"'max_tokens' must be a positive integer, not {value!r}", "max_tokens")
+def _max_tokens(checked: schema.Completion, limit: int) -> int:
+    value = checked.max_completion_tokens or checked.max_tokens or min(256, limit)
     if value > limit:
         raise APIError(400, f"'max_tokens' {value:,} is more than this server allows ({limit:,})", "max_tokens")
     return value
 
 
-def _temperature(data: dict) -> float:
-    value = data.get("temperature", 0.0)
-    if value is None:
-        return 0.0
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 2:
-        raise APIError(400, f"'temperature' must be a number from 0 to 2, not {value!r}", "temperature")
-    return float(value)
-
-
-def _seed(data: dict) -> int | None:
-    """OpenAI's seed, within what MLX's random seed takes (an unsigned 64-bit integer)."""
-    value = data.get("seed")
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**64):
-        raise APIError(400, f"'seed' must be an integer from 0 to 2**64 - 1, not {value!r}", "seed")
-    return value
-
-
-def _object(data: dict, name: str) -> dict:
-    """The JSON object ``data[name]`` ({} when absent or null)."""
-    value = data.get(name)
-    if value is not None and not isinstance(value, dict):
-        raise APIError(400, f"'{name}' must be an object, not {value!r}", name)
-    return value or {}
-
-
-def _boolean(data: dict, name: str) -> bool:
-    value = data.get(name, False)
-    if not isinstance(value, bool) and value is not None:
-        raise APIError(400, f"'{name}' must be true or false", name)
-    return bool(value)
-
-
-def _stop(data: dict) -> list[str]:
-    stop = data.get("stop")
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOP} non-empty strings", "stop")
-    return stop
-
-
-def _compression(extension, defaults: Compression, methods) -> Compression:
-    """The server's defaults, with what the request's ``ckv`` field overrides."""
+def _compression(extension: schema.Extension | None, defaults: Compression, methods) -> Compression:
+    """The server's defaults, with what the request's ``ckv`` field sets."""
     if extension is None:
         return defaults
-    if not isinstance(extension, dict) or set(extension) - {"method", "budget", "kv_bits"}:
-        raise APIError(400, "'ckv' takes method, budget and kv_bits", "ckv")
-    chosen = replace(defaults, **{k: v for k, v in extension.items() if k != "budget"})
-    if "budget" in extension:
-        chosen = replace(chosen, budget=str(extension["budget"]))
-    if not isinstance(chosen.method, str) or chosen.method.split("+")[0] not in methods:  # the worker checks options
+    chosen = replace(defaults, **{k: v for k, v in extension.model_dump(exclude_none=True).items()})
+    chosen = replace(chosen, budget=str(chosen.budget))
+    if chosen.method.split("+")[0] not in methods:  # the worker checks the options
         raise APIError(400, f"unknown method {chosen.method!r}: choose one of {', '.join(methods)}", "ckv.method")
-    if chosen.kv_bits not in (None, 16, 8, 4):  # quantized.KV_BITS_CHOICES, without importing MLX
-        raise APIError(400, f"ckv.kv_bits {chosen.kv_bits!r}: use 8 or 4, or 16 for the kept rows as computed "
-                       "(null: the server's)", "ckv.kv_bits")
     return chosen
 
 

@@ -7,7 +7,7 @@ new tokens against the stored rows and selects for its question (as the chat doe
 the full cache on disk); not found, the prefix is read into the store as it goes, for the
 next request that shares it. A conversation that grew since its prefix was stored reads
 the new turns onto the stored rows and stores the longer prefix for its next turn. Every event of a request goes to its ``emit`` callback,
-from this thread: ``("ready", prompt_tokens)``, ``("text", piece)``, then ``("done",
+from this thread: ``("ready", prompt_tokens, kv_bytes)``, ``("text", piece)``, then ``("done",
 finish_reason, usage, figures)``, or ``("error", APIError)``.
 """
 
@@ -102,7 +102,7 @@ class Worker:
         budget = parse_budget(request.compression.budget, len(tokens)) if method.compresses else None
         session.layer_budgets(budget)  # a budget too small is refused before anything is read
         logits, reused = self._read(tokens, prefixes, budget, job.check)
-        emit(("ready", len(tokens)))
+        emit(("ready", len(tokens), session.kv_bytes))
         text, finish, generated = self._answer(job, request, emit, logits)
         stats = session.stats
         figures = {"method": method.name, "budget": budget, "kv_bits": session.kv_bits.bits if session.kv_bits else None,
