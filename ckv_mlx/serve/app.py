@@ -12,7 +12,8 @@ import threading
 import time
 from importlib.metadata import version
 
-from sse_starlette.sse import EventSourceResponse
+import anyio
+from sse_starlette.sse import AppStatus, EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -24,8 +25,9 @@ from . import protocol, schema
 from .metrics import CountRequests, Metrics
 from .protocol import APIError, Compression, Limits
 
-DISCONNECT_POLL_S = 0.5  # how often a request answered whole checks that its client is still there
+DISCONNECT_POLL_S = 0.5  # how often a request answered whole checks that its client (and the server) is still there
 RETRY_AFTER_S = 1  # what a busy server (429) tells clients to wait
+SHUTDOWN_GRACE_S = 1.0  # how long a stream has, once the server is told to stop, to send its last events
 
 
 def create_app(worker, model_name: str, defaults: Compression, methods, limits: Limits = Limits(),
@@ -51,12 +53,16 @@ def create_app(worker, model_name: str, defaults: Compression, methods, limits: 
         except asyncio.CancelledError:
             job.cancel()
             raise
+        except APIError as error:  # the server is stopping
+            return _error(error)
         if first is None:  # the client left while the request waited or was read
             return JSONResponse({}, status_code=499)
         if first[0] == "error":
             return _error(first[1])
         if parsed.stream:
-            return EventSourceResponse(_stream(parsed, events, job), ping=15, sep="\n")
+            shutdown = anyio.Event()
+            return EventSourceResponse(_stream(parsed, events, job, shutdown), ping=15, sep="\n",
+                                       shutdown_event=shutdown, shutdown_grace_period=SHUTDOWN_GRACE_S)
         return await _whole(parsed, events, request, job)
 
     async def chat(request: HTTPRequest):
@@ -140,37 +146,53 @@ async def _body(request: HTTPRequest, limit: int) -> bytes:
 
 
 async def _next(events: asyncio.Queue, request: HTTPRequest, job):
-    """The job's next event; None (and the job cancelled) once the client has gone."""
+    """The job's next event; None (and the job cancelled) once the client has gone; a
+    503 (the job cancelled) once the server is stopping."""
     while True:
         try:
             return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
+            if AppStatus.should_exit:  # set by uvicorn's signal handler (sse-starlette's hook)
+                job.cancel()
+                raise _shutting_down() from None
             if await request.is_disconnected():
                 job.cancel()
                 return None
 
 
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down: retry this request when it is back", code="server_shutdown",
+                    kind="server_error")
+
+
 async def _whole(parsed, events: asyncio.Queue, request: HTTPRequest, job) -> JSONResponse:
     pieces = []
-    while (event := await _next(events, request, job)) is not None:
-        if event[0] == "text":
-            pieces.append(event[1])
-        elif event[0] == "error":
-            return _error(event[1])
-        else:
-            _, finish, usage, figures = event
-            return JSONResponse(protocol.response(parsed, "".join(pieces), finish, usage, figures))
+    try:
+        while (event := await _next(events, request, job)) is not None:
+            if event[0] == "text":
+                pieces.append(event[1])
+            elif event[0] == "error":
+                return _error(event[1])
+            else:
+                _, finish, usage, figures = event
+                return JSONResponse(protocol.response(parsed, "".join(pieces), finish, usage, figures))
+    except APIError as error:  # the server is stopping
+        return _error(error)
     return JSONResponse({}, status_code=499)
 
 
-async def _stream(parsed, events: asyncio.Queue, job):
+async def _stream(parsed, events: asyncio.Queue, job, shutdown: anyio.Event):
     """Server-sent events in OpenAI's chunk format, ending ``[DONE]``; a client that
-    disconnects cancels its job (the generator is closed)."""
+    disconnects cancels its job (the generator is closed); a server told to stop ends the
+    stream with an error event."""
     try:
         if parsed.kind == "chat":
             yield {"data": json.dumps(protocol.chunk(parsed, first=True))}
         while True:
-            event = await events.get()
+            event = await _event_or_shutdown(events, shutdown)
+            if event is None:
+                yield {"data": json.dumps(_shutting_down().body())}
+                break
             if event[0] == "text":
                 yield {"data": json.dumps(protocol.chunk(parsed, event[1]))}
             elif event[0] == "error":
@@ -185,6 +207,17 @@ async def _stream(parsed, events: asyncio.Queue, job):
         yield {"data": "[DONE]"}
     finally:
         job.cancel()
+
+
+async def _event_or_shutdown(events: asyncio.Queue, shutdown: anyio.Event):
+    """The job's next event, or None once the server is stopping."""
+    if shutdown.is_set():
+        return None
+    event, stop = asyncio.ensure_future(events.get()), asyncio.ensure_future(shutdown.wait())
+    done, pending = await asyncio.wait({event, stop}, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    return event.result() if event in done else None
 
 
 class BackgroundServer:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ..errors import CKVError, exit_code
 from .protocol import Limits
 
 KEY_ENV = "CKV_API_KEY"
+GRACEFUL_SHUTDOWN_S = 3  # the most a stop waits for connections after their requests were ended
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,6 +97,7 @@ def serve(args: argparse.Namespace) -> int:
     from .protocol import Compression
     from .worker import ServeSettings, Worker
 
+    _stop_cleanly_on_sigterm()
     api_key = server_key(args)
     if args.max_tokens < 1:
         raise CKVError("--max-tokens must be at least 1")
@@ -120,10 +123,17 @@ def serve(args: argparse.Namespace) -> int:
     print(f"serving {loaded.name} on http://{args.host}:{args.port}/v1 ({args.method}, budget {args.budget})",
           file=sys.stderr)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     finally:
         worker.close()
     return 0
+
+
+def _stop_cleanly_on_sigterm():
+    """SIGTERM stops ckv-serve with status 0: uvicorn first ends the requests in flight
+    (streams get an error event), then raises the signal again, which lands here."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 
 if __name__ == "__main__":

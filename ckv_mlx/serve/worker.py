@@ -28,7 +28,7 @@ from ..policy.methods import make_method
 from ..kv.quantized import AS_COMPUTED, KVBits, kv_bits_setting
 from ..engine.runtime import Cancelled, Job, MLXThread
 from ..engine.session import PREFILL_STEP, Session
-from ..disk.store import DEFAULT_LIMIT_BYTES, MANIFEST, DiskError, document_key
+from ..disk.store import DEFAULT_LIMIT_BYTES, MANIFEST, DiskError, document_key, prune
 from .protocol import APIError, Request, usage
 
 MIN_PREFIX_TOKENS = 256  # a shorter prefix is read again rather than stored
@@ -55,6 +55,8 @@ class Worker:
         self.loaded, self.profile, self.settings = loaded, profile, settings
         self.session = Session(loaded.model, loaded.tokenizer, make_method("full")[0], region=settings.region)
         self._mlx = MLXThread("ckv-serve-mlx")
+        if settings.store_dir is not None:  # what a killed process left half-written goes now, and the store to its limit
+            prune(settings.store_dir, settings.store_limit)
 
     @property
     def waiting(self) -> int:
