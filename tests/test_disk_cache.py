@@ -2,6 +2,8 @@
 ``per-question`` with the full cache in memory gets (the reference), on families mixing
 kinds of layers too (plain mlx-lm the reference)."""
 
+from collections import Counter
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -170,3 +172,17 @@ def test_store_bits_the_heads_do_not_take_are_refused_before_anything_is_read(tm
     with pytest.raises(CKVError, match="head size 16 is not a multiple of 32, the smallest group"):
         read_or_reuse(session, tmp_path, "doc", "the document", read.append, lambda text: None, kv_bits=KVBits(8))
     assert not read and not list(tmp_path.iterdir())  # nothing read, nothing left on disk
+
+
+def test_a_long_question_reads_each_layer_from_disk_once(tmp_path, monkeypatch):
+    """A question of several prefill steps against the stored document: one pass over the
+    store, where memory allows (it read every layer once per 512 tokens), selecting what
+    the full cache in memory selects."""
+    question = mx.random.randint(1, 128, (1300,)).tolist()
+    memory, disk = in_memory("snapkv", "float32", 48), on_disk("snapkv", "float32", 48, tmp_path)
+    reads, real = Counter(), DiskFullCache.layer
+    monkeypatch.setattr(DiskFullCache, "layer", lambda self, layer, room=0: reads.update([layer]) or real(self, layer, room))
+    expected, got = memory.start(question), disk.start(question)
+    assert dict(reads) == {layer: 1 for layer in range(3)}, reads
+    np.testing.assert_allclose(np.array(got), np.array(expected), atol=1e-3, rtol=0)
+    assert_same_selection(disk, memory, 1e-4)

@@ -62,6 +62,15 @@ def default_kv_limit(model: nn.Module) -> int:
     return int((1 - ACTIVATION_MARGIN) * memory_budget()) - weight_bytes(model)
 
 
+def disk_read_step(query_heads: int, total_tokens: int, least: int) -> int:
+    """Tokens per model call when reading against ``total_tokens`` rows streamed from
+    disk (each call reads every layer's rows once): as many as one layer's attention
+    scores (float32) fit in the activations' margin of :func:`memory_budget`, ``least``
+    at the fewest."""
+    margin = int(ACTIVATION_MARGIN * memory_budget())
+    return max(least, margin // (4 * max(query_heads, 1) * max(total_tokens, 1)))
+
+
 def working_budget(prompt_tokens: int, per_token: int, kv_limit: int, chunk: int, budget: int | None) -> int | None:
     """Tokens per layer to keep between chunks when the full cache of ``prompt_tokens``
     exceeds ``kv_limit``; None when it fits. Refuses a limit too small for ``budget``."""

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..disk.disk_cache import DiskFullCache, stored_full_cache
 from ..disk.store import CONVERSATIONS, DEFAULT_LIMIT_BYTES, StoreWriter
-from .memory import mib
+from .memory import disk_read_step, mib
 from ..errors import CKVError
 from ..kv.cache import EvictingKVCache
 from ..kv.eviction import prompt_budgets
@@ -43,7 +43,8 @@ class Reselection:
             mx.eval(cache.arrays())
             kept.append(cache)
 
-        split = (len(tokens) - 1) // PREFILL_STEP * PREFILL_STEP  # the last piece, of at most a step, selects
+        step = self._disk_step(total)
+        split = (len(tokens) - 1) // step * step  # the last piece, of at most a step, selects
         body, last = tokens[:split], tokens[split:]
         read_before = full.tail.tokens
         try:
@@ -59,10 +60,18 @@ class Reselection:
         return logits
 
     def read_on_disk(self, tokens: list[int], full: DiskFullCache):
-        """Read ``tokens`` against every row of the full cache on disk, in pieces, their
-        rows joining it; nothing is kept in memory but the window queries."""
-        for start in range(0, len(tokens), PREFILL_STEP):
-            full.read(self.model, tokens[start : start + PREFILL_STEP], self.model_caches(full.streamed(self.attentions)))
+        """Read ``tokens`` against every row of the full cache on disk, their rows joining
+        it; nothing is kept in memory but the window queries. In as few pieces as memory
+        allows (:meth:`_disk_step`): each piece reads every layer from disk."""
+        step = self._disk_step(full.tokens + len(tokens))
+        for start in range(0, len(tokens), step):
+            full.read(self.model, tokens[start : start + step], self.model_caches(full.streamed(self.attentions)))
+
+    def _disk_step(self, total: int) -> int:
+        """Tokens per model call against ``total`` rows on disk (the query heads: the
+        window queries' count, remembered with the document)."""
+        heads = max((q.shape[1] for q in self.remembered_queries() if q is not None), default=0)
+        return disk_read_step(heads, total, PREFILL_STEP) if heads else PREFILL_STEP
 
     def forget_rows(self):
         """Free every row held (they are on disk), keeping the position, the window
