@@ -14,7 +14,7 @@ from ckv_mlx.engine.session import Session
 from fakes import fake_profile
 from test_kv_bits import CLOSE, GROUP, model_in, spied, tokens
 from test_selection import ours, random_layer
-from tiny import FAMILIES, HALF, TinyTokenizer, masked_plain_logits, tiny_model
+from tiny import FAMILIES, HALF, TinyTokenizer, mac_model, masked_plain_logits, tiny_model
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -144,3 +144,26 @@ def test_a_bounded_read_shares_each_chunks_budget_per_head(bits):
     for cache in session.caches:
         kept = 2 * 48 if cache.valid is None else cache.valid.sum().item()
         assert kept == 2 * 48 and cache.packed_rows == (cache.bound if bits else 0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", *HALF])
+def test_kv_sharing_layers_hide_the_padding_of_the_layer_they_read(dtype):
+    """Gemma 4's last layers attend an earlier layer's rows (mlx-lm calls them with no
+    cache): what they compute must not depend on that layer's padding rows, as the
+    layer's own attention does not. Noise written into the padding changes nothing."""
+    shape = dict(layers=6, heads=8, kv_heads=2, head_dim=32)  # layers 4 and 5 read layers 2 and 3
+    model = tiny_model("gemma4_text", **shape) if dtype == "float32" else mac_model("gemma4_text", dtype, **shape)
+    session = session_for(model, "snapkv-ada")
+    session.prefill(tokens(96))
+    session.compress(32)
+    assert session.caches[-1].valid is not None  # layer 3, which layer 5 reads, shared its budget unequally
+    before = session.snapshot()
+    clean = model(mx.array([[7]]), cache=session.model_caches())[:, -1]
+    session.restore(before)
+    for cache in (c for c in session.caches if c.valid is not None):
+        hidden = ~cache.visible_rows()[None, :, :, None]
+        for rows in (cache.keys, cache.values):
+            rows[..., : cache.length, :] = mx.where(hidden, mx.array(50.0, rows.dtype), rows[..., : cache.length, :])
+    noisy = model(mx.array([[7]]), cache=session.model_caches())[:, -1]
+    a, b = (np.array(x.astype(mx.float32)) for x in (clean, noisy))
+    np.testing.assert_allclose(b, a, atol=CLOSE[dtype] * max(1, np.abs(a).max()))

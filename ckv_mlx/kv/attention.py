@@ -14,6 +14,7 @@ The model itself, its parameters and its outputs are never changed.
 from __future__ import annotations
 
 import sys
+import weakref
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -109,17 +110,36 @@ class LayerWindow:
 
 def attention(queries, keys, values, cache, scale, mask=None, sinks=None) -> mx.array:
     """mlx-lm's attention, or over rows kept partly quantized; a cache's padding rows
-    (per-head budgets) hidden from every query head of their KV head. A mask array made
-    from another layer's length (mlx-lm makes one from the first layer's cache; ours hold
-    different numbers of rows once compressed) is made again from this layer's."""
-    if isinstance(mask, mx.array) and hasattr(cache, "visible_rows") and mask.shape[-1] != keys.shape[2]:
+    (per-head budgets) hidden from every query head of their KV head, also from a layer
+    that reads another's rows with no cache (Gemma 4's KV sharing: :func:`_rows_cache`).
+    A mask array made from another layer's length (mlx-lm makes one from the first
+    layer's cache; ours hold different numbers of rows once compressed) is made again
+    from this layer's."""
+    rows = _rows_cache(keys, cache)
+    if isinstance(mask, mx.array) and rows is not None and mask.shape[-1] != keys.shape[2]:
         mask = create_causal_mask(queries.shape[2], keys.shape[2] - queries.shape[2])  # made from another layer's length
-    visible = getattr(cache, "visible_rows", lambda: None)()
+    visible = None if rows is None else rows.visible_rows()
     if visible is not None:
         mask = with_visible_rows(mask, visible, queries.shape)
     if isinstance(keys, quantized.QuantizedRows):
         return quantized.attention(queries, keys, values, scale, mask, sinks)
     return _mlx_lm_sdpa(queries, keys, values, cache, scale=scale, mask=mask, sinks=sinks)
+
+
+_RETURNED: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id(rows) -> (rows, the cache of ours that returned them)
+
+
+def _rows_cache(keys, cache):
+    """The cache of ours whose rows ``keys`` are: ``cache`` itself, or, for a call with
+    none, the cache that returned these very rows to an earlier layer (remembered weakly,
+    while they live)."""
+    rows = keys.rest if isinstance(keys, quantized.QuantizedRows) else keys
+    if hasattr(cache, "visible_rows"):
+        _RETURNED[id(rows)] = (weakref.ref(rows, lambda _, key=id(rows): _RETURNED.pop(key, None)), weakref.ref(cache))
+        return cache
+    if cache is None and (seen := _RETURNED.get(id(rows))) is not None and seen[0]() is rows:
+        return seen[1]()
+    return None
 
 
 def with_visible_rows(mask, visible: mx.array, query_shape) -> mx.array:
