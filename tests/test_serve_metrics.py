@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from mlx.utils import tree_flatten
 from prometheus_client.parser import text_string_to_metric_families
 
 from ckv_mlx.serve.worker import ServeSettings
@@ -78,6 +79,9 @@ def test_metrics_count_what_the_requests_reported(server):
     assert after[("ckv_kv_cache_bytes", (("tier", "ram"),))] == 0  # nothing is being answered now
     disk = after[("ckv_kv_cache_bytes", (("tier", "disk"),))]
     assert disk == stored_bytes(server.worker.settings.store_dir) > 0  # the shared document was stored
+    weights = sum(v.nbytes for _, v in tree_flatten(server.loaded.model.parameters()))
+    active, peak = after[("ckv_mlx_memory_bytes", (("kind", "active"),))], after[("ckv_mlx_memory_bytes", (("kind", "peak"),))]
+    assert weights <= active <= peak
 
 
 def test_metrics_need_the_key_and_an_unknown_path_is_one_label(server):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from unittest.mock import patch
 
 import mlx.core as mx
 import numpy as np
@@ -20,7 +21,7 @@ from ckv_mlx.policy.methods import make_method
 from ckv_mlx.engine.session import Session
 from ckv_mlx.kv.quantized import KVBits
 from ckv_mlx.disk.store import (
-    CONVERSATIONS, MANIFEST, StoreCorrupt, StoreWriter, list_stores, open_store, prune, document_key,
+    CONVERSATIONS, MANIFEST, DiskError, StoreCorrupt, StoreWriter, list_stores, open_store, prune, document_key,
 )
 from fakes import fake_profile
 from tiny import TinyTokenizer, mac_model, tiny_model
@@ -210,7 +211,7 @@ def test_least_recently_used_stores_go_past_the_limit(tmp_path):
     size = list_stores(tmp_path)[0]["bytes"]
     os.utime(tmp_path / "a" / MANIFEST, (1, 1))  # a: used longest ago
     open_store(tmp_path, "b")  # b: used last
-    assert prune(tmp_path, 2 * size + size // 2, keep="c") == ["a"]
+    assert prune(tmp_path, 2 * size + size // 2) == ["a"]
     assert [s["key"] for s in list_stores(tmp_path)] == ["b", "c"]
 
 
@@ -383,3 +384,22 @@ def test_a_store_is_checksummed_once_per_process_and_file_identity(tmp_path, mon
     os.utime(keys, (1, 1))
     with pytest.raises(StoreCorrupt):
         open_store(tmp_path, "a")
+
+
+def test_a_store_larger_than_the_limit_is_refused_and_the_root_never_exceeds_it(tmp_path):
+    session, writer = read_into_store(tmp_path, key="a")
+    writer.publish(session.remembered_queries())
+    size = list_stores(tmp_path)[0]["bytes"]
+    session, writer = read_into_store(tmp_path / "small", key="b")
+    writer.limit_bytes = size - 1
+    with pytest.raises(DiskError, match="larger than the store's limit .* raise --store-limit"):
+        writer.publish(session.remembered_queries())
+    assert list_stores(tmp_path / "small") == [] and not list((tmp_path / "small").glob(".tmp-*"))
+    session, writer = read_into_store(tmp_path, key="c")  # room made before it appears: never 2 stores at once
+    writer.limit_bytes = size + size // 2
+    seen = []
+    real_rename = os.rename
+    with patch.object(os, "rename", lambda a, b: seen.append(sum(s["bytes"] for s in list_stores(tmp_path)))
+                      or real_rename(a, b)):
+        writer.publish(session.remembered_queries())
+    assert seen == [0] and [s["key"] for s in list_stores(tmp_path)] == ["c"]

@@ -263,9 +263,10 @@ class StoreWriter(LayerRows):
 
     def publish(self, queries: list[mx.array | None], others: dict | None = None) -> "Store":
         """Write the window queries, mlx-lm's caches of the layers that do not compress
-        (``others``, by layer) and the manifest, then rename into place (if another
-        process published the same store meanwhile, keep theirs); then :func:`prune` the
-        root to the writer's limit, this store kept."""
+        (``others``, by layer) and the manifest, :func:`prune` the root to make room for
+        them within the writer's limit, then rename into place (if another process
+        published the same store meanwhile, keep theirs). A store larger than the limit
+        is refused (:class:`DiskError`): the root never holds more than its limit."""
         if self.error is not None:
             raise self.error
         if not all(q is None or isinstance(q, mx.array) for q in queries):
@@ -276,15 +277,22 @@ class StoreWriter(LayerRows):
             if others:
                 arrays, layout = to_saved(others)
                 mx.save_safetensors(str(self.folder / OTHERS), arrays, metadata={"layout": json.dumps(layout)})
-            (self.folder / MANIFEST).write_text(json.dumps(self._manifest(), indent=1))
+            manifest = self._manifest()
+            size = sum(r["bytes"] for _, r in _records(manifest))
+            if size > self.limit_bytes:
+                self.abort()
+                raise DiskError(f"the full cache ({size / 2**20:,.1f} MiB) is larger than the store's limit "
+                                f"({self.limit_bytes / 2**20:,.1f} MiB): raise --store-limit to keep it on disk",
+                                "larger than the store's limit")
+            (self.folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
             _fsync_folder(self.folder)
+            prune(self.root, self.limit_bytes - size)
             os.rename(self.folder, self.root / self.key)
         except (OSError, RuntimeError) as e:  # RuntimeError: MLX's own write errors
             self.abort()
             if (self.root / self.key / MANIFEST).is_file():
                 return open_store(self.root, self.key, kv_bits=self.kv_bits)
             raise disk_error(self.root, e if isinstance(e, OSError) else OSError(str(e))) from None
-        prune(self.root, self.limit_bytes, keep=self.key)
         return open_store(self.root, self.key, verify=False, kv_bits=self.kv_bits)
 
     def _manifest(self) -> dict:
@@ -463,6 +471,8 @@ def list_stores(root: Path) -> list[dict]:
     """Every published store under ``root``, most recently used first."""
     found = []
     for manifest in Path(root).glob(f"*/{MANIFEST}"):
+        if manifest.parent.name.startswith("."):  # a writer's folder, not yet published
+            continue
         try:
             info = json.loads(manifest.read_text())
             used = manifest.stat().st_mtime
@@ -476,15 +486,15 @@ def list_stores(root: Path) -> list[dict]:
     return sorted(found, key=lambda s: -s["used"])
 
 
-def prune(root: Path, limit_bytes: int, keep: str | None = None) -> list[str]:
+def prune(root: Path, limit_bytes: int) -> list[str]:
     """Remove the least recently used stores until the rest fit in ``limit_bytes``
-    (never ``keep``, nor a store a running conversation reads: its lease), and leftovers
-    of writers and conversations that died; returns the keys removed. The one pruning
-    path: every publish runs it (:meth:`StoreWriter.publish`), and ``ckv-stores prune``."""
+    (never a store a running conversation reads: its lease), and leftovers of writers
+    and conversations that died; returns the keys removed. The one pruning path: every
+    publish runs it (:meth:`StoreWriter.publish`), a server's start, and ``ckv-stores prune``."""
     removed, total, leased = [], 0, _leased(root)
     for store in list_stores(root):
         total += store["bytes"]
-        if total > limit_bytes and store["key"] != keep and store["key"] not in leased:
+        if total > limit_bytes and store["key"] not in leased:
             shutil.rmtree(store["path"], ignore_errors=True)
             removed.append(store["key"])
             total -= store["bytes"]

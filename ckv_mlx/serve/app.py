@@ -34,7 +34,7 @@ def create_app(worker, model_name: str, defaults: Compression, methods, limits: 
                api_key: str | None = None) -> Starlette:
     """The server for ``worker``'s model, served as ``model_name``; with ``api_key``, every
     route but ``/health`` needs ``Authorization: Bearer <api_key>``."""
-    metrics = Metrics(lambda: worker.waiting, worker.settings.store_dir)
+    metrics = Metrics(lambda: worker.waiting, worker.settings.store_dir, worker.memory)
     document = schema.openapi("ckv-serve", version("ckv-mlx"), model_name, limits.max_tokens)
 
     async def completions(request: HTTPRequest, kind: str):

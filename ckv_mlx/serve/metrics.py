@@ -1,7 +1,7 @@
 """What ckv-serve reports at ``/metrics``, in Prometheus's text format (prometheus-client):
 requests by route and status, the queue, time to first token, tokens per second, prompt
-and generated tokens, and the KV cache's bytes in RAM and on disk. No MLX here: figures
-come from the worker's events and the store's manifests.
+and generated tokens, the KV cache's bytes in RAM and on disk, and MLX's memory. No MLX
+here: figures come from the worker (its events, its memory) and the store's manifests.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ RATES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 class Metrics:
     """The server's figures, in a registry of their own (one per app)."""
 
-    def __init__(self, waiting: Callable[[], int], store_dir: Path | None):
+    def __init__(self, waiting: Callable[[], int], store_dir: Path | None, memory: Callable[[], dict[str, int]]):
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("ckv_requests", "HTTP requests answered, by route and status", ["route", "status"],
                                 registry=registry)
@@ -38,6 +38,10 @@ class Metrics:
                    "by the stored prefixes", ["tier"], registry=registry)
         self.kv_ram = kv.labels("ram")
         kv.labels("disk").set_function(lambda: _store_bytes(store_dir))
+        allocated = Gauge("ckv_mlx_memory_bytes", "MLX's memory: active (arrays alive), peak (since start), cache "
+                          "(freed buffers kept for reuse)", ["kind"], registry=registry)
+        for kind in ("active", "peak", "cache"):
+            allocated.labels(kind).set_function(lambda kind=kind: memory()[kind])
 
     def watch(self, emit: Callable[[tuple], None]) -> Callable[[tuple], None]:
         """``emit``, recording the figures of one request's events on the way."""

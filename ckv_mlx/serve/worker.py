@@ -63,6 +63,11 @@ class Worker:
         """Requests queued whose clients are still there."""
         return self._mlx.waiting
 
+    @staticmethod
+    def memory() -> dict[str, int]:
+        """MLX's memory in bytes: ``active``, ``peak`` and ``cache`` (freed, kept for reuse)."""
+        return {"active": mx.get_active_memory(), "peak": mx.get_peak_memory(), "cache": mx.get_cache_memory()}
+
     def submit(self, request: Request, emit: Callable[[tuple], None]) -> Job:
         """Queue ``request``; its events go to ``emit``. Cancelling the job returned stops
         it: before it starts, or between prefill chunks, or between tokens."""
