@@ -53,7 +53,8 @@ class FakeEngine:
     def ask(self, question): self._queue("ask", question)
     def set_budget(self, budget): self._queue("set_budget", budget)
     def set_method(self, method): self._queue("set_method", method)
-    def truncate(self, where): self._queue("truncate", where)
+    def truncate(self, where, room=None): self._queue("truncate", where, room)
+    def context(self): self._queue("context")
     def reread(self): self._queue("reread")
     def save(self, path): self._queue("save", Path(path))
     def resume(self, path): self._queue("resume", Path(path))
@@ -126,8 +127,11 @@ class FakeEngine:
         self.settings = ChatSettings(**{**self.settings.__dict__, "method": method})
         self.emit(Notice(f"method {method} from the next question"))
 
-    def _truncate(self, where: str):
+    def _truncate(self, where: str, room: int | None):
         self.emit(Notice(f"a document over the model's context will be cut at the {where}"))
+
+    def _context(self):
+        self.emit(Notice(f"context of 8,192 tokens: the document {self.tokens:,}"))
 
     def _reread(self):
         self.emit(Notice("read again"))

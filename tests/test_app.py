@@ -150,16 +150,19 @@ async def test_commands(tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: ready(app))
         for command in ["/budget 32", f"/doc {other}", "/method snapkv", "/reread", "/truncate middle", "/budget",
-                        "/truncate", "/frobnicate", "/help"]:
+                        "/truncate", "/frobnicate", "/help", "/truncate end 900", "/truncate end lots", "/context"]:
             await ask(pilot, command)
         await until(pilot, lambda: app.sub_title == "notes.md" and len(engines[0].calls) >= 5)
         await until(pilot, lambda: any("read notes.md" in n for n in notes(app)))
         calls = engines[0].calls
         assert ("set_budget", "32") in calls and ("open", other) in calls
-        assert ("set_method", "snapkv") in calls and ("reread",) in calls and ("truncate", "middle") in calls
+        assert ("set_method", "snapkv") in calls and ("reread",) in calls and ("truncate", "middle", None) in calls
+        await until(pilot, lambda: ("context",) in engines[0].calls)
+        assert ("truncate", "end", 900) in calls and not any(c[:2] == ("truncate", "end") and c[2] != 900 for c in calls)
         text = "\n".join(notes(app))
         assert "/budget needs N" in text and "unknown command /frobnicate" in text and "/export" in text
         assert "/truncate needs start, middle, end or none" in text and "/truncate start|middle|end" in text
+        assert "N is a number of tokens, not 'lots'" in text
         assert app.query_one(CachePanel).view.budget == 32
 
 

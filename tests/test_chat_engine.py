@@ -15,7 +15,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_tokenizer
 
 from ckv_mlx.chat import session_file
-from ckv_mlx.chat.engine import QUESTION_ROOM, ChatEngine, quiet_libraries
+from ckv_mlx.chat.engine import ChatEngine, conversation_room, quiet_libraries
 from ckv_mlx.chat.events import (
     CacheView, ChatSettings, Chunk, DocumentReady, Failure, Notice, Progress, Reply, Resumed, Saved,
 )
@@ -169,7 +169,7 @@ def test_bad_requests_fail_with_one_line_and_leave_the_session_usable(doc, tmp_p
     messages = [f.text for f in recorder.of(Failure)]
     for message, words in zip(messages, [
         ("no document", "/doc"), ("not found",), ("no text",), ("long.txt", "context of 400"),
-        ("context of 400", "/doc"), ("cannot write",), ("unknown method",),
+        ("context of 400", "with the document alone", "shorten the question"), ("cannot write",), ("unknown method",),
     ]):
         assert "\n" not in message
         assert all(w in message for w in words), (message, words)
@@ -588,8 +588,10 @@ def test_a_document_over_the_context_is_cut_where_asked_and_says_how_much(tmp_pa
     reference = plain_greedy(tiny_model("llama", layers=2, vocab=49152), prompt, 8)
     eos = set(tokenizer.eos_token_ids)
     assert turn["answer_tokens"] == reference[: next((i for i, t in enumerate(reference) if t in eos), 8)]
-    needed = len(document_prefix(tokenizer, LONG)) + 8 + QUESTION_ROOM - 400  # tokens over, with room to ask
-    assert ready.tokens + 8 + QUESTION_ROOM <= 400 and needed <= dropped <= needed + 16
+    room = conversation_room(settings, 400)
+    assert room == 100 and "leaving 100 for the conversation" in notice  # a quarter of the context by default
+    needed = len(document_prefix(tokenizer, LONG)) + 8 + room - 400  # tokens over, with room to talk
+    assert ready.tokens + 8 + room <= 400 and needed <= dropped <= needed + 16
     assert len(recorder.of(Failure)) == (how == "command")
 
 
@@ -631,3 +633,67 @@ def test_the_precision_reaches_the_loader(doc, precision):
     finally:
         engine.close()
     assert calls == [(None, {} if precision is None else {"precision": precision})]  # None: load_model's default
+
+
+QUESTIONS = [f"What does row {i} list?" for i in range(10)]
+FILLING = " ".join(f"Row {i} of the orchard ledger lists pears." for i in range(26))  # ~270 of a 400-token context
+
+
+@pytest.mark.parametrize("full_cache", ["disk", "memory"])
+def test_ten_turns_over_a_document_that_fills_the_context_drop_the_oldest_turns(tmp_path, full_cache):
+    """Never refused for length: the oldest turns go (said in a note), never the document
+    or the question; each answer is plain mlx-lm's over exactly what the model was fed
+    (the document, the turns kept, the question), and every prompt fits with its answer."""
+    path = tmp_path / "filling.txt"
+    path.write_text(FILLING)
+    settings = ChatSettings(method="full", max_tokens=8, full_cache=full_cache, store_dir=str(tmp_path / "stores"))
+    engine, recorder = start(settings, context=400)
+    fed = []
+    try:
+        engine.open(path)
+        recorder.wait(DocumentReady)
+        for n, question in enumerate(QUESTIONS, 1):
+            engine.ask(question)
+            recorder.wait(Reply, n)
+            fed.append(saved(engine, recorder, tmp_path / f"s{n}.ckv")[1]["turns"])
+    finally:
+        engine.close()
+    assert not recorder.of(Failure)
+    notes = [n.text for n in recorder.of(Notice) if "oldest" in n.text]
+    assert notes and all("dropped the oldest" in n and "the document and the last" in n for n in notes)
+    tokenizer, model = smollm_tokenizer(), tiny_model("llama", layers=2, vocab=49152)
+    eos, prefix = set(tokenizer.eos_token_ids), document_prefix(tokenizer, FILLING)
+    assert 250 < len(prefix) < 400 - 8
+    for n, turns in enumerate(fed, 1):
+        assert turns[-1]["question"] == QUESTIONS[n - 1] and len(turns) <= n
+        assert turns[0]["question_tokens"] == question_tokens(tokenizer, FILLING, prefix, [], turns[0]["question"])
+        prompt = prefix + [t for turn in turns[:-1] for t in turn["question_tokens"] + turn["answer_tokens"]]
+        prompt += turns[-1]["question_tokens"]
+        assert len(prompt) + 8 <= 400, n
+        reference = plain_greedy(model, prompt, 8)
+        assert turns[-1]["answer_tokens"] == reference[: next((i for i, t in enumerate(reference) if t in eos), 8)], n
+    assert len(fed[-1]) < 10
+
+
+def test_context_says_where_the_tokens_go_and_truncate_takes_the_conversations_room(tmp_path):
+    path = tmp_path / "long.txt"
+    path.write_text(LONG)
+    engine, recorder = start(ChatSettings(method="full", max_tokens=8), context=400)
+    try:
+        engine.open(path)
+        recorder.wait(Failure)
+        engine.truncate("middle", 150)
+        ready = recorder.wait(DocumentReady)[0]
+        engine.ask("Which fruit?")
+        recorder.wait(Reply)
+        engine.context()
+        engine.truncate("middle", 400)
+        recorder.wait(Failure, 2)
+    finally:
+        engine.close()
+    assert ready.tokens + 8 + 150 <= 400
+    cut = next(n.text for n in recorder.of(Notice) if "dropped" in n.text)
+    assert "leaving 150 for the conversation" in cut
+    line = next(n.text for n in recorder.of(Notice) if n.text.startswith("context of 400"))
+    assert f"the document {ready.tokens:,}" in line and "(1 turn)" in line and "room for an answer 8" in line
+    assert "leaves nothing" in recorder.of(Failure)[-1].text

@@ -29,11 +29,13 @@ from .widgets import Answer, CachePanel, Note, PromptInput, UserMessage
 POLICY_LABELS = {
     "first-question": "first-question: compress with the first question (the paper); follow-ups use what was kept",
     "agnostic": "agnostic: compress before any question; every question uses the same small cache",
-    "per-question": "per-question: full cache kept, compressed afresh for each question (best answers, more memory)",
+    "per-question": "per-question: full cache kept (on disk by default), compressed afresh for each question (best answers)",
 }
 HELP = """Commands: /doc FILE (open another document), /budget N (tokens per layer, or 5%),
 /method NAME, /reread (read the document and chat again with new settings),
-/truncate start|middle|end|none (a document over the context: cut there, or refuse it),
+/truncate start|middle|end|none [N] (a document over the context: cut there leaving N tokens for
+the conversation, or refuse it), /context (where the context's tokens go; a question that does
+not fit drops the oldest turns first),
 /save [FILE], /export [FILE] (transcript as Markdown), /copy (last answer), /help, /quit.
 Keys: Enter sends, Esc stops an answer, Up/Down recall prompts, Ctrl+S saves the session,
 Ctrl+Y copies the last answer, Ctrl+O exports the transcript, Ctrl+Q quits."""
@@ -47,7 +49,8 @@ class Engine(Protocol):
     def stop(self): ...
     def set_budget(self, budget: str): ...
     def set_method(self, method: str): ...
-    def truncate(self, where: str): ...
+    def truncate(self, where: str, room: int | None = None): ...
+    def context(self): ...
     def reread(self): ...
     def save(self, path: str | Path): ...
     def resume(self, path: str | Path): ...
@@ -174,14 +177,15 @@ class ChatApp(App):
         name, _, arg = text[1:].partition(" ")
         arg = arg.strip()
         needs_arg = {"doc": "FILE", "budget": "N (tokens per layer, or 5%)", "method": "NAME",
-                     "truncate": "start, middle, end or none"}
+                     "truncate": "start, middle, end or none, then optionally the tokens left for the conversation"}
         if name in needs_arg and not arg:
             return self.note(f"/{name} needs {needs_arg[name]}", error=True)
         actions = {
             "doc": lambda: self.open_document(Path(arg).expanduser()),
             "budget": lambda: self.engine.set_budget(arg),
             "method": lambda: self.engine.set_method(arg),
-            "truncate": lambda: self.engine.truncate(arg),
+            "truncate": lambda: self.truncate(arg),
+            "context": self.engine.context,
             "reread": self.engine.reread,
             "save": lambda: self.save(Path(arg).expanduser() if arg else None),
             "export": lambda: self.export(Path(arg).expanduser() if arg else None),
@@ -192,6 +196,12 @@ class ChatApp(App):
         if name not in actions:
             return self.note(f"unknown command /{name}; /help lists them", error=True)
         actions[name]()
+
+    def truncate(self, arg: str):
+        where, _, room = arg.partition(" ")
+        if room.strip() and not room.strip().isdigit():
+            return self.note(f"/truncate {where} N: N is a number of tokens, not {room.strip()!r}", error=True)
+        self.engine.truncate(where, int(room) if room.strip() else None)
 
     # Actions.
 

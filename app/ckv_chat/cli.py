@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=512, help="longest answer, in tokens")
     p.add_argument("--truncate", choices=TRUNCATE_CHOICES, default="none", help="a document over the model's "
                    "context: refuse it (default; /truncate chooses later) or drop part of it at the start, middle or end")
+    p.add_argument("--conversation-room", type=int, help="tokens a document cut to fit leaves for the conversation "
+                   "(default: a quarter of the context); a question that does not fit drops the oldest turns first")
     p.add_argument("--repetition-penalty", type=float, help="mlx-lm's repetition penalty over the last 20 tokens of "
                    "the answer, e.g. 1.1 (default: off)")
     p.add_argument("--kv-bits", type=int, choices=KV_BITS_CHOICES, help=KV_BITS_HELP)
@@ -80,6 +82,7 @@ def main(argv=None) -> int:
     settings = ChatSettings(model=args.model, precision=args.precision, profile=args.profile, method=args.method,
                             budget=args.budget, policy=args.policy, max_tokens=args.max_tokens, kv_limit=args.kv_limit,
                             repetition_penalty=args.repetition_penalty, truncate=args.truncate,
+                            conversation_room=args.conversation_room,
                             kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
                             full_cache=args.full_cache, store_dir=args.store_dir, store_limit=args.store_limit,
                             store_bits=args.store_bits)

@@ -88,7 +88,8 @@ class CachePanel(VerticalScroll):
         gauge = self.query_one("#context", ProgressBar)
         gauge.update(total=max(view.context_length, 1), progress=view.position)
         label = self.query_one("#context-label", Label)
-        label.update(f"context {view.position:,} / {view.context_length:,}")
+        label.update(f"context {view.position:,} / {view.context_length:,}\n"
+                     f"document {view.document_tokens:,} · turns {view.conversation_tokens:,} · answer {view.answer_room:,}")
         label.set_class(view.context_used >= CONTEXT_WARNING, "warning")
         gauge.set_class(view.context_used >= CONTEXT_WARNING, "warning")
 

@@ -45,7 +45,6 @@ from .events import (
 
 VIEW_INTERVAL_S = 0.2
 LOG_NAME = "ckv-chat.log"
-QUESTION_ROOM = 256  # tokens a document cut to fit leaves for the first question
 
 _log = logging.getLogger(__name__)
 
@@ -110,6 +109,30 @@ class _Document:
     def pairs(self) -> list[tuple[str, str]]:
         return [(t.question, t.answer) for t in self.turns]
 
+    @property
+    def conversation_tokens(self) -> int:
+        """Tokens of the turns after the document: questions and answers."""
+        return sum(len(t.question_tokens) + len(t.answer_tokens) for t in self.turns)
+
+
+def conversation_room(settings: ChatSettings, context: int) -> int:
+    """Tokens a document cut to fit leaves for the conversation: the setting, else a
+    quarter of the context."""
+    return context // 4 if settings.conversation_room is None else settings.conversation_room
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n:,} {thing}{'' if n == 1 else 's'}"
+
+
+def _restarted(tokenizer, document: _Document, turns: list[_Turn]) -> list[_Turn]:
+    """``turns`` as the conversation's first ones: the first question's tokens made
+    again to follow the document rather than an answer now dropped."""
+    if not turns:
+        return turns
+    first = question_tokens(tokenizer, document.text, document.prefix, [], turns[0].question)
+    return [replace(turns[0], question_tokens=first), *turns[1:]]
+
 
 class ChatEngine:
     """Chat about documents with a compressed KV cache; see the module doc."""
@@ -150,10 +173,15 @@ class ChatEngine:
     def set_method(self, method: str):
         self._submit(self._change, {"method": method})
 
-    def truncate(self, where: str):
-        """How to fit a document over the context: cut at ``where`` (start, middle, end)
-        or refuse (none); a document just refused for its length is opened again."""
-        self._submit(self._truncate, where)
+    def truncate(self, where: str, room: int | None = None):
+        """How to fit a document over the context: cut at ``where`` (start, middle, end),
+        leaving ``room`` tokens for the conversation (None: as set), or refuse (none); a
+        document just refused for its length is opened again."""
+        self._submit(self._truncate, where, room)
+
+    def context(self):
+        """Say where the context's tokens go: the document, the turns, the answer's room."""
+        self._submit(self._context)
 
     def reread(self):
         """Prefill the document and conversation again, with the current settings."""
@@ -235,20 +263,44 @@ class ChatEngine:
             self._refused = path
             raise CKVError(f"{over}: type /truncate middle (or start, end) to drop part of it, "
                            "or use a model with a longer context")
-        room = context - settings.max_tokens - QUESTION_ROOM
-        kept, dropped = cut_to_fit(tokenizer, text, lambda t: len(document_prefix(tokenizer, t)), room, settings.truncate)
+        room = conversation_room(settings, context)
+        self._check_room(room)
+        kept, dropped = cut_to_fit(tokenizer, text, lambda t: len(document_prefix(tokenizer, t)),
+                                   context - settings.max_tokens - room, settings.truncate)
         self._emit(Notice(f"{over}: dropped {dropped:,} of its tokens at the {settings.truncate} "
-                          f"(--truncate {settings.truncate}), leaving {QUESTION_ROOM} for a question"))
+                          f"(--truncate {settings.truncate}), leaving {room:,} for the conversation "
+                          f"(/truncate {settings.truncate} N to choose) and {settings.max_tokens:,} for an answer"))
         return _Document(path, kept, document_prefix(tokenizer, kept), document_hash(text))
 
-    def _truncate(self, where: str):
+    def _truncate(self, where: str, room: int | None):
         if where not in TRUNCATE_CHOICES:
             raise CKVError(f"unknown /truncate {where!r}: use one of {', '.join(TRUNCATE_CHOICES)}")
-        self.settings = replace(self.settings, truncate=where)
+        if room is not None:
+            self._check_room(room)
+        self.settings = replace(self.settings, truncate=where,
+                                conversation_room=self.settings.conversation_room if room is None else room)
         if self._refused is not None and where != "none":
             return self._open(self._refused)
-        self._emit(Notice(f"a document over the model's context will be cut at the {where}" if where != "none"
-                          else "a document over the model's context will be refused"))
+        self._emit(Notice(f"a document over the model's context will be cut at the {where}, leaving room for "
+                          "the conversation" if where != "none" else "a document over the model's context will be refused"))
+
+    def _check_room(self, room: int):
+        context = self._loaded.context_length if self._loaded else None
+        if room < 0 or (context and room + self.settings.max_tokens >= context):
+            raise CKVError(f"a conversation room of {room:,} tokens leaves nothing of the model's context "
+                           f"({context:,}) for the document beside {self.settings.max_tokens:,} for an answer: "
+                           "choose fewer" if context else f"a conversation room must be 0 or more, not {room}")
+
+    def _context(self):
+        document, context = self._document, self._loaded.context_length if self._loaded else 0
+        if document is None:
+            raise CKVError("no document is open: open one with /doc FILE")
+        used = len(document.prefix) + document.conversation_tokens
+        self._emit(Notice(
+            f"context of {context:,} tokens: the document {len(document.prefix):,}, the conversation "
+            f"{document.conversation_tokens:,} ({_count(len(document.turns), 'turn')}), room for an answer "
+            f"{self.settings.max_tokens:,}, free {context - used - self.settings.max_tokens:,}; a question that does "
+            "not fit drops the oldest turns first"))
 
     def _prefill(self, document: _Document, question: list[int] | None = None):
         """Read ``document`` (and replay its turns) into a fresh cache.
@@ -301,9 +353,7 @@ class ChatEngine:
         """Start the conversation over the document just read, replaying its turns."""
         self._conversation = Conversation(self._session, self.settings.policy, budget, full)
         self._conversation.open(None if full else self._session.snapshot())
-        for turn in document.turns:
-            self._conversation.start(turn.question_tokens)
-            self._conversation.finish(turn.answer_tokens)
+        self._conversation.replay([(turn.question_tokens, turn.answer_tokens) for turn in document.turns])
         self._document = document
 
     def _end_conversation(self):
@@ -322,13 +372,10 @@ class ChatEngine:
         return store_bits_setting(self.settings.store_bits, self.settings.kv_group_size)
 
     def _ask(self, question: str):
-        document, session = self._document, self._session
+        document = self._document
         if document is None:
             raise CKVError("no document is open: open one with /doc FILE")
-        tokens = question_tokens(self._loaded.tokenizer, document.text, document.prefix, document.pairs, question)
-        position = session.position if self._conversation else len(document.prefix)
-        self._check_fits(position + len(tokens), "this question takes the conversation to "
-                         f"{position + len(tokens):,} tokens", hint="open the document again with /doc to start over")
+        tokens = self._make_room(document, question)
         if self._conversation is None:  # too long to hold whole: read now, chunks scored by this question
             self._prefill(document, tokens)
         self._stop.clear()
@@ -404,12 +451,31 @@ class ChatEngine:
         self._session.layer_budgets(budget, method)
         return budget
 
-    def _check_fits(self, tokens: int, what: str, hint: str):
-        """Refuse, never cut: ``tokens`` plus an answer must fit the model's context."""
-        context = self._loaded.context_length
-        if context and tokens + self.settings.max_tokens > context:
-            raise CKVError(f"{what} + {self.settings.max_tokens:,} for the answer, over the model's "
-                           f"context of {context:,}: {hint}")
+    def _make_room(self, document: _Document, question: str) -> list[int]:
+        """``question``'s tokens after the conversation; when they and an answer do not fit
+        the context, the oldest turns go first (never the document, never the question),
+        said in a note, and the document and the turns left are read again (a stored
+        document is reused). Refused when even the document alone leaves no room."""
+        tokenizer, context, answer = self._loaded.tokenizer, self._loaded.context_length, self.settings.max_tokens
+        for drop in range(len(document.turns) + 1):
+            kept = _restarted(tokenizer, document, document.turns[drop:]) if drop else document.turns
+            tokens = question_tokens(tokenizer, document.text, document.prefix, [(t.question, t.answer) for t in kept],
+                                     question)
+            used = len(document.prefix) + sum(len(t.question_tokens) + len(t.answer_tokens) for t in kept) + len(tokens)
+            if not context or used + answer <= context:
+                break
+        else:
+            raise CKVError(f"this question takes {used:,} tokens with the document alone + {answer:,} for the "
+                           f"answer, over the model's context of {context:,}: shorten the question, lower the "
+                           "answer's max tokens, or /truncate the document with more room for the conversation")
+        if drop:
+            freed = document.conversation_tokens - sum(len(t.question_tokens) + len(t.answer_tokens) for t in kept)
+            self._emit(Notice(f"the conversation would overflow the model's context of {context:,}: dropped the "
+                              f"oldest {_count(drop, 'turn')} of {len(document.turns)} ({freed:,} tokens); the document "
+                              f"and the last {len(kept)} stay"))
+            document.turns = kept
+            self._prefill(document)
+        return tokens
 
     def _save(self, path: Path):
         session, document = self._session, self._document
@@ -520,6 +586,8 @@ class ChatEngine:
             full_bytes=session.full_bytes, disk_bytes=conversation.disk_bytes if conversation else 0,
             reselect_s=stats.reselect_s if conversation and conversation.full_on_disk else None,
             layer_tokens=kept.layer_tokens, compressed=kept.compressed,
+            conversation_tokens=self._document.conversation_tokens if self._document else 0,
+            answer_room=self.settings.max_tokens,
             peak_memory_bytes=mx.get_peak_memory(), prefill_tps=stats.prefill_tps,
             decode_tps=stats.decode_tps,
         )

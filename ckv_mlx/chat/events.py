@@ -27,6 +27,7 @@ class ChatSettings:
     kv_limit: str | None = None
     repetition_penalty: float | None = None  # mlx-lm's, over the answer's last 20 tokens; None: off
     truncate: str = "none"  # a document over the context: refused, or cut at the start, middle or end
+    conversation_room: int | None = None  # tokens a cut document leaves for questions and answers; None: a quarter of the context
     full_cache: str = "disk"  # per-question keeps the full cache on disk (memory holds the selection) or in memory
     store_dir: str | None = None  # where full caches on disk live; None: stores/ in the user cache folder
     store_limit: str | None = None  # disk kept for them before the least recently used go; None: 20 GiB
@@ -138,6 +139,8 @@ class CacheView:
     reselect_s: float | None = None  # how long the last selection from disk took
     layer_tokens: list[int] = field(default_factory=list)
     compressed: bool = False
+    conversation_tokens: int = 0  # the turns' questions and answers, after the document
+    answer_room: int = 0  # tokens kept free for the next answer (max tokens)
     peak_memory_bytes: int = 0
     prefill_tps: float = 0.0
     decode_tps: float = 0.0

@@ -101,6 +101,18 @@ class Conversation:
         session.stats.generated_tokens, session.stats.decode_s = 0, 0.0  # decode figures are this answer's
         return logits
 
+    def replay(self, turns: list[tuple[list[int], list[int]]]):
+        """Put earlier turns (question and answer tokens) back, as asking them did. On
+        disk they are read with the next question, whose selection reads them against
+        every row anyway: one read, not one selection per turn."""
+        if self.full_on_disk is not None:
+            self._unread = [token for question, answer in turns for token in (*question, *answer)]
+            self.turns = len(turns)
+            return
+        for question, answer in turns:
+            self.start(question)
+            self.finish(answer)
+
     def _select_from_disk(self, question: list[int]) -> mx.array:
         """The last answer and ``question`` read against the full cache on disk, each
         layer keeping its share of the budget; the window is what it was after the last
