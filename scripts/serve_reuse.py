@@ -66,11 +66,11 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     loaded = load_model(None, "float32")
-    profile, path, _ = resolve_profile(None, loaded.shape)
+    profile, _, _ = resolve_profile(None, loaded.shape)
     haystack = loaded.tokenizer.encode(load_haystack(DEFAULT_HAYSTACK))
     results = {"model": loaded.name, "method": "compresskv", "budget": args.budget, "lengths": {}}
     with tempfile.TemporaryDirectory(prefix="ckv-serve-") as root:
-        worker = Worker(loaded, profile, path.name if path else None, ServeSettings(store_dir=Path(root)))
+        worker = Worker(loaded, profile, ServeSettings(store_dir=Path(root)))
         app = create_app(worker, loaded.name, Compression("compresskv", args.budget), list(METHODS), Limits(512, 2**26))
         http = BackgroundServer(app)
         client = openai.OpenAI(base_url=f"{http.url}/v1", api_key="unused", max_retries=0, timeout=600)

@@ -60,6 +60,10 @@ class ServeProcess:
         except OSError:
             return False
 
+    def waiting(self) -> int:
+        with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
+            return json.loads(response.read())["waiting"]
+
     def chat(self, question: str, max_tokens: int, stream: bool = False) -> urllib.request.Request:
         payload = {"model": self.model, "messages": [{"role": "system", "content": DOCUMENT},
                                                       {"role": "user", "content": question}],
@@ -100,7 +104,7 @@ def test_sigterm_mid_stream_ends_the_stream_with_an_error_and_exits_0_within_5_s
         with urllib.request.urlopen(server.chat("Which shelf holds the maps of 1703?", 2), timeout=120):
             pass  # the document is stored now
         assert len(published(stores)) == 1
-        lines, events = [], []
+        lines, events, waiting = [], [], []
         with urllib.request.urlopen(server.chat("Count from 1 to 2000, separated by commas.", 1500, stream=True),
                                     timeout=120) as stream:
             for raw in stream:
@@ -108,16 +112,22 @@ def test_sigterm_mid_stream_ends_the_stream_with_an_error_and_exits_0_within_5_s
                 if line.startswith("data: "):
                     events.append(line[len("data: "):])
                     lines.append(line)
-                    if len(events) == 3:  # the role, then two pieces of the answer
+                    if len(events) == 3:  # the role, then two pieces of the answer; and a request queued behind
+                        queued = threading.Thread(target=lambda: waiting.append(_answer(server.chat("Hi?", 4))))
+                        queued.start()
+                        _until(lambda: server.waiting() == 1)
                         server.process.send_signal(signal.SIGTERM)
                         sent = time.monotonic()
         assert server.process.wait(timeout=10) == 0
         assert time.monotonic() - sent <= 5
+        queued.join(10)
     finally:
         server.stop()
     assert events[-1] == "[DONE]", lines[-3:]
     error = json.loads(events[-2])["error"]
     assert error["code"] == "server_shutdown" and set(error) == {"message", "type", "param", "code"}, error
+    [(status, answer)] = waiting
+    assert status == 503 and answer["error"]["code"] == "server_shutdown", answer
     [store] = published(stores)
     assert_intact(store)
     assert not half_written(stores)
@@ -129,10 +139,7 @@ def test_after_sigkill_while_a_store_is_written_the_next_start_removes_it_and_re
     try:
         request = server.chat("Which shelf holds the letters of 1704?", 2)
         threading.Thread(target=lambda: _ignore_errors(request), daemon=True).start()
-        deadline = time.monotonic() + 120
-        while not any(f.stat().st_size for tmp in half_written(stores) for f in tmp.iterdir()):
-            assert time.monotonic() < deadline, "no store was being written"
-            time.sleep(0.01)
+        _until(lambda: any(f.stat().st_size for tmp in half_written(stores) for f in tmp.iterdir()), 120)
         server.process.kill()
         server.process.wait(30)
     finally:
@@ -149,6 +156,21 @@ def test_after_sigkill_while_a_store_is_written_the_next_start_removes_it_and_re
     assert answer["ckv"]["prefix_tokens_reused"] == 0  # read anew, nothing taken from the dead writer
     [store] = published(stores)
     assert_intact(store)
+
+
+def _answer(request) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _until(condition, timeout_s: float = 10):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def _ignore_errors(request):
