@@ -10,9 +10,10 @@ document in chunks that compress as they go while every row goes to a new store 
 limit set to a small fraction of the full cache), the store's bytes, the most KV bytes the
 read held (exact, from the caches), then a 32-token question selected from the store: its
 time and MLX's peak over it, against the target of the kept cache, one layer's full rows
-and one chunk of rows. The full cache's bytes beside each. Peak KV RAM must stay flat
-with the length (set by the budget, one layer and one chunk) and the selection's time
-grow at most linearly. Writes OUT/scaling.json, OUT/scaling.md and OUT/scaling.png.
+and one chunk of rows (and, beside it, that plus the question's attention scores over every
+row, float32: what a selection allocates that is not KV). The full cache's bytes beside
+each. The read's peak KV must stay flat with the length (set by the limit), the
+selection's peak follow one layer and the selection's time grow at most linearly. Writes OUT/scaling.json, OUT/scaling.md and OUT/scaling.png.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def measure(session, loaded, tokens: list[int], question: list[int], args, root:
         "full_cache_bytes": loaded.kv_bytes_per_token * allocated_rows(len(tokens) + len(question)),
         "reselect_s": round(reselect_s, 3), "reselect_peak_bytes": peak_over, "kept_bytes": kept,
         "target_bytes": target,
+        "scores_bytes": 4 * len(question) * MODEL["num_attention_heads"] * (full.tokens + len(question)),
     }
     full.close()
     return result
@@ -124,12 +126,14 @@ def table(r: dict) -> str:
              f"x {r['model']['head_dim']}), {r['method']} at budget {r['budget']}, KV limit {r['kv_limit']}; "
              f"{r['seconds']:.0f} s in all.", "",
              "| tokens | full cache MiB | read s | read tok/s | most KV held while reading MiB | store MiB "
-             "| selection s | MLX peak over the selection MiB | target (kept + 1 layer + 1 chunk) MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| selection s | MLX peak over the selection MiB | target (kept + 1 layer + 1 chunk) MiB "
+             "| + the question's attention scores MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         lines.append(f"| {row['tokens']:,} | {row['full_cache_bytes'] / mib:.1f} | {row['read_s']:.1f} "
                      f"| {row['read_tok_s']:,} | {row['read_peak_kv_bytes'] / mib:.2f} | {row['store_bytes'] / mib:.1f} "
-                     f"| {row['reselect_s']:.2f} | {row['reselect_peak_bytes'] / mib:.1f} | {row['target_bytes'] / mib:.1f} |")
+                     f"| {row['reselect_s']:.2f} | {row['reselect_peak_bytes'] / mib:.1f} | {row['target_bytes'] / mib:.1f} "
+                     f"| {(row['target_bytes'] + row['scores_bytes']) / mib:.1f} |")
     return "\n".join(lines)
 
 
