@@ -5,6 +5,8 @@
 # --restart) go to both sweeps.
 #   bash scripts/make_profile.sh                                   # smollm2-135m-instruct, as shipped
 #   MODEL=gemma3-270m LENGTHS=500,1500 DEPTHS=0,50,100 bash scripts/make_profile.sh   # as shipped
+#   MODEL=gemma3-270m LENGTHS=8000,16000,32000 OUT=profiles/gemma3-270m-32k.json SRH_ARGS="--skip-needles 3" \
+#       LAYER_ARGS="--words 12000" bash scripts/make_profile.sh     # beside it, at the lengths it is used at
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -12,8 +14,9 @@ MODEL=${MODEL:-smollm2-135m-instruct}
 LENGTHS=${LENGTHS:-500,1500,2500}
 DEPTHS=${DEPTHS:-0,25,50,75,100}
 export HF_HUB_OFFLINE=1
-OUT=profiles/$MODEL.json
+OUT=${OUT:-profiles/$MODEL.json}
+RUN=docs/profiling/$(basename "$OUT" .json)
 $PY -m ckv_mlx.profile srh --model "$MODEL" --lengths "$LENGTHS" --depths "$DEPTHS" \
-    --out "$OUT" --trials "docs/profiling/$MODEL.srh.jsonl" "$@"
-$PY -m ckv_mlx.profile layers --model "$MODEL" --profile "$OUT" --trials "docs/profiling/$MODEL.layers.jsonl" "$@"
+    --out "$OUT" --trials "$RUN.srh.jsonl" ${SRH_ARGS:-} "$@"
+$PY -m ckv_mlx.profile layers --model "$MODEL" --profile "$OUT" --trials "$RUN.layers.jsonl" ${LAYER_ARGS:-} "$@"
 $PY -m ckv_mlx.profile validate "$OUT" --model "$MODEL"
