@@ -68,6 +68,9 @@ def make_prompt_cache(model, method: str = DEFAULT_METHOD, budget: int = 128,
         return mlx_lm_prompt_cache(model)
     if region is not None and region < 1:
         raise CKVError("region must be at least 1 (rows per layer for generated tokens)")
+    if scorer.word:
+        raise CKVError(f"method {method!r}: wordN needs the prompt's tokens, which an mlx-lm cache never sees; "
+                       "use spanN, or ckv_mlx.generate")
     check_budget(budget, scorer.window)
     bits = for_heads(kv_bits_setting(kv_bits, kv_group_size), {shape.head_dim})
     profiled = chosen if hasattr(scorer, "profile") else None

@@ -155,7 +155,7 @@ def _via_store(session, loaded, args, tokens: list[int], split: int, budget, pro
 
     start = time.perf_counter()
     full = read_or_reuse(session, root, key, "the document", read,
-                         lambda text: print(f"note: {text}", file=sys.stderr), kv_bits=store_bits)
+                         lambda text: print(f"note: {text}", file=sys.stderr), kv_bits=store_bits, tokens=document)
     if full is None:  # the disk refused: the document is in memory
         logits = session.feed(question)
         session.compress(budget)

@@ -247,3 +247,17 @@ def select_spread(scores, budget, window, span):
         ranked.append((-scores[back], p - back, p))
     chosen = [p for _, _, p in sorted(ranked)[: budget - window]]
     return _keep(np.array(chosen, dtype=np.int64), n + window, window)
+
+
+def select_word(scores, budget, window, words, reach):
+    """The kept positions when each prefix position scores as the best position of its
+    own word (`words`: a word number per position) at most `reach` away, nearer ones first
+    on ties; plus the window, ascending."""
+    n = len(scores)
+    ranked = []
+    for p in range(n):
+        near = [q for q in range(max(0, p - reach), min(n, p + reach + 1)) if words[q] == words[p]]
+        best = max(near, key=lambda q: (scores[q], -abs(p - q)))
+        ranked.append((-scores[best], abs(p - best), p))
+    chosen = [p for _, _, p in sorted(ranked)[: budget - window]]
+    return _keep(np.array(chosen, dtype=np.int64), n + window, window)

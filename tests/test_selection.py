@@ -102,6 +102,20 @@ def test_spread_snapkv_keeps_the_tokens_after_its_best_as_numpy(seed, span):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("reach", [2, 5])
+def test_word_snapkv_keeps_whole_words_as_numpy(seed, reach):
+    """``wordN``: each position scores as the best of its word within N either side."""
+    q, k = random_layer(seed)
+    words = np.cumsum(np.random.default_rng(seed).random(k.shape[1]) < 0.3)  # words of 1 to ~10 tokens
+    method = make_method(f"snapkv+word{reach}")[0]
+    got = np.array(method.keep_indices(0, mx.array(q), mx.array(k), q.shape[-1] ** -0.5, 40, words=mx.array(words)))
+    want = np.stack([ref.select_word(s, 40, 8, words, reach) for s in ref.snapkv_grouped(q, k)])
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, ours(make_method("snapkv")[0], q, k, 40))  # it changes what is kept
+    assert np.array_equal(ours(method, q, k, 40), ours(make_method("snapkv")[0], q, k, 40))  # no words: as snapkv
+
+
 def test_method_options_set_window_pooling_and_kernel_under_one_name():
     method = make_method("snapkv+window16+max+kernel9+chunk8")[0]
     assert (method.name, method.window, method.pooling, method.kernel, method.chunk) == (

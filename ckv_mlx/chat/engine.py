@@ -323,7 +323,7 @@ class ChatEngine:
             limit = parse_size(self.settings.store_limit) if self.settings.store_limit else DEFAULT_LIMIT_BYTES
             full = read_or_reuse(session, self._store_root(), key, document.path.name,
                                  lambda writer: self._read(document, working, None, writer),
-                                 lambda text: self._emit(Notice(text)), limit, store_bits)
+                                 lambda text: self._emit(Notice(text)), limit, store_bits, document.prefix)
             return self._converse(document, budget, full)
         if note and question is None and document.turns:
             self._emit(Notice(f"{note}, scored by the first question"))

@@ -63,7 +63,8 @@ class Compression:
                         kv_bits: KVBits | None = None):
         """Re-score layer ``layer`` and keep ``budget`` rows (packed by ``kv_bits``, or
         as the layer was kept before)."""
-        compress_layer(cache or self.caches[layer], self.method, layer, self.attentions[layer], budget, kv_bits)
+        cache = cache or self.caches[layer]
+        compress_layer(cache, self.method, layer, self.attentions[layer], budget, kv_bits, self.words(cache))
 
     def make_room(self, n: int):
         """Re-score and evict every compressed layer that cannot take ``n`` more rows."""

@@ -78,6 +78,7 @@ class Decoding:
                     self._unfeed_last(queries)
                     break
                 self.stats.generated_tokens += 1
+                self.note_read([value])
                 clock()
                 yield value
                 last = time.perf_counter()
@@ -111,5 +112,6 @@ class Decoding:
             chunk = body[start : start + step]
             self.make_room(len(chunk))
             rows.append(self.model(mx.array([chunk]), cache=self.model_caches())[0])
+            self.note_read(chunk)
         out = mx.concatenate(rows).astype(mx.float32)
         return out - mx.logsumexp(out, axis=-1, keepdims=True)

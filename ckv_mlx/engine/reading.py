@@ -76,6 +76,7 @@ class Reading:
                 if progress:
                     progress(min(start + step, len(body)), len(tokens))
         logits = self.model(mx.array([last]), cache=self.model_caches())[:, -1, :]
+        self.note_read(last)
         self._record(1)
         if progress:
             progress(len(tokens), len(tokens))
@@ -99,6 +100,7 @@ class Reading:
         that its queries become every layer's window, and drop the probe's rows: the
         next eviction keeps what the question attends to, as if it were asked here."""
         self.model(mx.array([piece]), cache=self.model_caches())
+        self.note_read(piece)
         self._record(len(piece))
         before = copies(self.others) if probe else None  # mlx-lm may not trim them
         if probe:
@@ -139,12 +141,14 @@ class Reading:
             piece = body[start : start + step]
             self.make_room(len(piece))
             self.model(mx.array([piece]), cache=self.model_caches())
+            self.note_read(piece)
             self._eval_caches()
             self._record(len(piece))
             if progress:
                 progress(start + len(piece), len(tokens))
         self.make_room(1)
         logits = self.model(mx.array([last]), cache=self.model_caches())[:, -1, :]
+        self.note_read(last)
         self._record(1)
         if progress:
             progress(len(tokens), len(tokens))

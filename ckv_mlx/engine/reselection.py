@@ -46,12 +46,15 @@ class Reselection:
         step = self._disk_step(total)
         split = (len(tokens) - 1) // step * step  # the last piece, of at most a step, selects
         body, last = tokens[:split], tokens[split:]
-        read_before = full.tail.tokens
+        read_before, noted = full.tail.tokens, None if self.tokens is None else len(self.tokens)
         try:
             self.read_on_disk(body, full)  # their rows join the full cache; the last piece's window selects
+            self.note_read(last)  # before the call: each layer selects inside it, over every token
             logits = full.read(self.model, last, self.model_caches(full.streamed(self.attentions, keep)))
         except BaseException:
             full.tail.truncate(read_before)  # an interrupted selection adds none of its pieces
+            if noted is not None:
+                del self.tokens[noted:]
             raise
         mx.eval([a.window_state() for a in self.attentions])
         self.caches = kept
@@ -66,6 +69,7 @@ class Reselection:
         step = self._disk_step(full.tokens + len(tokens))
         for start in range(0, len(tokens), step):
             full.read(self.model, tokens[start : start + step], self.model_caches(full.streamed(self.attentions)))
+            self.note_read(tokens[start : start + step])
 
     def _disk_step(self, total: int) -> int:
         """Tokens per model call against ``total`` rows on disk (the query heads: the
@@ -81,9 +85,10 @@ class Reselection:
 
 def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[StoreWriter | None], None],
                   notify: Callable[[str], None], limit_bytes: int = DEFAULT_LIMIT_BYTES,
-                  kv_bits: KVBits | None = None) -> DiskFullCache | None:
-    """The full cache on disk of the document ``name`` for ``session``: the stored one
-    when there is one (the session then stands at its end, nothing read), else what
+                  kv_bits: KVBits | None = None, tokens: list[int] | None = None) -> DiskFullCache | None:
+    """The full cache on disk of the document ``name`` (of ``tokens``, if given: what
+    selections need to know its words) for ``session``: the stored one when there is one
+    (the session then stands at its end, nothing read), else what
     ``read(writer)`` reads into ``session``, stored as it goes (packed by ``kv_bits``,
     which ``key`` must hold: :func:`~ckv_mlx.disk.store.document_key`). When the disk refuses,
     ``read`` still runs (told why), without a store: None, the full cache in memory."""
@@ -91,7 +96,7 @@ def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[Stor
     full = stored_full_cache(root, key, notify, kv_bits)
     if full is not None:
         notify(f"{name} was read before: its stored cache ({mib(full.nbytes)} on disk) is used, nothing to read")
-        session.take_over(full.empty_caches(session.region), full.store.queries(), full.store.others())
+        session.take_over(full.empty_caches(session.region), full.store.queries(), full.store.others(), tokens)
         return full
     try:
         writer = StoreWriter(root, key, len(session.caches), kv_bits, limit_bytes)

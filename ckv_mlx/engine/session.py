@@ -14,6 +14,7 @@ All MLX work of a session must happen on one thread (``runtime.py``).
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import cached_property
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -25,6 +26,7 @@ from ..kv.layer_caches import copies, fresh_others
 from ..kv.quantized import KVBits, for_heads
 from ..model.families import attention_modules
 from ..policy.methods import Method
+from ..text.words import word_ids, word_starts
 from .compression import Compression
 from .decoding import Decoding
 from .reading import PREFILL_STEP, Reading
@@ -41,6 +43,7 @@ class Snapshot(NamedTuple):
     queries: list[tuple]  # each layer's window state
     stats: Stats
     others: dict  # copies of mlx-lm's own caches, by layer
+    tokens: list[int] | None  # the tokens read, in order (None: not known, e.g. taken over from a store)
 
 
 class Session(Reading, Compression, Reselection, Decoding, Accounting):
@@ -134,11 +137,12 @@ class Session(Reading, Compression, Reselection, Decoding, Accounting):
         for attention in self.attentions:
             attention.reset()
         self.stats = Stats()
+        self.tokens: list[int] | None = []  # every token whose row the caches hold or held, in order
 
     def snapshot(self) -> Snapshot:
         """A copy of the caches, window queries and stats, e.g. of a prefilled document."""
         return Snapshot([c.copy() for c in self.caches], [a.window_state() for a in self.attentions],
-                        replace(self.stats), copies(self.others))
+                        replace(self.stats), copies(self.others), None if self.tokens is None else list(self.tokens))
 
     def restore(self, snapshot: Snapshot):
         """Go back to a :meth:`snapshot`; it can be restored again later."""
@@ -147,15 +151,17 @@ class Session(Reading, Compression, Reselection, Decoding, Accounting):
         for attention, q in zip(self.attentions, snapshot.queries):
             attention.restore_window_state(q)
         self.stats = replace(snapshot.stats)
+        self.tokens = None if snapshot.tokens is None else list(snapshot.tokens)
 
     def remembered_queries(self) -> list[mx.array | None]:
         """Every layer's remembered window queries as one array each (to save or store)."""
         return [a.remembered() for a in self.attentions]
 
-    def take_over(self, caches: list[EvictingKVCache], queries: list[mx.array | None], others: dict | None = None):
+    def take_over(self, caches: list[EvictingKVCache], queries: list[mx.array | None], others: dict | None = None,
+                  tokens: list[int] | None = None):
         """Continue from caches, window queries and mlx-lm's caches of the other layers
-        (``others``, by layer) read elsewhere (a saved session, a stored document);
-        statistics start afresh."""
+        (``others``, by layer) read elsewhere (a saved session, a stored document), of
+        ``tokens`` if known; statistics start afresh."""
         others = others or {}
         if len(caches) != len(self.caches) or set(others) != set(self.others):
             raise CKVError(f"the cache has {len(caches)} compressing and {len(others)} other layers, the model "
@@ -169,6 +175,24 @@ class Session(Reading, Compression, Reselection, Decoding, Accounting):
         self.others.update(others)
         for attention, q in zip(self.attentions, queries):
             attention.restore_window_state(q)
+        self.tokens = None if tokens is None else list(tokens)
+
+    def note_read(self, tokens: list[int]):
+        """``tokens`` now have rows in the caches, after those read before."""
+        if self.tokens is not None:
+            self.tokens.extend(tokens)
+
+    def words(self, cache: EvictingKVCache) -> mx.array | None:
+        """Each of ``cache``'s rows' word number, when its rows are every token read, in
+        order (before any eviction) and the tokenizer shows which tokens begin words."""
+        if self.tokens is None or cache.compressed or not cache.length == cache.offset == len(self.tokens):
+            return None
+        return None if self._word_starts is None else mx.array(word_ids(self._word_starts, self.tokens))
+
+    @cached_property
+    def _word_starts(self):
+        """Per vocabulary id, whether the token begins a word (None: the tokenizer cannot say)."""
+        return word_starts(self.tokenizer)
 
 
 

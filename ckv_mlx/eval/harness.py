@@ -89,7 +89,8 @@ class Harness:
         widest = session.attentions[0].kept
         key = document_key(self.identity, sample.document)
         full = read_or_reuse(session, self.stores, key, f"{sample.key}'s document",
-                             lambda writer: session.prefill(sample.document, store=writer), self.notify)
+                             lambda writer: session.prefill(sample.document, store=writer), self.notify,
+                             tokens=sample.document)
         if full is not None and not session.caches[0].length:  # stored: every row back from disk
             if session.attentions[0].queries_held < min(widest, len(sample.document)):
                 self.notify(f"{sample.key}: its stored window queries are too few for these methods: reading it")

@@ -4,6 +4,8 @@ caches mlx-lm drives (``prompt_cache.py``)."""
 
 from __future__ import annotations
 
+import mlx.core as mx
+
 from .attention import LayerWindow
 from .cache import EvictingKVCache
 from ..policy.methods import Method
@@ -11,13 +13,13 @@ from .quantized import KVBits
 
 
 def compress_layer(cache: EvictingKVCache, method: Method, layer: int, window: LayerWindow, budget: int,
-                   kv_bits: KVBits | None = None):
+                   kv_bits: KVBits | None = None, words: mx.array | None = None):
     """Score ``cache``'s rows with ``window``'s queries under ``method`` (as layer
     ``layer``) and keep ``budget`` of them (packed by ``kv_bits``, or as they were kept
-    before)."""
+    before); ``words``: each row's word number, when the rows are the tokens in order."""
     keys = cache.keys_and_values()[0][0]
     keep = method.keep_indices(layer, window.window_queries, keys, window.scale, budget, window.sinks,
-                               cache.visible_rows())
+                               cache.visible_rows(), words)
     cache.compress(keep, budget, kv_bits)
 
 

@@ -19,7 +19,7 @@ import mlx.core as mx
 from . import budgets
 from ..errors import CKVError
 from ..profiles import Defaults
-from .scoring import chunked, group_mean, head_scores, keep_per_head, keep_top, key_novelty, spread
+from .scoring import chunked, group_mean, head_scores, keep_per_head, keep_top, key_novelty, spread, widen_to_words
 
 
 class Method:
@@ -30,6 +30,7 @@ class Method:
     per_head_budgets = False  # AdaKV: the layer's budget shared out over its KV heads by score
     chunk = 1  # tokens kept together: each position scores its chunk's sum (ChunkKV)
     span = 0  # each position also scores as well as the best of the span before it
+    word = 0  # each position also scores as well as the best of its word, this far either side (needs the tokens)
 
     def __init__(
         self, window: int = Defaults.window, kernel: int = Defaults.kernel, pooling: str = Defaults.pooling
@@ -41,15 +42,19 @@ class Method:
 
     def keep_indices(
         self, layer: int, window_queries: mx.array, keys: mx.array, scale: float, budget: int,
-        sinks: mx.array | None = None, visible: mx.array | None = None,
+        sinks: mx.array | None = None, visible: mx.array | None = None, words: mx.array | None = None,
     ) -> mx.array:
         """Rows of ``keys`` (``[kv_heads, N, d]``) to keep, sorted; all when N <= budget.
         ``sinks``: the layer's learned attention-sink logit per query head, if it has them;
-        ``visible``: ``[kv_heads, N]``, False on padding rows, which are never kept."""
+        ``visible``: ``[kv_heads, N]``, False on padding rows, which are never kept;
+        ``words``: ``[N]``, each row's word number (rows in position order), for ``word``."""
         n = keys.shape[1]
         if n <= budget:
             return mx.arange(n)[None]
-        scores = spread(chunked(self.scores(layer, window_queries, keys, scale, sinks, visible), self.chunk), self.span)
+        scores = chunked(self.scores(layer, window_queries, keys, scale, sinks, visible), self.chunk)
+        if self.word and words is not None:
+            scores = widen_to_words(scores, words[: scores.shape[-1]], self.word)
+        scores = spread(scores, self.span)
         if visible is not None:
             prefix = visible[:, : n - self.window]
             scores = mx.where(prefix if scores.shape[0] > 1 else prefix.any(axis=0, keepdims=True), scores, -mx.inf)
@@ -76,7 +81,7 @@ class StreamingLLM(Method):
         super().__init__(**kwargs)
         self.sinks = sinks
 
-    def keep_indices(self, layer, window_queries, keys, scale, budget, sinks=None, visible=None):
+    def keep_indices(self, layer, window_queries, keys, scale, budget, sinks=None, visible=None, words=None):
         n = keys.shape[1]
         if n <= budget:
             return mx.arange(n)[None]
@@ -171,9 +176,9 @@ METHODS = {m.name: m for m in (FullCache, CompressKV, CompressKVGQA, AdaCompress
 PROFILED = (CompressKV.name, CompressKVGQA.name, AdaCompressKVGQA.name)
 
 
-OPTION = re.compile(r"(chunk|span|window|kernel)([1-9][0-9]*)|(avg|max)")
-OPTIONS_HELP = ("chunkN (whole N-token chunks), spanN (the N tokens after a kept one), windowN, kernelN (odd), "
-                "avg or max (pooling)")
+OPTION = re.compile(r"(chunk|span|word|window|kernel)([1-9][0-9]*)|(avg|max)")
+OPTIONS_HELP = ("chunkN (whole N-token chunks), spanN (the N tokens after a kept one), wordN (a kept token's word, "
+                "up to N tokens either side), windowN, kernelN (odd), avg or max (pooling)")
 
 
 def options(name: str) -> tuple[str, dict]:
@@ -202,7 +207,7 @@ def options(name: str) -> tuple[str, dict]:
 
 def _named(base: str, settings: dict) -> str:
     """The one name of ``base`` with ``settings``, options in a fixed order."""
-    order = ("chunk", "span", "window", "kernel", "pooling")
+    order = ("chunk", "span", "word", "window", "kernel", "pooling")
     return base + "".join(f"+{settings[a]}" if a == "pooling" else f"+{a}{settings[a]}" for a in order if a in settings)
 
 

@@ -124,6 +124,25 @@ def spread(scores: mx.array, span: int) -> mx.array:
     return mx.where(scores > -mx.inf, best, -mx.inf)
 
 
+def widen_to_words(scores: mx.array, words: mx.array, reach: int) -> mx.array:
+    """Each prefix position also takes the best score of the positions of its own word
+    (``words``: a word number per position) up to ``reach`` either side, so a word
+    chosen is kept whole (a number, a code, a UUID); nearer positions rank a hair higher,
+    so a word cut by the budget keeps what is nearest its best token. -inf stays -inf."""
+    n = scores.shape[-1]
+    if reach <= 0 or n == 0:
+        return scores
+    padded = mx.pad(scores, [(0, 0), (reach, reach)], constant_values=-mx.inf)
+    padded_words = mx.pad(words, [(reach, reach)], constant_values=-1)
+    step, best = _tie_step(scores), scores
+    for distance in range(1, reach + 1):
+        for shift in (-distance, distance):
+            same = padded_words[reach + shift : reach + shift + n] == words
+            best = mx.maximum(best, mx.where(same, padded[:, reach + shift : reach + shift + n] - distance * step,
+                                             -mx.inf))
+    return mx.where(scores > -mx.inf, best, -mx.inf)
+
+
 def _tie_step(scores: mx.array) -> mx.array:
     """Per row, a step far below any real difference between scores (a millionth of the
     largest magnitude), to rank equal scores by position whatever their sign."""

@@ -171,7 +171,7 @@ class Worker:
             session.prefill(tokens[:chosen], progress, working_budget=working, store=writer)
 
         full = read_or_reuse(session, root, keys[chosen], "the prompt's prefix", read_prefix, _log.info,
-                             self.settings.store_limit, self.settings.store_bits)
+                             self.settings.store_limit, self.settings.store_bits, tokens[:chosen])
         if full is None:  # the disk refused: the prefix is in memory
             logits = session.feed(tokens[chosen:])
             session.compress(budget)
