@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from mlx_lm.models.cache import make_prompt_cache as mlx_lm_prompt_cache
 
-from . import DEFAULT_METHOD
+from . import CACHE_METHOD
 from .kv.attention import observe
 from .policy.budgets import check_budget
 from .errors import CKVError
@@ -41,7 +41,7 @@ def load(model: str | None = None, precision: str | None = None):
     return loaded.model, loaded.tokenizer
 
 
-def make_prompt_cache(model, method: str = DEFAULT_METHOD, budget: int = 128,
+def make_prompt_cache(model, method: str = CACHE_METHOD, budget: int = 128,
                       profile: str | os.PathLike | Profile | None = None, kv_bits: int | None = None,
                       kv_group_size: int | None = None, region: int | None = None) -> list:
     """One cache per layer of ``model`` for mlx-lm's ``generate`` / ``stream_generate`` /
@@ -68,9 +68,9 @@ def make_prompt_cache(model, method: str = DEFAULT_METHOD, budget: int = 128,
         return mlx_lm_prompt_cache(model)
     if region is not None and region < 1:
         raise CKVError("region must be at least 1 (rows per layer for generated tokens)")
-    if scorer.word:
-        raise CKVError(f"method {method!r}: wordN needs the prompt's tokens, which an mlx-lm cache never sees; "
-                       "use spanN, or ckv_mlx.generate")
+    if scorer.word:  # the cache sees rows, never tokens
+        warnings.warn(f"method {method!r}: wordN needs the prompt's tokens, which an mlx-lm cache never sees, so "
+                      "this cache selects without it (ckv_mlx.generate and the chat use it)", stacklevel=2)
     check_budget(budget, scorer.window)
     bits = for_heads(kv_bits_setting(kv_bits, kv_group_size), {shape.head_dim})
     profiled = chosen if hasattr(scorer, "profile") else None

@@ -138,7 +138,7 @@ def test_stream_generate_takes_it_with_a_tokenizer(default_model):
     text = "The vault code is 4172. " + "The sky was grey and the sea was calm. " * 60
     messages = [{"role": "user", "content": f"{text}\n\nWhat is the vault code?"}]
     tokens = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    method, _ = make_method(ckv_mlx.DEFAULT_METHOD, _shipped(loaded))
+    method, _ = make_method(ckv_mlx.CACHE_METHOD, _shipped(loaded))
     session = Session(loaded.model, loaded.tokenizer, method, kv_bits=kv(8))
     logits = session.prefill(tokens)
     session.compress(64)
@@ -253,7 +253,7 @@ def test_the_readmes_example_answers_as_generate_does(default_model, capsys, mon
     exec(compile(readme_example(), "README.md", "exec"), {})
     example = capsys.readouterr().out
     assert main(["--doc", "samples/report.txt", "--prompt", "Who is the CFO?", "--max-tokens", "48", "--no-store",
-                 "--json"]) == 0
+                 "--method", ckv_mlx.CACHE_METHOD, "--json"]) == 0
     report = json.loads(capsys.readouterr().out.splitlines()[-1])
     *answer, kv_line = example.rstrip("\n").split("\n")
     assert report["text"].strip() and "\n".join(answer).strip() == report["text"].strip()
