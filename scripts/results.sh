@@ -64,10 +64,12 @@ firstk() {  # 3 SRHs per layer instead of 2 (what the profile now ships): compre
         --lengths 1000,2000,4000,7000 --needle-count 6
 }
 
-span_niah() {  # the exact-fact choice (compresskv-gqa+span8) back on the 240 essay NIAH samples of firstk, beside
-               # compresskv-gqa's records (same profile, prompts and settings); LENGTHS_SPAN picks lengths (default all four)
+span_niah() {  # the exact-fact choices (compresskv-gqa+span8, then +word48, the default) back on the 240 essay NIAH
+               # samples of firstk, beside compresskv-gqa's records (same profile, prompts and settings); LENGTHS_SPAN
+               # picks lengths (default all four), SPAN_METHODS the methods
     variant runs/smollm2-first-k-3.json 'p["defaults"]["first_k"] = 3'
-    niah_eval runs/smollm2-first-k-3.json docs/eval/niah-first-k-3-all --methods full,compresskv-gqa,compresskv-gqa+span8 \
+    niah_eval runs/smollm2-first-k-3.json docs/eval/niah-first-k-3-all \
+        --methods "full,compresskv-gqa,${SPAN_METHODS:-compresskv-gqa+span8,compresskv-gqa+span8+word48}" \
         --lengths "${LENGTHS_SPAN:-1000,2000,4000,7000}" --needle-count 6
 }
 
