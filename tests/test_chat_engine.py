@@ -545,12 +545,18 @@ def kept_tokens(tokens: list[int], n: int, where: str) -> list[int]:
     return tokens[:head] + tokens[head + n :]
 
 
-def test_a_document_over_the_context_is_refused_with_the_choices(tmp_path):
+def opened_long(tmp_path, settings: ChatSettings):
+    """An engine with a 400-token context, opening LONG (about 600 tokens) from a file."""
     path = tmp_path / "long.txt"
     path.write_text(LONG)
-    engine, recorder = start(ChatSettings(method="full", max_tokens=8), context=400)
+    engine, recorder = start(settings, context=400)
+    engine.open(path)
+    return engine, recorder
+
+
+def test_a_document_over_the_context_is_refused_with_the_choices(tmp_path):
+    engine, recorder = opened_long(tmp_path, ChatSettings(method="full", max_tokens=8))
     try:
-        engine.open(path)
         failure = recorder.wait(Failure)[0]
     finally:
         engine.close()
@@ -676,11 +682,8 @@ def test_ten_turns_over_a_document_that_fills_the_context_drop_the_oldest_turns(
 
 
 def test_context_says_where_the_tokens_go_and_truncate_takes_the_conversations_room(tmp_path):
-    path = tmp_path / "long.txt"
-    path.write_text(LONG)
-    engine, recorder = start(ChatSettings(method="full", max_tokens=8), context=400)
+    engine, recorder = opened_long(tmp_path, ChatSettings(method="full", max_tokens=8))
     try:
-        engine.open(path)
         recorder.wait(Failure)
         engine.truncate("middle", 150)
         ready = recorder.wait(DocumentReady)[0]
