@@ -691,7 +691,8 @@ def test_context_says_where_the_tokens_go_and_truncate_takes_the_conversations_r
         recorder.wait(Reply)
         engine.context()
         engine.truncate("middle", 400)
-        recorder.wait(Failure, 2)
+        engine.truncate("middle", -5)
+        recorder.wait(Failure, 3)
     finally:
         engine.close()
     assert ready.tokens + 8 + 150 <= 400
@@ -699,4 +700,5 @@ def test_context_says_where_the_tokens_go_and_truncate_takes_the_conversations_r
     assert "leaving 150 for the conversation" in cut
     line = next(n.text for n in recorder.of(Notice) if n.text.startswith("context of 400"))
     assert f"the document {ready.tokens:,}" in line and "(1 turn)" in line and "room for an answer 8" in line
-    assert "leaves nothing" in recorder.of(Failure)[-1].text
+    assert "leaves nothing" in recorder.of(Failure)[-2].text
+    assert recorder.of(Failure)[-1].text == "a conversation room must be 0 or more tokens, not -5"

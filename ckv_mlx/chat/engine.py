@@ -286,10 +286,12 @@ class ChatEngine:
 
     def _check_room(self, room: int):
         context = self._loaded.context_length if self._loaded else None
-        if room < 0 or (context and room + self.settings.max_tokens >= context):
+        if room < 0:
+            raise CKVError(f"a conversation room must be 0 or more tokens, not {room}")
+        if context and room + self.settings.max_tokens >= context:
             raise CKVError(f"a conversation room of {room:,} tokens leaves nothing of the model's context "
                            f"({context:,}) for the document beside {self.settings.max_tokens:,} for an answer: "
-                           "choose fewer" if context else f"a conversation room must be 0 or more, not {room}")
+                           "choose fewer")
 
     def _context(self):
         document, context = self._document, self._loaded.context_length if self._loaded else 0

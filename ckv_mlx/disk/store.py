@@ -278,7 +278,7 @@ class StoreWriter(LayerRows):
                 arrays, layout = to_saved(others)
                 mx.save_safetensors(str(self.folder / OTHERS), arrays, metadata={"layout": json.dumps(layout)})
             manifest = self._manifest()
-            size = sum(r["bytes"] for _, r in _records(manifest))
+            size = _stored_bytes(manifest)
             if size > self.limit_bytes:
                 self.abort()
                 raise DiskError(f"the full cache ({size / 2**20:,.1f} MiB) is larger than the store's limit "
@@ -429,6 +429,11 @@ def _records(manifest: dict):
     yield from manifest["files"].items()
 
 
+def _stored_bytes(manifest: dict) -> int:
+    """What a store's files hold (its manifest aside): what its limit counts."""
+    return sum(record["bytes"] for _, record in _records(manifest))
+
+
 def _check(path: Path, record: dict) -> str | None:
     try:
         size = path.stat().st_size
@@ -480,7 +485,7 @@ def list_stores(root: Path) -> list[dict]:
             continue
         if not isinstance(info, dict) or info.get("format") != STORE_FORMAT:  # not ours (a future format): left alone
             continue
-        size = sum(r["bytes"] for _, r in _records(info))
+        size = _stored_bytes(info)
         found.append({"key": manifest.parent.name, "tokens": info.get("tokens"), "bytes": size, "used": used,
                       "path": manifest.parent})
     return sorted(found, key=lambda s: -s["used"])

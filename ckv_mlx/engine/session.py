@@ -183,9 +183,11 @@ class Session(Reading, Compression, Reselection, Decoding, Accounting):
             self.tokens.extend(tokens)
 
     def words(self, cache: EvictingKVCache) -> mx.array | None:
-        """Each of ``cache``'s rows' word number, when its rows are every token read, in
-        order (before any eviction) and the tokenizer shows which tokens begin words."""
-        if self.tokens is None or cache.compressed or not cache.length == cache.offset == len(self.tokens):
+        """Each of ``cache``'s rows' word number, for a method that uses them (``wordN``),
+        when its rows are every token read, in order (before any eviction) and the
+        tokenizer shows which tokens begin words."""
+        if not self.method.word or self.tokens is None or cache.compressed \
+                or not cache.length == cache.offset == len(self.tokens):
             return None
         return None if self._word_starts is None else mx.array(word_ids(self._word_starts, self.tokens))
 

@@ -127,7 +127,7 @@ def _compression(extension: schema.Extension | None, defaults: Compression, meth
     """The server's defaults, with what the request's ``ckv`` field sets."""
     if extension is None:
         return defaults
-    chosen = replace(defaults, **{k: v for k, v in extension.model_dump(exclude_none=True).items()})
+    chosen = replace(defaults, **extension.model_dump(exclude_none=True))
     chosen = replace(chosen, budget=str(chosen.budget))
     if chosen.method.split("+")[0] not in methods:  # the worker checks the options
         raise APIError(400, f"unknown method {chosen.method!r}: choose one of {', '.join(methods)}", "ckv.method")
