@@ -13,7 +13,7 @@ from ckv_mlx.engine.session import Session
 from ckv_mlx.policy.methods import make_method
 from ckv_mlx.text.words import word_ids, word_starts
 from test_chat_engine import smollm_tokenizer
-from tiny import tiny_model
+from tiny import mac_model, tiny_model
 
 TEXT = "Ship order 3f2a8c1e-4b5d-4e6f-8a9b-0c1d2e3f4a5b to Helena Marsh, room 92813, by Friday."
 
@@ -42,10 +42,13 @@ def recorded_words(session, monkeypatch) -> list:
     return seen
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("path", ["read", "stored", "stored-unknown"])
-def test_the_session_gives_each_selection_its_rows_words(tmp_path, monkeypatch, path):
+def test_the_session_gives_each_selection_its_rows_words(tmp_path, monkeypatch, path, dtype):
+    """In float32, and as a Mac runs it (4-bit weights, bf16 or fp16)."""
     tokenizer = smollm_tokenizer()
-    model = tiny_model("llama", layers=2, vocab=49152)
+    model = tiny_model("llama", layers=2, vocab=49152) if dtype == "float32" else \
+        mac_model("llama", dtype, layers=2, vocab=49152)
     session = Session(model, tokenizer, make_method("snapkv+word8")[0])
     document = tokenizer.encode(" ".join([TEXT] * 12), add_special_tokens=False)
     question = tokenizer.encode(" Which room?", add_special_tokens=False)
