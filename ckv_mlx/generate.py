@@ -56,20 +56,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--store-bits", type=int, choices=BITS, help=STORE_BITS_HELP)
     p.add_argument("--no-store", action="store_true", help="neither reuse nor store the document's full cache on disk")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of results")
+    p.add_argument("--pipeline", action="store_true", help="under mlx.launch: split the model by layers (pipeline "
+                   "parallel) instead of by heads (tensor parallel, the default)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     ensure_fast_blas()
     args = parse_args(argv)
+    from .group.ranks import Ranks, as_rank
+
+    ranks = Ranks()
     try:
-        return exit_code(lambda: run(args))
+        return exit_code(lambda: as_rank(ranks, lambda: run(args, ranks)))
     except KeyboardInterrupt:  # during generation run() keeps the partial answer itself
         print("interrupted: stopped before the answer began", file=sys.stderr)
         return 130
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, ranks) -> int:
+    import mlx.core as mx
     from .policy.budgets import parse_budget
     from .text.documents import read_document
     from .engine.memory import plan_prefill
@@ -88,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
         raise CKVError("--region must be at least 1 (rows per layer for generated tokens)")
     if args.repetition_penalty is not None and args.repetition_penalty <= 0:
         raise CKVError("--repetition-penalty must be more than 0 (1 is no penalty; try 1.1)")
-    document = read_document(args.doc) if args.doc else ""
+    document = ranks.share(read_document(args.doc) if args.doc and ranks.leader else "")  # rank 0's file
     stores = bool(args.doc) and compresses(args.method) and not args.no_store  # a full cache in memory needs no store
-    loaded = load_model(args.model, args.precision, identify=stores)
+    loaded = load_model(args.model, args.precision, identify=stores, pipeline=args.pipeline)
     warn_if_slow_blas()
     profile, profile_path, notes = resolve_profile(args.profile, loaded.shape)
     method, method_notes = make_method(args.method, profile)
@@ -111,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         notes.append(AS_COMPUTED_NOTE)
     budget = parse_budget(args.budget, len(tokens)) if method.compresses else None
     session.layer_budgets(budget)
-    working, memory_note = plan_prefill(loaded, len(tokens), budget, args.kv_limit, args.prefill_chunk)
+    working, memory_note = plan_prefill(loaded, len(tokens), budget, args.kv_limit, args.prefill_chunk, ranks)
     for note in notes + method_notes + [memory_note] * bool(memory_note):
         print(f"note: {note}", file=sys.stderr)
 
@@ -123,8 +129,10 @@ def run(args: argparse.Namespace) -> int:
         question = question_tail(loaded.tokenizer, tokens, args.prompt or DEFAULT_PROMPT, args.raw) if working else None
         logits = session.prefill(tokens, progress, working_budget=working, chunk=args.prefill_chunk, question=question)
         session.compress(budget)
+    if args.temp > 0:
+        mx.random.seed(ranks.share(int(time.time_ns() % 2**32)))  # every rank samples the same tokens
     text, interrupted = _stream(session, logits, loaded.tokenizer, args)
-    report = _report(session, loaded, args, budget, profile_path, text, interrupted)
+    report = _group_report(_report(session, loaded, args, budget, profile_path, text, interrupted), ranks)
     out = sys.stderr if args.json else sys.stdout
     print(_summary(report), file=out)
     if args.json:
@@ -143,7 +151,8 @@ def _via_store(session, loaded, args, tokens: list[int], split: int, budget, pro
 
     document, question = tokens[:split], tokens[split:]
     store_bits = store_bits_setting(args.store_bits, args.kv_group_size)
-    working, _ = plan_prefill(loaded, len(document), budget, args.kv_limit, args.prefill_chunk)  # the document's read
+    working, _ = plan_prefill(loaded, len(document), budget, args.kv_limit, args.prefill_chunk,
+                              session.ranks)  # the document's read
     key = document_key(loaded.identity, document, working, args.prefill_chunk, session.method.name, profile, store_bits)
     root = Path(args.store_dir).expanduser() if args.store_dir else store_root()
     progress = _progress if sys.stderr.isatty() else None
@@ -223,6 +232,21 @@ def _report(session, loaded, args, budget, profile_path, text, interrupted) -> d
     }
 
 
+GROUP_SUMS = ("kv_bytes_full", "kv_bytes_kept", "kv_rows_kept", "peak_kv_bytes", "peak_memory_bytes", "disk_bytes")
+
+
+def _group_report(report: dict, ranks) -> dict:
+    """``report`` with the group's figures: each byte count summed over the ranks (one
+    process: unchanged), and under ``mlx.launch`` the group's size and each rank's kept bytes."""
+    if ranks.size == 1:
+        return report
+    kept = ranks.each(report["kv_bytes_kept"])
+    report.update({name: ranks.total(report[name]) for name in GROUP_SUMS})
+    full = report["kv_bytes_full"]
+    return {**report, "kv_ratio": report["kv_bytes_kept"] / full if full else None, "ranks": ranks.size,
+            "kv_bytes_kept_per_rank": kept}
+
+
 def _summary(r: dict) -> str:
     mib = 1024 * 1024
     lines = [
@@ -241,6 +265,9 @@ def _summary(r: dict) -> str:
         lines.append(f"prefill cache    at most {r['peak_kv_bytes'] / mib:.2f} MiB (chunked, {r['working_budget']} tokens per layer between chunks)")
     if r["layer_budgets"]:
         lines.append(f"layer budgets    {_budgets(r['layer_budgets'])} (average {r['budget']})")
+    if r.get("ranks"):
+        lines.append(f"ranks            {r['ranks']}, kept per rank "
+                     + " ".join(f"{b / mib:.2f}" for b in r["kv_bytes_kept_per_rank"]) + " MiB")
     lines += [
         f"prefill          {r['prefill_tps']:.1f} tok/s",
         f"decode           {r['generated_tokens']} tokens, {r['decode_tps']:.1f} tok/s",

@@ -220,9 +220,9 @@ def test_precision_and_repetition_penalty_reach_the_engine(capsys, tokenizer, do
 
     seen, load, generate = {}, ckv_mlx.model.models.load_model, Session.generate
 
-    def loading(name=None, precision=None, identify=True):
+    def loading(name=None, precision=None, identify=True, pipeline=False):
         seen["precision"] = precision
-        return load(name, precision, identify)
+        return load(name, precision, identify, pipeline)
 
     def generating(self, *args, repetition_penalty=None, **kwargs):
         seen["penalty"] = repetition_penalty

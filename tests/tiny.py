@@ -34,17 +34,26 @@ FAMILY_ARGS.update(MIXED_ARGS)
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", *FAMILY_ARGS, "mistral3")
 
 
-def tiny_model(
-    arch: str = "llama",
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    head_dim: int = 16,
-    vocab: int = 128,
-    seed: int = 0,
-):
+def tiny_model(arch: str = "llama", seed: int = 0, **shape):
     """A float32 model with random weights, built from mlx-lm's own ``Model`` and
-    ``ModelArgs``; ``hidden = heads * head_dim``. ``mistral3`` wraps a ``ministral3``."""
+    ``ModelArgs`` (:func:`tiny_config`); ``hidden = heads * head_dim``. ``mistral3``
+    wraps a ``ministral3``."""
+    return model_of(tiny_config(arch, **shape), seed)
+
+
+def model_of(config: dict, seed: int = 0):
+    """mlx-lm's model of ``config``, random weights from ``seed``."""
+    arch = config["model_type"]
+    module = importlib.import_module(f"mlx_lm.models.{MODULES.get(arch, arch)}")
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    return model
+
+
+def tiny_config(arch: str = "llama", layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int = 16,
+                vocab: int = 128) -> dict:
+    """The ``config.json`` of a tiny model of family ``arch``."""
     config = {
         "model_type": arch,
         "hidden_size": heads * head_dim,
@@ -66,11 +75,7 @@ def tiny_model(
         config["layer_types"] = ["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2)
     if arch == "mistral3":
         config = {"model_type": arch, "text_config": {**config, **FAMILY_ARGS["ministral3"], "model_type": "ministral3"}}
-    module = importlib.import_module(f"mlx_lm.models.{MODULES.get(arch, arch)}")
-    mx.random.seed(seed)
-    model = module.Model(module.ModelArgs.from_dict(config))
-    mx.eval(model.parameters())
-    return model
+    return config
 
 
 class TinyTokenizer:

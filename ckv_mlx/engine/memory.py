@@ -93,13 +93,17 @@ def working_budget(prompt_tokens: int, per_token: int, kv_limit: int, chunk: int
 
 
 def plan_prefill(loaded, prompt_tokens: int, budget: int | None, kv_limit: str | None,
-                 chunk: int) -> tuple[int | None, str | None]:
+                 chunk: int, ranks=None) -> tuple[int | None, str | None]:
     """The working budget for reading ``prompt_tokens`` with ``loaded`` (a
     :class:`~ckv_mlx.model.models.LoadedModel`) under ``kv_limit`` (a size; None:
-    :func:`default_kv_limit`) and a note saying why, or ``(None, None)`` when it fits."""
+    :func:`default_kv_limit`) and a note saying why, or ``(None, None)`` when it fits.
+    A group (``ranks``) reads one way, each rank within its own limit: the least of them."""
     limit = parse_size(kv_limit) if kv_limit else default_kv_limit(loaded.model)
     per_token = loaded.kv_bytes_per_token
     working = working_budget(prompt_tokens, per_token, limit, chunk, budget)
+    if ranks is not None and ranks.size > 1:
+        bounded = [w for w in ranks.each(working or 0) if w]
+        working = min(bounded) if bounded else None
     if working is None:
         return None, None
     return working, (

@@ -30,10 +30,11 @@ class Reselection:
         layer's share of ``avg_budget``, one layer at a time: the caches and logits that
         :meth:`feed` then :meth:`compress` give with the full cache in memory, holding
         at most one layer's full rows. ``tokens`` join the full cache's rows."""
-        budgets = self.layer_budgets(avg_budget)
+        every = self.model_budgets(avg_budget)
         total = full.tokens + len(tokens)
-        if budgets is not None:
-            budgets = prompt_budgets(budgets, total, avg_budget)
+        if every is not None:
+            every = prompt_budgets(every, total, avg_budget)
+        budgets = None if every is None else self.placement.mine(every)
         start, kept = time.perf_counter(), []
 
         def keep(layer: int, keys: mx.array, values: mx.array):
@@ -59,7 +60,7 @@ class Reselection:
         mx.eval([a.window_state() for a in self.attentions])
         self.caches = kept
         self.stats.reselect_s = time.perf_counter() - start
-        self._selected(budgets)
+        self._selected(every)
         return logits
 
     def read_on_disk(self, tokens: list[int], full: DiskFullCache):
@@ -73,9 +74,9 @@ class Reselection:
 
     def _disk_step(self, total: int) -> int:
         """Tokens per model call against ``total`` rows on disk (the query heads: the
-        window queries' count, remembered with the document)."""
+        window queries' count, remembered with the document); a group takes its least."""
         heads = max((q.shape[1] for q in self.remembered_queries() if q is not None), default=0)
-        return disk_read_step(heads, total, PREFILL_STEP) if heads else PREFILL_STEP
+        return self.ranks.least(disk_read_step(heads, total, PREFILL_STEP) if heads else PREFILL_STEP)
 
     def forget_rows(self):
         """Free every row held (they are on disk), keeping the position, the window
@@ -94,6 +95,9 @@ def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[Stor
     ``read`` still runs (told why), without a store: None, the full cache in memory."""
     session.packable(kv_bits)
     full = stored_full_cache(root, key, notify, kv_bits)
+    if not session.ranks.all(full is not None) and full is not None:  # a rank without its part: all read again
+        full.close()
+        full = None
     if full is not None:
         notify(f"{name} was read before: its stored cache ({mib(full.nbytes)} on disk) is used, nothing to read")
         session.take_over(full.empty_caches(session.region), full.store.queries(), full.store.others(), tokens)
@@ -102,6 +106,9 @@ def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[Stor
         writer = StoreWriter(root, key, len(session.caches), kv_bits, limit_bytes)
     except CKVError as error:
         notify(f"{error}; the full cache stays in memory meanwhile")
+        writer = None
+    if not session.ranks.all(writer is not None) and writer is not None:  # the group reads one way
+        writer.abort()
         writer = None
     try:
         read(writer)
@@ -113,10 +120,12 @@ def read_or_reuse(session, root: Path, key: str, name: str, read: Callable[[Stor
         return None
     try:
         store = writer.publish(session.remembered_queries(), session.others)
-        return DiskFullCache(store, root / CONVERSATIONS)
     except CKVError as error:
         notify(f"{error}; the full cache stays in memory meanwhile")
+        store = None
+    if not session.ranks.all(store is not None):  # the group answers one way: from memory, stored for next time
         return None
+    return DiskFullCache(store, root / CONVERSATIONS)
 
 
 def extended(session, full: DiskFullCache, tokens: list[int], root: Path, key: str,

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import mlx.core as mx
 
 from ..errors import CKVError
+from ..group.placement import placement
+from ..group.ranks import Ranks
 from ..kv.attention import observe
 from ..kv.cache import EvictingKVCache
 from ..kv.layer_caches import copies, fresh_others
@@ -47,16 +49,22 @@ class Snapshot(NamedTuple):
 
 
 class Session(Reading, Compression, Reselection, Decoding, Accounting):
-    """A model with evicting caches and one compression method."""
+    """A model with evicting caches and one compression method.
+
+    Under ``mlx.launch`` every rank runs a session of its part of the model (its layers,
+    or its slice of every layer's heads: :attr:`placement`), each making the same calls in
+    the same order; :attr:`ranks` is the group, which agrees on every plan."""
 
     def __init__(self, model, tokenizer, method: Method, region: int | None = None, kv_bits: KVBits | None = None):
         self.model, self.tokenizer, self._method = model, tokenizer, method
         self.region = region
         self.attentions = observe(attention_modules(model), method.window)
+        self.placement, self.ranks = placement(model), Ranks()
         self._recorder = None
         self.reset()
         mx.eval(model(mx.array([[0]]), cache=self.model_caches()))  # each window sees how its layer attends
         self._head_dims = {c.keys.shape[-1] for c in self.caches if c.keys is not None}
+        self.heads = self.placement.heads(self.attentions[0].n_heads, self.attentions[0].n_kv_heads)
         self.reset()
         self.kv_bits = kv_bits
 
@@ -196,11 +204,6 @@ class Session(Reading, Compression, Reselection, Decoding, Accounting):
         """Per vocabulary id, whether the token begins a word (None: the tokenizer cannot say)."""
         return word_starts(self.tokenizer)
 
-
-
-
-
-
     @property
     def consistent(self) -> bool:
         """Whether every layer has seen the same tokens (an interrupt mid-step breaks it)."""
@@ -212,26 +215,6 @@ class Session(Reading, Compression, Reselection, Decoding, Accounting):
         """Logical position of the next token (tokens seen so far)."""
         return self.caches[0].offset
 
-
-
-
-
-
-
-
-
     @property
     def compressed(self) -> bool:
         return self.caches[0].compressed
-
-
-
-
-
-
-
-
-
-
-
-

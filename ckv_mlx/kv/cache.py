@@ -136,7 +136,7 @@ class EvictingKVCache(_BaseCache):
         if self.packed is not None and kv_bits != self.kv_bits:  # other bits: from the rows as they read now
             self.keys, self.values = self.keys_and_values()
             self.packed = None
-        keep, self.valid = self._visible_selection(keep)
+        keep, self.valid = self._visible_selection(keep, budget)
         self.budget = budget
         if kv_bits is None:
             kept_k, kept_v = (take_rows(x, keep) for x in self.keys_and_values())
@@ -149,15 +149,16 @@ class EvictingKVCache(_BaseCache):
         self.keys, self.values = (mx.zeros((*x.shape[:2], self.region, x.shape[3]), x.dtype)
                                   for x in (self.keys, self.values))
 
-    def _visible_selection(self, keep: mx.array) -> tuple[mx.array, mx.array | None]:
+    def _visible_selection(self, keep: mx.array, budget: int) -> tuple[mx.array, mx.array | None]:
         """``keep``'s rows (padding at row 0) and which each KV head sees: not padding,
-        and not padding before (None: all)."""
+        and not padding before (None: all, and no more rows than ``budget``; a rank
+        holding only the widest heads of a layer keeps the mask, whose width bounds it)."""
         rows = mx.maximum(keep, 0)
         visible = keep >= 0
         held = self.visible_rows()
         if held is not None:
             visible = visible & mx.take_along_axis(held, mx.broadcast_to(rows, (held.shape[0], rows.shape[-1])), axis=1)
-        return rows, (None if visible.all().item() else visible)
+        return rows, (None if keep.shape[-1] <= budget and visible.all().item() else visible)
 
     def _packed_selection(self, keep: mx.array, kv_bits: KVBits) -> tuple[Packed, Packed]:
         """Rows ``keep`` packed: rows packed before are taken as they are, full ones

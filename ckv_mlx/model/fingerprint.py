@@ -18,10 +18,12 @@ CHECKSUMS = "weights-checksums.json"
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".npz")
 
 
-def model_identity(folder: Path, precision: str) -> str:
-    """The identity of the model in ``folder`` run at ``precision``."""
+def model_identity(folder: Path, precision: str, part: str = "") -> str:
+    """The identity of the model in ``folder`` run at ``precision``; ``part``: which part of
+    it this process holds in a group (its rank, the group's size and how it is split), so
+    each rank's stores are its own."""
     folder = Path(folder)
-    parts = [precision, _crc(folder / "config.json")]
+    parts = [precision, _crc(folder / "config.json")] + [part] * bool(part)
     parts += [f"{p.name}:{weight_checksum(p)}" for p in sorted(folder.iterdir()) if p.suffix in WEIGHT_SUFFIXES]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from huggingface_hub.errors import HFValidationError
 from mlx.utils import tree_unflatten
 
 from ..errors import CKVError
+from ..group.placement import placement
+from ..group.sharding import check_shardable
 from .families import check_config_file, compressible_layers, one_token_caches, text_model
 from .fingerprint import model_identity
 from .gemma_gguf import GEMMA_MODEL, gemma_model_folder
@@ -63,6 +66,8 @@ MODEL_HELP = f"mlx-lm model folder, hub id, or a built-in model: {' or '.join(BU
 PRECISIONS = ("float32", "native")
 PRECISION_ENV = "CKV_PRECISION"
 HALF_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16}
+QUANTIZED = (nn.QuantizedLinear, nn.QuantizedEmbedding, nn.QuantizedAllToShardedLinear,
+             nn.QuantizedShardedToAllLinear)  # what float32 dequantizes
 
 
 @dataclass
@@ -97,9 +102,13 @@ def checked_precision(precision: str, where: str = "precision") -> str:
     return precision
 
 
-def load_model(name: str | None = None, precision: str | None = None, identify: bool = True) -> LoadedModel:
+def load_model(name: str | None = None, precision: str | None = None, identify: bool = True,
+               pipeline: bool = False) -> LoadedModel:
     """Load a built-in model (None: the default; or a name in :data:`BUILTIN_MODELS`), a
     local mlx-lm folder, or a Hugging Face id.
+
+    Under ``mlx.launch`` (more than one rank) each rank loads its part with mlx-lm's
+    ``sharded_load``: a slice of every layer's heads, or with ``pipeline`` a run of layers.
 
     ``precision`` (default :func:`default_precision`): ``float32`` dequantizes the
     weights to float32; ``native`` keeps them quantized and computes in the model's
@@ -113,7 +122,7 @@ def load_model(name: str | None = None, precision: str | None = None, identify: 
     precision = checked_precision(precision) if precision else default_precision()
     source = _checked_source(name)
     with _hub_errors(name):
-        model, tokenizer, config = mlx_lm.load(source, return_config=True)
+        model, tokenizer, config = _load(source, name, pipeline)
     if precision == "float32":
         model = to_float32(model)
     else:
@@ -122,8 +131,33 @@ def load_model(name: str | None = None, precision: str | None = None, identify: 
     probe = one_token_caches(model)
     return LoadedModel(model, tokenizer, name, model_shape(model, name, probe),
                        int(config.get("max_position_embeddings") or 0), precision,
-                       model_identity(folder, precision) if identify else "",
+                       model_identity(folder, precision, _part(pipeline)) if identify else "",
                        kv_bytes_per_token(model, probe))
+
+
+def _load(source: str, name: str, pipeline: bool):
+    """mlx-lm's model, tokenizer and config: all of it, or this rank's part of it."""
+    import mlx_lm
+    from mlx_lm.utils import sharded_load
+
+    group = mx.distributed.init()
+    if group.size() == 1:
+        return mlx_lm.load(source, return_config=True)
+    check_shardable(_config(source), name, group.size(), pipeline)
+    return sharded_load(source, group if pipeline else None, None if pipeline else group, return_config=True)
+
+
+def _part(pipeline: bool) -> str:
+    """Which part of the model this process holds ("" for all of it)."""
+    group = mx.distributed.init()
+    if group.size() == 1:
+        return ""
+    return f"rank {group.rank()} of {group.size()}, split by {'layers' if pipeline else 'heads'}"
+
+
+def _config(source: str) -> dict:
+    folder = Path(source)
+    return json.loads((folder / "config.json" if folder.is_dir() else _hub_config(source)).read_text())
 
 
 def half_dtype(config: dict) -> mx.Dtype:
@@ -188,7 +222,7 @@ def to_float32(model: nn.Module) -> nn.Module:
     streams = [mx.new_stream(mx.cpu) for _ in range(os.cpu_count() or 1)]
     layers = []
     for path, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if isinstance(module, QUANTIZED):
             layers.append((path, _dequantized(module, streams[len(layers) % len(streams)])))
     if layers:
         model.update_modules(tree_unflatten(layers))
@@ -209,10 +243,16 @@ def _dequantized(module: nn.Module, stream: mx.Stream) -> nn.Module:
                            global_scale=module.get("global_scale"), dtype=mx.float32, stream=stream)
     if isinstance(module, nn.QuantizedEmbedding):
         layer = nn.Embedding(*weight.shape)
+    elif isinstance(module, nn.QuantizedAllToShardedLinear):  # this rank's rows of the weight
+        layer = nn.AllToShardedLinear(weight.shape[1], weight.shape[0] * module.group.size(), "bias" in module,
+                                      group=module.group)
+    elif isinstance(module, nn.QuantizedShardedToAllLinear):  # this rank's columns
+        layer = nn.ShardedToAllLinear(weight.shape[1] * module.group.size(), weight.shape[0], "bias" in module,
+                                      group=module.group)
     else:
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
-        if "bias" in module:
-            layer.bias = module.bias
+    if "bias" in module:
+        layer.bias = module.bias
     layer.weight = weight
     return layer
 
@@ -220,7 +260,7 @@ def _dequantized(module: nn.Module, stream: mx.Stream) -> nn.Module:
 def _refuse_quantized_left(model: nn.Module) -> None:
     """One line for a quantized layer kind that cannot be dequantized here."""
     for path, module in model.named_modules():
-        if "scales" in module and not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if "scales" in module and not isinstance(module, QUANTIZED):
             raise CKVError(f"cannot dequantize {path} ({type(module).__name__}) to float32; "
                            "load the model with --precision native")
 
@@ -229,17 +269,18 @@ def model_shape(model: nn.Module, name: str, probe: list | None = None) -> Model
     """The attention geometry of an mlx-lm model: its (text model's) query heads, and the
     KV heads and head size of the layers that compress, as one token read by mlx-lm
     shows them (``probe``: :func:`~ckv_mlx.model.families.one_token_caches`, made if not
-    given); ``layers`` counts those layers (what a profile describes)."""
+    given); ``layers`` counts those layers (what a profile describes). A rank of a group
+    describes the whole model, not its part."""
     args = text_model(model).args
-    layers = compressible_layers(model)
-    keys = (probe or one_token_caches(model))[layers[0]].keys  # the compressing layers' KV (Gemma 4's differ)
+    where = placement(model)
+    keys = (probe or one_token_caches(model))[compressible_layers(model)[0]].keys  # the compressing layers' KV (Gemma 4's differ)
     return ModelShape(
         name=name,
         architecture=args.model_type,
-        layers=len(layers),
+        layers=where.total_layers,
         query_heads=args.num_attention_heads,
-        kv_heads=keys.shape[1],
+        kv_heads=keys.shape[1] * (where.tensor.size if where.tensor else 1),
         head_dim=keys.shape[3],
-        compressed_layers=tuple(layers),
-        total_layers=len(model.layers),
+        compressed_layers=where.compressing,
+        total_layers=where.model_layers,
     )

@@ -19,6 +19,7 @@ import mlx.core as mx
 from . import budgets
 from ..errors import CKVError
 from ..profiles import Defaults
+from .heads import HeadSlice
 from .scoring import chunked, group_mean, head_scores, keep_per_head, keep_top, key_novelty, spread, widen_to_words
 
 
@@ -43,26 +44,45 @@ class Method:
     def keep_indices(
         self, layer: int, window_queries: mx.array, keys: mx.array, scale: float, budget: int,
         sinks: mx.array | None = None, visible: mx.array | None = None, words: mx.array | None = None,
+        heads: HeadSlice | None = None,
     ) -> mx.array:
         """Rows of ``keys`` (``[kv_heads, N, d]``) to keep, sorted; all when N <= budget.
         ``sinks``: the layer's learned attention-sink logit per query head, if it has them;
         ``visible``: ``[kv_heads, N]``, False on padding rows, which are never kept;
-        ``words``: ``[N]``, each row's word number (rows in position order), for ``word``."""
+        ``words``: ``[N]``, each row's word number (rows in position order), for ``word``;
+        ``heads``: the slice of the layer's heads held here (None: all of them).
+        ``layer`` is the layer's number among the whole model's compressing layers."""
         n = keys.shape[1]
         if n <= budget:
             return mx.arange(n)[None]
-        scores = chunked(self.scores(layer, window_queries, keys, scale, sinks, visible), self.chunk)
+        scores = chunked(self.scores(layer, window_queries, keys, scale, sinks, visible, heads), self.chunk)
         if self.word and words is not None:
             scores = widen_to_words(scores, words[: scores.shape[-1]], self.word)
         scores = spread(scores, self.span)
         if visible is not None:
             prefix = visible[:, : n - self.window]
             scores = mx.where(prefix if scores.shape[0] > 1 else prefix.any(axis=0, keepdims=True), scores, -mx.inf)
-        select = keep_per_head if self.per_head_budgets else keep_top
-        return select(scores, budget, self.window)
+        if not self.per_head_budgets:
+            return keep_top(scores, budget, self.window)
+        if heads is None:
+            return keep_per_head(scores, budget, self.window)
+        mine = heads.kv_rows(scores.shape[0])  # the layer's budget is shared over every rank's KV heads
+        every = heads.gather(scores, mine, heads.total_kv, scores.shape[1])
+        return keep_per_head(every, budget, self.window)[mine[0] : mine[-1] + 1]
 
-    def scores(self, layer: int, window_queries, keys, scale, sinks=None, visible=None) -> mx.array:
+    def scores(self, layer: int, window_queries, keys, scale, sinks=None, visible=None, heads=None) -> mx.array:
         raise NotImplementedError
+
+    def head_rows(self, wanted: list[int], window_queries, keys, scale, sinks, visible, heads) -> mx.array:
+        """:func:`head_scores` of the query heads ``wanted`` (the layer's numbers), one row
+        each, in order, every rank scoring the heads it holds."""
+        score = lambda chosen: head_scores(window_queries, keys, chosen, scale, self.kernel, self.pooling, sinks,
+                                           visible)
+        if heads is None:
+            return score(wanted)
+        held = heads.held(wanted, window_queries.shape[0])
+        mine = score([wanted[i] - heads.first_query for i in held]) if held else None
+        return heads.gather(mine, held, len(wanted), keys.shape[1] - window_queries.shape[1])
 
 
 class FullCache(Method):
@@ -81,7 +101,8 @@ class StreamingLLM(Method):
         super().__init__(**kwargs)
         self.sinks = sinks
 
-    def keep_indices(self, layer, window_queries, keys, scale, budget, sinks=None, visible=None, words=None):
+    def keep_indices(self, layer, window_queries, keys, scale, budget, sinks=None, visible=None, words=None,
+                     heads=None):
         n = keys.shape[1]
         if n <= budget:
             return mx.arange(n)[None]
@@ -95,11 +116,11 @@ class SnapKV(Method):
 
     name = "snapkv"
 
-    def scores(self, layer, window_queries, keys, scale, sinks=None, visible=None):
-        heads = list(range(window_queries.shape[0]))
-        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling, sinks, visible)
+    def scores(self, layer, window_queries, keys, scale, sinks=None, visible=None, heads=None):
+        mine = list(range(window_queries.shape[0]))  # each KV head's own group: held with it
+        per_head = head_scores(window_queries, keys, mine, scale, self.kernel, self.pooling, sinks, visible)
         kv_heads = keys.shape[0]
-        return group_mean(per_head, heads, len(heads) // kv_heads, kv_heads)
+        return group_mean(per_head, mine, len(mine) // kv_heads, kv_heads)
 
 
 class AdaSnapKV(SnapKV):
@@ -125,7 +146,7 @@ class KeyDiff(Method):
 
     name = "keydiff"
 
-    def scores(self, layer, window_queries, keys, scale, sinks=None, visible=None):
+    def scores(self, layer, window_queries, keys, scale, sinks=None, visible=None, heads=None):
         return key_novelty(keys, self.window)
 
 
@@ -144,10 +165,9 @@ class CompressKV(Method):
             return budgets.uniform(n_layers, avg_budget)
         return budgets.error_aware(self.profile.layer_errors, avg_budget)
 
-    def scores(self, layer, window_queries, keys, scale, sinks=None, visible=None):
-        heads = self.profile.srh_heads(layer)
-        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling, sinks, visible)
-        return per_head.mean(axis=0, keepdims=True)
+    def scores(self, layer, window_queries, keys, scale, sinks=None, visible=None, heads=None):
+        srh = self.profile.srh_heads(layer)
+        return self.head_rows(srh, window_queries, keys, scale, sinks, visible, heads).mean(axis=0, keepdims=True)
 
 
 class CompressKVGQA(CompressKV):
@@ -156,11 +176,22 @@ class CompressKVGQA(CompressKV):
 
     name = "compresskv-gqa"
 
-    def scores(self, layer, window_queries, keys, scale, sinks=None, visible=None):
-        heads = self.profile.srh_heads(layer)
-        per_head = head_scores(window_queries, keys, heads, scale, self.kernel, self.pooling, sinks, visible)
+    def scores(self, layer, window_queries, keys, scale, sinks=None, visible=None, heads=None):
+        srh = self.profile.srh_heads(layer)
         kv_heads = keys.shape[0]
-        return group_mean(per_head, heads, window_queries.shape[0] // kv_heads, kv_heads)
+        group = window_queries.shape[0] // kv_heads
+        if heads is None:
+            return group_mean(self.head_rows(srh, window_queries, keys, scale, sinks, visible, None), srh, group,
+                              kv_heads)
+        every_kv = range(heads.total_kv)
+        if all(any(h // group == kv for h in srh) for kv in every_kv):  # each KV head's SRHs held with it
+            held = [srh[i] - heads.first_query for i in heads.held(srh, window_queries.shape[0])]
+            return group_mean(self.head_rows(held, window_queries, keys, scale, sinks, visible, None), held, group,
+                              kv_heads)
+        every = group_mean(self.head_rows(srh, window_queries, keys, scale, sinks, visible, heads), srh, group,
+                           heads.total_kv)  # a group without SRHs takes the mean of all of them
+        mine = heads.kv_rows(kv_heads)
+        return every[mine[0] : mine[-1] + 1]
 
 
 class AdaCompressKVGQA(CompressKVGQA):

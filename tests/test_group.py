@@ -1,0 +1,221 @@
+"""Compression across a group of processes, as ``mlx.launch`` starts them over several
+Macs, here over loopback (``--backend ring`` on 127.0.0.1): split by heads (tensor
+parallel) or by layers (pipeline parallel), the group keeps what one process keeps, in
+the same bytes, and answers the same. Every launch is bounded in time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.utils import save_model
+
+import group_worker
+from fakes import fake_profile
+from ckv_mlx.errors import CKVError
+from ckv_mlx.policy.methods import METHODS
+from ckv_mlx.profiles import save_profile
+from tiny import model_of, plain_greedy, tiny_config
+
+LAUNCH = Path(sys.executable).with_name("mlx.launch")
+WORKER = Path(__file__).with_name("group_worker.py")
+HAYSTACK = Path(__file__).parents[1] / "ckv_mlx" / "data" / "haystack" / "01-learning-a-craft.txt"
+BOUND_S = 240  # the most a launch may take before the test fails (and its processes are killed)
+VOCAB = 49152  # the built-in tokenizer's
+EVERY_METHOD = [*METHODS, "compresskv-gqa+span8+word48"]
+COMPRESSED, WHOLE = 64, 1024  # tokens per layer: a 300-token prompt cut, and kept whole
+
+
+def builtin_tokenizer_files() -> Path:
+    from ckv_mlx.model.gguf import builtin_model_folder
+
+    try:
+        return builtin_model_folder()
+    except CKVError as e:
+        pytest.skip(f"built-in model unavailable (its tokenizer is the tiny models'): {e}")
+
+
+def tiny_folder(folder: Path, arch: str, quantized: str | None = None, **shape) -> Path:
+    """A tiny random model as an mlx-lm folder (with the built-in model's tokenizer); with
+    ``quantized`` (a dtype name) its weights 4-bit, the rest in that dtype, as on a Mac."""
+    config = {**tiny_config(arch, vocab=VOCAB, **shape), "max_position_embeddings": 8192}
+    model = model_of(config)
+    if quantized:
+        nn.quantize(model, group_size=32, bits=4)
+        model.set_dtype(getattr(mx, quantized))
+        config.update(quantization={"group_size": 32, "bits": 4}, torch_dtype=quantized)
+    save_model(folder, model)
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(builtin_tokenizer_files() / name, folder / name)
+    return folder
+
+
+def free_port(ranks: int) -> int:
+    """A port from which ``ranks`` ports are free (the ring listens on one per rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + ranks < 65536 and all(_free(port + i) for i in range(ranks)):
+            return port
+    raise RuntimeError("no free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def launch(ranks: int, *command: str, bound: float = BOUND_S, env: dict | None = None) -> subprocess.Popen:
+    """``mlx.launch --backend ring -n ranks python command...`` on 127.0.0.1, in a
+    process group of its own (to be killed whole)."""
+    return subprocess.Popen(
+        [str(LAUNCH), "--backend", "ring", "-n", str(ranks), "--starting-port", str(free_port(ranks)),
+         sys.executable, *command],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def finished(process: subprocess.Popen, bound: float = BOUND_S) -> tuple[str, str]:
+    """The launch's stdout and stderr once it ends; killed whole and failed past ``bound`` s."""
+    try:
+        return process.communicate(timeout=bound)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"the group did not end within {bound} s:\n{err[-3000:]}")
+
+
+def group_run(tmp_path: Path, ranks: int, folder: Path, methods: list[str], budgets: list[int], mode: str,
+              precision: str, profile: Path) -> list[tuple[dict, dict]]:
+    out = tmp_path / f"group-{mode}-{precision}"
+    process = launch(ranks, str(WORKER), str(folder), ",".join(methods), ",".join(map(str, budgets)), str(out), mode,
+                     precision, str(profile))
+    _, err = finished(process)
+    assert all((out / f"rank{r}.json").is_file() for r in range(ranks)), err[-3000:]
+    return [(json.loads((out / f"rank{r}.json").read_text()), dict(np.load(out / f"rank{r}.npz")))
+            for r in range(ranks)]
+
+
+def one_process(tmp_path, folder, methods, budgets, precision, profile) -> tuple[dict, dict]:
+    out = tmp_path / f"one-{precision}"
+    group_worker.run(str(folder), methods, budgets, out, precision=precision, profile=str(profile))
+    return json.loads((out / "rank0.json").read_text()), dict(np.load(out / "rank0.npz"))
+
+
+def group_keys(ranks: list[tuple[dict, dict]], key: str, mode: str) -> np.ndarray:
+    """One layer's kept keys as one process holds them: the ranks' KV heads side by side
+    (tensor), or the rows of the rank holding the layer (pipeline)."""
+    held = [(meta["first_kv"], kept[key]) for meta, kept in ranks if key in kept]
+    if mode == "pipeline":
+        assert len(held) == 1, f"{key}: held by {len(held)} ranks"
+        return held[0][1]
+    return np.concatenate([keys for _, keys in sorted(held, key=lambda h: h[0])], axis=1)
+
+
+def shared_rows(a: np.ndarray, b: np.ndarray, tolerance: float) -> float:
+    """The share of ``a``'s kept rows (keys, ``[1, kv_heads, rows, d]``) that ``b`` keeps too, head by head."""
+    close = np.abs(a[0][:, :, None, :] - b[0][:, None, :, :]).max(axis=-1) <= tolerance
+    return close.any(axis=-1).mean()
+
+
+def check_same_as_one_process(group, one, methods, mode, tolerance, least_shared=1.0):
+    """The group's tokens, bytes and budgets are one process's; each layer keeps the same
+    rows, or (``least_shared``, in half precision, where the ranks' partial sums round
+    otherwise) at least that share of them, in bytes within 5 % (per-head budgets follow
+    the scores)."""
+    meta, kept = one
+    for name in methods:
+        for budget in (COMPRESSED, WHOLE):
+            run = f"{name}/{budget}"
+            assert [m["runs"][run]["tokens"] for m, _ in group] == [meta["runs"][run]["tokens"]] * len(group), run
+            assert sum(m["runs"][run]["kv_bytes"] for m, _ in group) == \
+                pytest.approx(meta["runs"][run]["kv_bytes"], rel=0 if least_shared == 1.0 else 0.05), run
+            assert all(m["runs"][run]["budgets"] == meta["runs"][run]["budgets"] for m, _ in group), run
+            for layer in range(len(meta["layers"])):
+                key, ours = f"{run}/{layer}", group_keys(group, f"{run}/{layer}", mode)
+                if least_shared == 1.0:
+                    np.testing.assert_allclose(ours, kept[key], atol=tolerance, err_msg=key)
+                else:
+                    assert shared_rows(ours, kept[key], tolerance) >= least_shared, key
+
+
+@pytest.fixture(scope="module")
+def tensor_model(tmp_path_factory):
+    """A llama of 4 query heads and 2 KV heads per layer: one KV head and its 2 query heads per rank."""
+    return tiny_folder(tmp_path_factory.mktemp("llama"), "llama", layers=3, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def profile_of(tmp_path_factory):
+    def made(folder: Path, seed: int = 3) -> Path:
+        from ckv_mlx.model.models import load_model
+
+        profile = fake_profile(load_model(str(folder), "float32", identify=False).model, seed, name=str(folder))
+        path = tmp_path_factory.mktemp("profile") / "profile.json"
+        save_profile(profile, path)
+        return path
+    return made
+
+
+def test_split_by_heads_keeps_and_answers_as_one_process(tmp_path, tensor_model, profile_of):
+    profile = profile_of(tensor_model)
+    srh = [json.loads(profile.read_text())["srh"][layer][:2] for layer in range(3)]
+    groups = [{h // 2 for h in heads} for heads in srh]
+    assert {0, 1} in groups and any(len(g) == 1 for g in groups), \
+        "the profile must give some layer SRHs in one KV head's group only (the other takes the mean of all)"
+    group = group_run(tmp_path, 2, tensor_model, EVERY_METHOD, [COMPRESSED, WHOLE], "tensor", "float32", profile)
+    one = one_process(tmp_path, tensor_model, EVERY_METHOD, [COMPRESSED, WHOLE], "float32", profile)
+    assert [m["first_kv"] for m, _ in group] == [0, 1]
+    check_same_as_one_process(group, one, EVERY_METHOD, "tensor", 1e-4)
+    plain = plain_greedy(model_of({**tiny_config("llama", layers=3, heads=4, kv_heads=2, vocab=VOCAB),
+                                   "max_position_embeddings": 8192}), group_worker.PROMPT, group_worker.ANSWER)
+    assert group[0][0]["runs"][f"full/{WHOLE}"]["tokens"] == plain
+
+
+def test_split_by_layers_keeps_and_answers_as_one_process(tmp_path_factory, tmp_path, profile_of):
+    """qwen2 over 2 ranks by layers: rank 0 runs the last 2, rank 1 the first 2; each
+    layer's budget and SRHs are those of its number in the whole model."""
+    folder = tiny_folder(tmp_path_factory.mktemp("qwen2"), "qwen2", layers=4, heads=4, kv_heads=2)
+    profile = profile_of(folder)
+    group = group_run(tmp_path, 2, folder, EVERY_METHOD, [COMPRESSED, WHOLE], "pipeline", "float32", profile)
+    one = one_process(tmp_path, folder, EVERY_METHOD, [COMPRESSED, WHOLE], "float32", profile)
+    assert [m["layers"] for m, _ in group] == [[2, 3], [0, 1]]
+    assert len(set(one[0]["runs"][f"compresskv/{COMPRESSED}"]["budgets"])) > 1, "error-aware budgets differ by layer"
+    check_same_as_one_process(group, one, EVERY_METHOD, "pipeline", 1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16"])
+def test_split_by_heads_on_a_mac_model(tmp_path_factory, tmp_path, profile_of, dtype):
+    """As a Mac runs it: 4-bit weights kept quantized, activations and KV in ``dtype``.
+    Nothing to evict, the group answers as plain mlx-lm does over the whole model; cut,
+    it keeps the same bytes as one process and answers the same. Its kept rows differ
+    where bfloat16 rounds the ranks' partial sums otherwise and random weights score
+    tokens nearly alike."""
+    folder = tiny_folder(tmp_path_factory.mktemp("mac"), "llama", quantized=dtype, layers=3, heads=4, kv_heads=2)
+    profile = profile_of(folder)
+    methods = ["full", "compresskv", "compresskv-gqa+span8+word48", "snapkv-ada"]
+    group = group_run(tmp_path, 2, folder, methods, [COMPRESSED, WHOLE], "tensor", "native", profile)
+    one = one_process(tmp_path, folder, methods, [COMPRESSED, WHOLE], "native", profile)
+    check_same_as_one_process(group, one, methods, "tensor", 0.15, least_shared=0.6)
+    from ckv_mlx.model.models import load_model
+
+    plain = plain_greedy(load_model(str(folder), "native", identify=False).model, group_worker.PROMPT,
+                         group_worker.ANSWER)
+    assert group[0][0]["runs"][f"full/{WHOLE}"]["tokens"] == plain
