@@ -23,6 +23,7 @@ from mlx_lm.utils import save_model
 
 import group_worker
 from fakes import fake_profile
+from ckv_mlx.disk.store import layer_files
 from ckv_mlx.errors import CKVError
 from ckv_mlx.policy.methods import METHODS
 from ckv_mlx.profiles import save_profile
@@ -219,3 +220,111 @@ def test_split_by_heads_on_a_mac_model(tmp_path_factory, tmp_path, profile_of, d
     plain = plain_greedy(load_model(str(folder), "native", identify=False).model, group_worker.PROMPT,
                          group_worker.ANSWER)
     assert group[0][0]["runs"][f"full/{WHOLE}"]["tokens"] == plain
+
+
+def generate(ranks: int, *args: str, bound: float = BOUND_S) -> tuple[dict, str]:
+    """``python -m ckv_mlx.generate ... --json`` over ``ranks`` processes: rank 0's report
+    and the launch's stderr."""
+    out, err = finished(launch(ranks, "-m", "ckv_mlx.generate", *args, "--json"), bound)
+    lines = out.strip().splitlines()
+    assert lines and lines[-1].startswith("{"), err[-3000:]
+    return json.loads(lines[-1]), err
+
+
+def one_generate(*args: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "ckv_mlx.generate", *args, "--json"], capture_output=True, text=True,
+                          timeout=BOUND_S, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+GROUP_FIGURES = ("text", "kv_bytes_full", "kv_bytes_kept", "kv_rows_kept", "layer_budgets", "prompt_tokens")
+
+
+@pytest.mark.slow
+def test_generate_over_three_ranks_answers_as_one_process():
+    """The built-in SmolLM2 (9 query heads, 3 KV heads), split by heads over 3 ranks."""
+    builtin_tokenizer_files()
+    args = ["--doc", str(HAYSTACK), "--prompt", "What does the essay say about learning a craft?", "--max-tokens",
+            "16", "--no-store"]
+    group, err = generate(3, *args)
+    one = one_generate(*args)
+    assert {k: group[k] for k in GROUP_FIGURES} == {k: one[k] for k in GROUP_FIGURES}, err[-2000:]
+    assert group["ranks"] == 3 and len(group["kv_bytes_kept_per_rank"]) == 3
+    assert sum(group["kv_bytes_kept_per_rank"]) == group["kv_bytes_kept"]
+    assert "ranks            3" in err  # the summary, printed once (rank 0)
+    assert err.count("prompt tokens") == 1
+
+
+def test_a_model_the_group_cannot_split_is_refused_before_loading(tmp_path):
+    """9 query heads and 3 KV heads over 2 ranks: each rank says so in one line and exits 2."""
+    folder = tiny_folder(tmp_path / "odd", "llama", layers=2, heads=9, kv_heads=3)
+    (folder / "model.safetensors").write_bytes(b"not weights")  # never read: the refusal comes first
+    out, err = finished(launch(2, "-m", "ckv_mlx.generate", "--model", str(folder), "--doc", str(HAYSTACK)))
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and "9 query heads and 3 KV heads cannot be split evenly over 2 processes: use 1 or 3" \
+        in lines[0], err[-2000:]
+    assert "Traceback" not in err
+
+
+def test_the_store_is_per_rank_and_a_missing_part_makes_every_rank_read_again(tmp_path, tensor_model):
+    stores = tmp_path / "stores"
+    args = ["--model", str(tensor_model), "--doc", str(HAYSTACK), "--prompt", "What?", "--budget", "64",
+            "--max-tokens", "6", "--store-dir", str(stores)]
+    first, _ = generate(2, *args)
+    parts = sorted(p for p in stores.iterdir() if not p.name.startswith((".", "conversations")))
+    assert not first["store_reused"] and len(parts) == 2  # one store per rank
+    again, _ = generate(2, *args)
+    assert again["store_reused"] and again["text"] == first["text"] and again["kv_bytes_kept"] == first["kv_bytes_kept"]
+    for part in parts:  # each rank's part gone in turn: the whole group reads again, never a mix
+        shutil.rmtree(part)
+        read, err = generate(2, *args)
+        assert not read["store_reused"] and read["text"] == first["text"], err[-2000:]
+        assert all(p.is_dir() for p in parts)  # stored again
+    layer = parts[1] / layer_files(0)[0]
+    layer.write_bytes(b"\0" * layer.stat().st_size)  # a corrupt part
+    read, err = generate(2, *args)
+    assert not read["store_reused"] and read["text"] == first["text"], err[-2000:]
+
+
+def test_a_rank_killed_mid_answer_ends_the_others_in_one_line(tmp_path, tensor_model):
+    process = launch(2, "-m", "ckv_mlx.generate", "--model", str(tensor_model), "--doc", str(HAYSTACK), "--prompt",
+                     "What?", "--budget", "64", "--max-tokens", "4000", "--no-store")
+    follower = None
+    deadline = time.monotonic() + BOUND_S
+    while follower is None and time.monotonic() < deadline:
+        follower = next((pid for pid in _descendants(process.pid) if _rank_of(pid) == "1"), None)
+        time.sleep(0.2)
+    assert follower is not None, "rank 1 never started"
+    time.sleep(8)  # into the answer
+    os.kill(follower, signal.SIGKILL)
+    start = time.monotonic()
+    _, err = finished(process, bound=60)
+    assert time.monotonic() - start < 60
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) <= 1 and all("another process of the group stopped" in e for e in errors), err[-3000:]
+
+
+def _descendants(pid: int) -> list[int]:
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _rank_of(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"MLX_RANK=")), None)
