@@ -48,7 +48,47 @@ def run(folder: str, methods: list[str], budgets: list[int], out: Path, pipeline
     (out / f"rank{rank}.json").write_text(json.dumps(meta))
 
 
+
+
+def chat(folder: str, document: str, questions: list[str], out: Path, pipeline: bool = False) -> None:
+    """Rank 0 chats about ``document`` with ``ChatEngine`` (the app's engine) and writes the
+    answers and the cache figures it would show; the other ranks follow its jobs."""
+    import threading
+
+    from ckv_mlx.chat.engine import ChatEngine
+    from ckv_mlx.chat.events import CacheView, ChatSettings, Failure, Reply
+    from ckv_mlx.group.ranks import Ranks
+
+    settings = ChatSettings(model=folder, precision="float32", budget="64", max_tokens=6, pipeline=pipeline)
+    ranks = Ranks()
+    if not ranks.leader:
+        return ChatEngine(settings, lambda event: None, ranks=ranks).follow()
+    events, replied = [], threading.Semaphore(0)
+
+    def emit(event):
+        events.append(event)
+        if isinstance(event, (Reply, Failure)):
+            replied.release()
+
+    engine = ChatEngine(settings, emit, ranks=ranks)
+    engine.open(document)
+    for question in questions:
+        engine.ask(question)
+        assert replied.acquire(timeout=120), "no answer"
+    engine.close(timeout=60)
+    views = [e for e in events if isinstance(e, CacheView)]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "chat.json").write_text(json.dumps({
+        "replies": [e.text for e in events if isinstance(e, Reply)],
+        "failures": [e.text for e in events if isinstance(e, Failure)],
+        "kept_bytes": views[-1].kept_bytes, "full_bytes": views[-1].full_bytes, "held_bytes": views[-1].held_bytes}))
+
+
 if __name__ == "__main__":
-    folder, methods, budgets, out, mode, precision, profile = sys.argv[1:]
-    run(folder, methods.split(","), [int(b) for b in budgets.split(",")], Path(out), mode == "pipeline", precision,
-        profile or None)
+    if sys.argv[1] == "chat":
+        folder, document, questions, out, mode = sys.argv[2:]
+        chat(folder, document, questions.split("|"), Path(out), mode == "pipeline")
+    else:
+        folder, methods, budgets, out, mode, precision, profile = sys.argv[1:]
+        run(folder, methods.split(","), [int(b) for b in budgets.split(",")], Path(out), mode == "pipeline",
+            precision, profile or None)

@@ -237,7 +237,7 @@ def test_a_store_the_chat_read_is_the_one_generate_finds_at_the_edge_of_the_kv_l
     path.write_text(text)
     stores, limit = tmp_path / "stores", f"{768 * 512 // 1024}KiB"  # rows of 2 layers x 2 KV heads x 16 x (K, V) x 4 bytes
     _, recorder = chat(path, kv_limit=limit, store_dir=str(stores))
-    monkeypatch.setattr(ckv_mlx.model.models, "load_model", lambda name=None, precision=None, identify=True: tiny_loader()(name))
+    monkeypatch.setattr(ckv_mlx.model.models, "load_model", lambda name=None, precision=None, identify=True, pipeline=False: tiny_loader()(name))
     assert main(["--doc", str(path), "--prompt", QUESTIONS[0], "--method", "snapkv", "--budget", "48",
                  "--kv-limit", limit, "--store-dir", str(stores), "--max-tokens", "4", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -190,10 +190,16 @@ def test_split_by_heads_keeps_and_answers_as_one_process(tmp_path, tensor_model,
     assert group[0][0]["runs"][f"full/{WHOLE}"]["tokens"] == plain
 
 
-def test_split_by_layers_keeps_and_answers_as_one_process(tmp_path_factory, tmp_path, profile_of):
+@pytest.fixture(scope="module")
+def pipeline_model(tmp_path_factory):
+    """A qwen2 of 4 layers (mlx-lm pipelines qwen2): 2 layers per rank."""
+    return tiny_folder(tmp_path_factory.mktemp("qwen2"), "qwen2", layers=4, heads=4, kv_heads=2)
+
+
+def test_split_by_layers_keeps_and_answers_as_one_process(tmp_path, pipeline_model, profile_of):
     """qwen2 over 2 ranks by layers: rank 0 runs the last 2, rank 1 the first 2; each
     layer's budget and SRHs are those of its number in the whole model."""
-    folder = tiny_folder(tmp_path_factory.mktemp("qwen2"), "qwen2", layers=4, heads=4, kv_heads=2)
+    folder = pipeline_model
     profile = profile_of(folder)
     group = group_run(tmp_path, 2, folder, EVERY_METHOD, [COMPRESSED, WHOLE], "pipeline", "float32", profile)
     one = one_process(tmp_path, folder, EVERY_METHOD, [COMPRESSED, WHOLE], "float32", profile)
@@ -328,3 +334,16 @@ def _rank_of(pid: int) -> str | None:
     except OSError:
         return None
     return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"MLX_RANK=")), None)
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_the_chat_engine_over_a_group_answers_as_one_process(tmp_path, tensor_model, pipeline_model, mode):
+    """The app's engine on rank 0, the other rank following its jobs: the same answers to
+    two questions, and the panel's bytes are the group's (one process's)."""
+    folder = str(tensor_model if mode == "tensor" else pipeline_model)
+    args = [folder, str(HAYSTACK), "What is the essay about?|And then?"]
+    _, err = finished(launch(2, str(WORKER), "chat", *args, str(tmp_path / "group"), mode))
+    group_worker.chat(folder, str(HAYSTACK), args[2].split("|"), tmp_path / "one")
+    group = json.loads((tmp_path / "group" / "chat.json").read_text())
+    assert group == json.loads((tmp_path / "one" / "chat.json").read_text()), err[-2000:]
+    assert len(group["replies"]) == 2 and not group["failures"]

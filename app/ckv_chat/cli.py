@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--store-limit", help="disk for stored full caches before the least recently used go (default 20GiB)")
     p.add_argument("--resume", type=Path, help="a session saved with Ctrl+S: restore it without a new prefill")
     p.add_argument("--session", type=Path, help="where Ctrl+S saves the session (default: DOC.ckv here)")
+    p.add_argument("--pipeline", action="store_true", help="under mlx.launch: split the model by layers (pipeline "
+                   "parallel) instead of by heads (tensor parallel, the default)")
     return p.parse_args(argv)
 
 
@@ -76,6 +78,7 @@ def main(argv=None) -> int:
         return 2
     from ckv_mlx.chat.engine import ChatEngine, log_path, quiet_libraries
     from ckv_mlx.chat.events import ChatSettings
+    from ckv_mlx.group.ranks import Ranks
 
     from .app import ChatApp
 
@@ -85,7 +88,12 @@ def main(argv=None) -> int:
                             conversation_room=args.conversation_room,
                             kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
                             full_cache=args.full_cache, store_dir=args.store_dir, store_limit=args.store_limit,
-                            store_bits=args.store_bits)
+                            store_bits=args.store_bits, pipeline=args.pipeline)
+    ranks = Ranks()
+    if not ranks.leader:  # under mlx.launch: rank 0 runs the app, this rank its jobs
+        with quiet_libraries(log_path()):
+            ChatEngine(settings, lambda event: None, ranks=ranks).follow()
+        return 0
     app = ChatApp(lambda emit: ChatEngine(settings, emit), settings, doc=args.doc, resume=args.resume,
                   session=args.session)
     with quiet_libraries(log_path()):  # nothing but Textual may write to the terminal

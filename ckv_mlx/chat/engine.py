@@ -33,6 +33,7 @@ from ..model.models import LoadedModel, load_model
 from ..profiles import resolve_profile
 from ..kv.quantized import AS_COMPUTED, AS_COMPUTED_NOTE, KVBits, kv_bits_setting, store_bits_setting
 from ..engine.runtime import Cancelled, MLXThread
+from ..group.ranks import Ranks
 from ..text.prompts import TRUNCATE_CHOICES, cut_to_fit, document_prefix, question_tokens
 from ..engine.session import PREFILL_STEP, Session
 from ..disk.store import DEFAULT_LIMIT_BYTES, StoreWriter, document_key, store_root
@@ -138,8 +139,10 @@ class ChatEngine:
     """Chat about documents with a compressed KV cache; see the module doc."""
 
     def __init__(self, settings: ChatSettings, emit: Callable[[object], None],
-                 loader: Callable[..., LoadedModel] = load_model):
+                 loader: Callable[..., LoadedModel] = load_model, ranks: Ranks | None = None):
         self.settings = settings
+        self._ranks = ranks or Ranks()  # under mlx.launch rank 0's jobs are run by every rank (follow)
+        self._group_bytes: dict[str, int] = {}  # the group's byte figures at the last point every rank reached
         self._emit, self._loader = emit, loader
         self._stop, self._closing = threading.Event(), threading.Event()
         self._loaded: LoadedModel | None = None
@@ -152,13 +155,13 @@ class ChatEngine:
         self._refused: Path | None = None  # the last document refused for its length
         self._phase = "idle"
         self._last_view = 0.0
-        self._mlx = MLXThread("ckv-engine", on_exit=self._end_conversation)
+        self._mlx = MLXThread("ckv-engine", on_exit=self._end)
 
     # The interface the app drives (any thread).
 
     def open(self, path: str | Path):
         """Read a document and prefill it; the conversation starts anew."""
-        self._submit(self._open, Path(path))
+        self._submit(self._open, str(path))
 
     def ask(self, question: str):
         self._submit(self._ask, question)
@@ -188,10 +191,10 @@ class ChatEngine:
         self._submit(self._reread)
 
     def save(self, path: str | Path):
-        self._submit(self._save, Path(path))
+        self._submit(self._save, str(path))
 
     def resume(self, path: str | Path):
-        self._submit(self._resume, Path(path))
+        self._submit(self._resume, str(path))
 
     def close(self, timeout: float = 10.0):
         """Stop what runs (between prefill chunks, or tokens), drop what waits, end the thread."""
@@ -199,13 +202,33 @@ class ChatEngine:
         self._stop.set()
         self._mlx.close(cancel=True, timeout=timeout)
 
+    def follow(self):
+        """A rank other than 0 under ``mlx.launch``: run rank 0's jobs as they come, in
+        its order, on this thread, until rank 0's engine ends."""
+        while (job := self._ranks.share(None)) is not None:
+            name, args = job
+            try:
+                self._run(getattr(self, name), args)
+            except Cancelled:
+                pass
+        self.close()
+
     # The engine's thread.
 
     def _submit(self, job, *args):
         self._mlx.submit(lambda _: self._run(job, args))
 
+    def _end(self):
+        """The thread's last work: the conversation dropped, the other ranks told to stop."""
+        self._end_conversation()
+        if self._ranks.size > 1 and self._ranks.leader:
+            self._ranks.share(None)
+
     def _run(self, job, args):
-        """Run one job, reporting its failure (a cancelled one, the engine closing, ends quietly)."""
+        """Run one job (every rank of a group runs it: rank 0 sends it first), reporting
+        its failure (a cancelled one, the engine closing, ends quietly)."""
+        if self._ranks.size > 1 and self._ranks.leader:
+            self._ranks.share([job.__name__, list(args)])
         try:
             job(*args)
         except CKVError as error:
@@ -217,8 +240,8 @@ class ChatEngine:
             self._emit(Failure(f"internal error ({error.__class__.__name__}: {error}); please report it "
                                f"with the traceback from {log_path()}"))
         self._phase = "idle"
-        if self._session is not None and not self._closing.is_set():
-            self._emit(self._view())
+        if self._session is not None and not self._ranks.any(self._closing.is_set()):
+            self._emit(self._view(every_rank=True))
 
     def _ensure_model(self, name: str | None):
         """Load ``name`` (None: the built-in model) unless it is the loaded one."""
@@ -226,7 +249,9 @@ class ChatEngine:
             return
         self._emit(Status(f"loading {name or 'the built-in model'}"))
         precision = self.settings.precision  # None: the loader's default (a loader may take only a name)
-        self._loaded = self._loader(name) if precision is None else self._loader(name, precision=precision)
+        options = {"precision": precision} if precision else {}  # a loader may take only a name
+        options.update({"pipeline": True} if self.settings.pipeline else {})
+        self._loaded = self._loader(name, **options)
         profile, path, notes = resolve_profile(self.settings.profile, self._loaded.shape)
         self._profile, self._profile_name = profile, (path.name if path else None)
         method, method_notes = make_method(self.settings.method, profile)
@@ -239,10 +264,10 @@ class ChatEngine:
         for note in notes + method_notes:
             self._emit(Notice(note))
 
-    def _open(self, path: Path):
-        self._refused = None
+    def _open(self, path: str | Path):
+        path, self._refused = Path(path), None
         self._emit(Status(f"reading {path.name}"))
-        text = read_document(path)
+        text = self._ranks.share_result(lambda: read_document(path))  # rank 0's file
         self._ensure_model(self.settings.model)
         document = self._fitted(path, text)
         self._budget_tokens(self.settings, len(document.prefix))
@@ -315,7 +340,8 @@ class ChatEngine:
         session.reset()
         self._end_conversation()
         budget = self._budget_tokens(self.settings, len(document.prefix))
-        working, note = plan_prefill(self._loaded, len(document.prefix), budget, self.settings.kv_limit, PREFILL_STEP)
+        working, note = plan_prefill(self._loaded, len(document.prefix), budget, self.settings.kv_limit, PREFILL_STEP,
+                                     self._ranks)
         if self._full_cache_on_disk():
             if note:
                 self._emit(Notice(f"{note}; every row goes to disk, so each question selects from the whole document"))
@@ -344,7 +370,7 @@ class ChatEngine:
         start = time.perf_counter()
 
         def progress(done: int, total: int):
-            if self._closing.is_set():
+            if self._ranks.any(self._closing.is_set()):
                 raise Cancelled
             self._emit(Progress(done, total, done / max(time.perf_counter() - start, 1e-9)))
             self._maybe_view()
@@ -389,7 +415,8 @@ class ChatEngine:
         asked = self._conversation.turns
         try:
             settings = self.settings
-            for token in self._conversation.ask(tokens, settings.max_tokens, self._stop.is_set, settings.repetition_penalty):
+            stop = lambda: self._ranks.any(self._stop.is_set())  # noqa: E731 (rank 0's Esc stops every rank)
+            for token in self._conversation.ask(tokens, settings.max_tokens, stop, settings.repetition_penalty):
                 answer.append(token)
                 detokenizer.add_token(token)
                 self._send_segment(detokenizer)
@@ -479,8 +506,9 @@ class ChatEngine:
             self._prefill(document)
         return tokens
 
-    def _save(self, path: Path):
-        session, document = self._session, self._document
+    def _save(self, path: str | Path):
+        path, session, document = Path(path), self._session, self._document
+        self._single_process("saving a session")
         if document is None:
             raise CKVError("nothing to save: open a document first")
         if self._conversation is None:
@@ -503,7 +531,9 @@ class ChatEngine:
                                               on_disk))
         self._emit(Saved(str(path)))
 
-    def _resume(self, path: Path):
+    def _resume(self, path: str | Path):
+        path = Path(path)
+        self._single_process("resuming a session")
         self._emit(Status(f"restoring {path.name}"))
         saved = session_file.read(path)
         metadata, on_disk = saved.metadata, saved.on_disk
@@ -560,11 +590,17 @@ class ChatEngine:
             full.restore_tail(on_disk.tail, on_disk.tail_tokens)
         return full
 
+    def _single_process(self, what: str):
+        if self._ranks.size > 1:
+            raise CKVError(f"{what} across {self._ranks.size} processes is not supported: the cache is split over "
+                           "them; run the chat on one machine to save or resume")
+
     def _maybe_view(self, force: bool = False):
+        """Show the cache now and then (``force``: now, a point every rank reaches)."""
         now = time.perf_counter()
         if force or now - self._last_view >= VIEW_INTERVAL_S:
             self._last_view = now
-            self._emit(self._view())
+            self._emit(self._view(every_rank=force))
 
     def _kept(self) -> KeptCache:
         """The cache the panel calls kept: the one in use, or after a ``per-question``
@@ -573,9 +609,16 @@ class ChatEngine:
         last = conversation.last_answer if conversation and self._phase != "answering" else None
         return last or KeptCache.of(self._session)
 
-    def _view(self) -> CacheView:
+    def _view(self, every_rank: bool = False) -> CacheView:
+        """What the panel shows. A group's bytes are summed over the ranks where every
+        rank makes the view (``every_rank``); between those points they stay as they were."""
         session, stats = self._session, self._session.stats
         conversation, kept = self._conversation, self._kept()
+        figures = {"kept_bytes": kept.kv_bytes, "held_bytes": session.kv_bytes + (conversation.held_bytes if conversation else 0),
+                   "full_bytes": session.full_bytes, "disk_bytes": conversation.disk_bytes if conversation else 0}
+        if self._ranks.size > 1 and every_rank:
+            self._group_bytes = {name: self._ranks.total(value) for name, value in figures.items()}
+        figures.update(self._group_bytes)
         return CacheView(
             phase=self._phase, model=self._loaded.name, method=session.method.name,
             profile=self._profile_name, budget=conversation.budget if conversation else None,
@@ -584,8 +627,7 @@ class ChatEngine:
             document=self._document.path.name if self._document else None,
             document_tokens=len(self._document.prefix) if self._document else 0,
             position=session.position, context_length=self._loaded.context_length,
-            kept_bytes=kept.kv_bytes, held_bytes=session.kv_bytes + (conversation.held_bytes if conversation else 0),
-            full_bytes=session.full_bytes, disk_bytes=conversation.disk_bytes if conversation else 0,
+            **figures,
             reselect_s=stats.reselect_s if conversation and conversation.full_on_disk else None,
             layer_tokens=kept.layer_tokens, compressed=kept.compressed,
             conversation_tokens=self._document.conversation_tokens if self._document else 0,

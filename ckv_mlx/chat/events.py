@@ -32,6 +32,7 @@ class ChatSettings:
     store_dir: str | None = None  # where full caches on disk live; None: stores/ in the user cache folder
     store_limit: str | None = None  # disk kept for them before the least recently used go; None: 20 GiB
     store_bits: int | None = None  # the full cache on disk packed to this many bits (8: about half); None: as computed
+    pipeline: bool = False  # under mlx.launch: the model split by layers over the ranks, not by heads
 
 
 @dataclass(frozen=True)

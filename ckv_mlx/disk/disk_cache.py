@@ -149,6 +149,9 @@ class StreamedLayer(_BaseCache):
         self.full, self.layer, self.window, self.keep = full, layer, window, keep
         self.offset = full.tokens
         self._rows = None
+        # mlx-lm's pipeline ties its send to the last layer's keys (``cache[-1].keys =
+        # mx.depends(...)``); the rows here are on disk already, so this only takes the tie
+        self.keys = mx.zeros((0,))
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         mx.eval(keys, values)  # the layers below are done, and their full rows freed

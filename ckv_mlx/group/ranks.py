@@ -79,6 +79,26 @@ class Ranks:
         """Whether ``flag`` holds on every rank."""
         return self.least(int(flag)) == 1
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on some rank (e.g. rank 0 was asked to stop)."""
+        return flag if self.size == 1 else self.total(int(flag)) > 0
+
+    def share_result(self, produce: Callable[[], object]):
+        """What ``produce()`` returns on rank 0 (which alone runs it: reading its files),
+        on every rank; its one-line error (:class:`CKVError`) raised on every rank."""
+        if self.size == 1:
+            return produce()
+        outcome = None
+        if self.leader:
+            try:
+                outcome = {"value": produce()}
+            except CKVError as error:
+                outcome = {"error": str(error)}
+        outcome = self.share(outcome)
+        if "error" in outcome:
+            raise CKVError(outcome["error"])
+        return outcome["value"]
+
     def rows(self, mine: mx.array | None, at: list[int], total: int, width: int) -> mx.array:
         """A ``[total, width]`` float32 array equal on every rank, each rank giving its rows
         ``mine`` (``[len(at), width]``, or None for none) at row numbers ``at``: a
