@@ -84,11 +84,11 @@ def _free(port: int) -> bool:
 
 
 def launch(ranks: int, *command: str, bound: float = BOUND_S, env: dict | None = None) -> subprocess.Popen:
-    """``mlx.launch --backend ring -n ranks python command...`` on 127.0.0.1, in a
-    process group of its own (to be killed whole)."""
+    """``mlx.launch --backend ring -n ranks python command...`` on 127.0.0.1 (one rank:
+    ``python command...`` alone), in a process group of its own (to be killed whole)."""
+    launcher = [str(LAUNCH), "--backend", "ring", "-n", str(ranks), "--starting-port", str(free_port(ranks))]
     return subprocess.Popen(
-        [str(LAUNCH), "--backend", "ring", "-n", str(ranks), "--starting-port", str(free_port(ranks)),
-         sys.executable, *command],
+        [*launcher * (ranks > 1), sys.executable, *command],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
@@ -347,3 +347,57 @@ def test_the_chat_engine_over_a_group_answers_as_one_process(tmp_path, tensor_mo
     group = json.loads((tmp_path / "group" / "chat.json").read_text())
     assert group == json.loads((tmp_path / "one" / "chat.json").read_text()), err[-2000:]
     assert len(group["replies"]) == 2 and not group["failures"]
+
+
+def _serve_answers(url: str, questions: list[str]) -> list[dict]:
+    import urllib.request
+
+    deadline = time.monotonic() + BOUND_S
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                break
+        except OSError:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.3)
+    with urllib.request.urlopen(url + "/v1/models", timeout=10) as response:
+        model = json.loads(response.read())["data"][0]["id"]
+    document = HAYSTACK.read_text()[:3000]
+    answers = []
+    for question in questions:
+        payload = {"model": model, "messages": [{"role": "system", "content": document},
+                                              {"role": "user", "content": question}], "max_tokens": 6}
+        request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=BOUND_S) as response:
+            answer = json.loads(response.read())
+        answers.append({"text": answer["choices"][0]["message"]["content"], "usage": answer["usage"],
+                        "ckv": answer["ckv"]})
+    return answers
+
+
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_ckv_serve_over_a_group_answers_as_one_process_and_stops_whole(tmp_path, tensor_model, pipeline_model, mode):
+    """Rank 0 serves HTTP, the other rank its requests: a document read and stored, then
+    asked about again from the store; the same answers and bytes as one process. SIGTERM
+    to rank 0 ends every rank."""
+    folder = str(tensor_model if mode == "tensor" else pipeline_model)
+    questions = ["What is the essay about?", "Who is it for?"]
+    answers = {}
+    for ranks in (1, 2):
+        port = free_port(1)
+        command = ["-m", "ckv_mlx.serve.cli", "--model", folder, "--port", str(port), "--budget", "64",
+                   "--store-dir", str(tmp_path / f"stores{ranks}")]
+        command += ["--pipeline"] * (mode == "pipeline")
+        process = launch(ranks, *command)
+        try:
+            answers[ranks] = _serve_answers(f"http://127.0.0.1:{port}", questions)
+            leader = process.pid if ranks == 1 else next(pid for pid in _descendants(process.pid) if _rank_of(pid) == "0")
+            os.kill(leader, signal.SIGTERM)
+            _, err = finished(process, bound=60)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        assert "Traceback" not in err, err[-3000:]
+    assert answers[2] == answers[1]
+    assert answers[2][1]["ckv"]["prefix_tokens_reused"] > 0  # the second question read the document from the store

@@ -56,13 +56,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--store-limit", help="disk for stored prefixes before the least recently used go (default 20GiB)")
     p.add_argument("--store-bits", type=int, choices=BITS, help=STORE_BITS_HELP)
     p.add_argument("--no-store", action="store_true", help="read every prompt whole, storing nothing")
+    p.add_argument("--pipeline", action="store_true", help="under mlx.launch: split the model by layers (pipeline "
+                   "parallel) instead of by heads (tensor parallel, the default)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     ensure_fast_blas()
     args = parse_args(argv)
-    return exit_code(lambda: serve(args))
+    from ..group.ranks import Ranks, as_rank
+
+    ranks = Ranks()
+    return exit_code(lambda: as_rank(ranks, lambda: serve(args, ranks)))
 
 
 def server_key(args: argparse.Namespace) -> str | None:
@@ -84,7 +89,7 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, ranks) -> int:
     import uvicorn
 
     from ..engine.memory import parse_size
@@ -112,12 +117,16 @@ def serve(args: argparse.Namespace) -> int:
         store_bits=store_bits_setting(args.store_bits, args.kv_group_size), kv_limit=args.kv_limit,
         kv_bits=args.kv_bits, kv_group_size=args.kv_group_size,
     )
-    loaded = load_model(args.model, args.precision, identify=not args.no_store)  # no store: nothing to key
+    loaded = load_model(args.model, args.precision, identify=not args.no_store,  # no store: nothing to key
+                        pipeline=args.pipeline)
     profile, _, notes = resolve_profile(args.profile, loaded.shape)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     make_method(args.method, profile)  # a method that needs a profile it lacks is refused now, in one line
-    worker = Worker(loaded, profile, settings)
+    worker = Worker(loaded, profile, settings, ranks)
+    if not ranks.leader:  # under mlx.launch: rank 0 serves HTTP, this rank its requests
+        worker.follow()
+        return 0
     defaults = Compression(args.method, args.budget)
     app = create_app(worker, loaded.name, defaults, list(METHODS), limits, api_key)
     print(f"serving {loaded.name} on http://{args.host}:{args.port}/v1 ({args.method}, budget {args.budget})",

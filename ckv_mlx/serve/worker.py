@@ -14,7 +14,8 @@ finish_reason, usage, figures)``, or ``("error", APIError)``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import random
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,8 +29,9 @@ from ..policy.methods import make_method
 from ..kv.quantized import AS_COMPUTED, KVBits, kv_bits_setting
 from ..engine.runtime import Cancelled, Job, MLXThread
 from ..engine.session import PREFILL_STEP, Session
+from ..group.ranks import Ranks
 from ..disk.store import DEFAULT_LIMIT_BYTES, MANIFEST, DiskError, document_key, prune
-from .protocol import APIError, Request, usage
+from .protocol import APIError, Compression, Request, usage
 
 MIN_PREFIX_TOKENS = 256  # a shorter prefix is read again rather than stored
 _log = logging.getLogger(__name__)
@@ -49,12 +51,15 @@ class ServeSettings:
 
 
 class Worker:
-    """One model, one session, one MLX thread; :meth:`submit` queues a request."""
+    """One model, one session, one MLX thread; :meth:`submit` queues a request. Under
+    ``mlx.launch`` rank 0's worker serves HTTP and sends each request to the other ranks'
+    (:meth:`follow`) as it starts it; a stop asked of it stops every rank at the same point."""
 
-    def __init__(self, loaded, profile, settings: ServeSettings):
+    def __init__(self, loaded, profile, settings: ServeSettings, ranks: Ranks | None = None):
         self.loaded, self.profile, self.settings = loaded, profile, settings
+        self.ranks = ranks or Ranks()
         self.session = Session(loaded.model, loaded.tokenizer, make_method("full")[0], region=settings.region)
-        self._mlx = MLXThread("ckv-serve-mlx")
+        self._mlx = MLXThread("ckv-serve-mlx", on_exit=self._end)
         if settings.store_dir is not None:  # what a killed process left half-written goes now, and the store to its limit
             prune(settings.store_dir, settings.store_limit)
 
@@ -76,7 +81,27 @@ class Worker:
     def close(self):
         self._mlx.close(cancel=True)
 
+    def follow(self):
+        """A rank other than 0: serve rank 0's requests as they come, in its order, on this
+        thread, until rank 0's worker closes."""
+        while (shared := self.ranks.share(None)) is not None:
+            request = Request(**{**shared, "compression": Compression(**shared["compression"])})
+            try:
+                self._serve(Job(lambda _: None), request, lambda event: None)
+            except Cancelled:
+                pass
+        self.close()
+
+    def _end(self):
+        """The MLX thread's last work: the other ranks told to stop."""
+        if self.ranks.size > 1 and self.ranks.leader:
+            self.ranks.share(None)
+
     def _serve(self, job: Job, request: Request, emit: Callable[[tuple], None]):
+        if self.ranks.size > 1 and self.ranks.leader:
+            if request.seed is None and request.temperature > 0:  # every rank must sample the same tokens
+                request = replace(request, seed=random.getrandbits(31))
+            self.ranks.share(asdict(request))
         try:
             self._run(job, request, emit)
         except APIError as error:
@@ -108,12 +133,13 @@ class Worker:
         session.kv_bits = kv_bits_setting(bits, self.settings.kv_group_size if packs else None, method.compresses)
         budget = parse_budget(request.compression.budget, len(tokens)) if method.compresses else None
         session.layer_budgets(budget)  # a budget too small is refused before anything is read
-        logits, reused = self._read(tokens, prefixes, budget, job.check)
-        emit(("ready", len(tokens), session.kv_bytes))
+        logits, reused = self._read(tokens, prefixes, budget, lambda *_: self._check(job))
+        emit(("ready", len(tokens), self.ranks.total(session.kv_bytes)))
         text, finish, generated = self._answer(job, request, emit, logits)
         stats = session.stats
         figures = {"method": method.name, "budget": budget, "kv_bits": session.kv_bits.bits if session.kv_bits else None,
-                   "kv_bytes_full": stats.kv_bytes_full, "kv_bytes_kept": stats.kv_bytes_kept,
+                   "kv_bytes_full": self.ranks.total(stats.kv_bytes_full),
+                   "kv_bytes_kept": self.ranks.total(stats.kv_bytes_kept),
                    "prefix_tokens_reused": reused}
         emit(("done", finish, usage(len(tokens), generated), figures))
 
@@ -156,18 +182,18 @@ class Worker:
         between prefill chunks (it raises to stop the read)."""
         session, root = self.session, self.settings.store_dir
         if not session.method.compresses or root is None or not prefixes:
-            working, _ = plan_prefill(self.loaded, len(tokens), budget, self.settings.kv_limit, PREFILL_STEP)
+            working, _ = plan_prefill(self.loaded, len(tokens), budget, self.settings.kv_limit, PREFILL_STEP, self.ranks)
             logits = session.prefill(tokens, progress, working_budget=working)
             session.compress(budget)
             return logits, 0
         keys = {n: self._key(tokens[:n], budget) for n in prefixes}
         longest = prefixes[0]
-        chosen = next((n for n in prefixes if (root / keys[n] / MANIFEST).is_file()), longest)
+        chosen = self.ranks.share(next((n for n in prefixes if (root / keys[n] / MANIFEST).is_file()), longest))
         read = []
 
         def read_prefix(writer):
             read.append(chosen)
-            working, _ = plan_prefill(self.loaded, chosen, budget, self.settings.kv_limit, PREFILL_STEP)
+            working, _ = plan_prefill(self.loaded, chosen, budget, self.settings.kv_limit, PREFILL_STEP, self.ranks)
             session.prefill(tokens[:chosen], progress, working_budget=working, store=writer)
 
         full = read_or_reuse(session, root, keys[chosen], "the prompt's prefix", read_prefix, _log.info,
@@ -184,7 +210,7 @@ class Worker:
         return logits, 0 if read else chosen
 
     def _key(self, prefix: list[int], budget: int | None) -> str:
-        working, _ = plan_prefill(self.loaded, len(prefix), budget, self.settings.kv_limit, PREFILL_STEP)
+        working, _ = plan_prefill(self.loaded, len(prefix), budget, self.settings.kv_limit, PREFILL_STEP, self.ranks)
         return document_key(self.loaded.identity, prefix, working, PREFILL_STEP, self.session.method.name,
                             self.profile, self.settings.store_bits)
 
@@ -199,7 +225,7 @@ class Worker:
         hold = max((len(s) for s in request.stop), default=1) - 1
         sent, count, stopped = 0, 0, None
         tokens = self.session.generate(logits, request.max_tokens, temp=request.temperature,
-                                       should_stop=job.cancelled.is_set)
+                                       should_stop=lambda: self._stopped(job))
         try:
             for token in tokens:
                 count += 1
@@ -222,6 +248,16 @@ class Worker:
             emit(("text", text[sent:]))
         finish = "length" if stopped is None and count >= request.max_tokens else "stop"
         return text, finish, count
+
+
+    def _stopped(self, job: Job) -> bool:
+        """Whether ``job`` was cancelled (in a group: rank 0's was; every rank asks at once)."""
+        return self.ranks.any(job.cancelled.is_set())
+
+    def _check(self, job: Job):
+        """Stop the request here if it was cancelled (between prefill chunks)."""
+        if self._stopped(job):
+            raise Cancelled
 
 
 def _boundaries(messages: int) -> list[int]:
