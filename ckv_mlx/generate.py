@@ -237,14 +237,15 @@ GROUP_SUMS = ("kv_bytes_full", "kv_bytes_kept", "kv_rows_kept", "peak_kv_bytes",
 
 def _group_report(report: dict, ranks) -> dict:
     """``report`` with the group's figures: each byte count summed over the ranks (one
-    process: unchanged), and under ``mlx.launch`` the group's size and each rank's kept bytes."""
+    process: unchanged), and under ``mlx.launch`` the group's size, each rank's kept bytes
+    and each rank's peak memory."""
     if ranks.size == 1:
         return report
-    kept = ranks.each(report["kv_bytes_kept"])
+    kept, peak = ranks.each(report["kv_bytes_kept"]), ranks.each(report["peak_memory_bytes"])
     report.update({name: ranks.total(report[name]) for name in GROUP_SUMS})
     full = report["kv_bytes_full"]
     return {**report, "kv_ratio": report["kv_bytes_kept"] / full if full else None, "ranks": ranks.size,
-            "kv_bytes_kept_per_rank": kept}
+            "kv_bytes_kept_per_rank": kept, "peak_memory_bytes_per_rank": peak}
 
 
 def _summary(r: dict) -> str:
