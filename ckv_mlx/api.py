@@ -20,6 +20,7 @@ from . import CACHE_METHOD
 from .kv.attention import observe
 from .policy.budgets import check_budget
 from .errors import CKVError
+from .group.placement import placement
 from .model.families import attention_modules
 from .kv.layer_caches import fresh_others
 from .policy.methods import make_method
@@ -53,6 +54,10 @@ def make_prompt_cache(model, method: str = CACHE_METHOD, budget: int = 128,
     method, 16: as computed); ``region`` the rows for new tokens before a re-score.
     """
     attentions = attention_modules(model)
+    if placement(model).split:
+        raise CKVError("this model is split over several processes (mlx-lm's sharded_load): make_prompt_cache "
+                       "compresses a model held whole; run python -m ckv_mlx.generate, ckv-chat or ckv-serve under "
+                       "mlx.launch instead")
     observe(attentions)  # their modules' attention made visible; each cache brings its own window
     shape = model_shape(model, getattr(model, MODEL_NAME, None) or UNNAMED)
     chosen = profile if isinstance(profile, Profile) or profile is None else load_profile(profile)

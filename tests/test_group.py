@@ -401,3 +401,23 @@ def test_ckv_serve_over_a_group_answers_as_one_process_and_stops_whole(tmp_path,
         assert "Traceback" not in err, err[-3000:]
     assert answers[2] == answers[1]
     assert answers[2][1]["ckv"]["prefix_tokens_reused"] > 0  # the second question read the document from the store
+
+
+@pytest.mark.parametrize("config, ranks, pipeline, says", [
+    ({"model_type": "llama", "num_hidden_layers": 4, "num_attention_heads": 4}, 2, True,
+     "mlx-lm cannot split a llama model by layers (--pipeline) (it can split qwen2, qwen3_moe, ministral3, "
+     "qwen3_next, qwen3_5): split it by heads (tensor parallel)"),
+    ({"model_type": "gemma3_text", "num_hidden_layers": 4, "num_attention_heads": 4}, 2, False,
+     "mlx-lm cannot split a gemma3_text model by heads (tensor parallel) (it can split llama, mistral, qwen2, qwen3, "
+     "qwen3_moe, ministral3, gpt_oss, qwen3_5): run it on one machine"),
+    ({"model_type": "qwen2", "num_hidden_layers": 2, "num_attention_heads": 4}, 3, True,
+     "2 layers cannot be split over 3 processes: use at most 2"),
+    ({"model_type": "qwen2", "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4}, 3, False,
+     "8 query heads and 4 KV heads cannot be split evenly over 3 processes: use 1 or 2 or 4 processes"),
+])
+def test_what_mlx_lm_cannot_split_is_refused_in_one_line(config, ranks, pipeline, says):
+    from ckv_mlx.group.sharding import check_shardable
+
+    with pytest.raises(CKVError) as refused:
+        check_shardable(config, "m", ranks, pipeline)
+    assert says in str(refused.value) and "\n" not in str(refused.value)

@@ -35,6 +35,11 @@ class Placement:
         """The whole model's compressing layers (what budgets and SRHs are numbered over)."""
         return len(self.compressing)
 
+    @property
+    def split(self) -> bool:
+        """Whether other processes hold parts of the model."""
+        return self.tensor is not None or len(self.layers) < self.total_layers
+
     def mine(self, per_layer: list) -> list:
         """The entries of a whole-model ``per_layer`` list for the layers held here."""
         return [per_layer[layer] for layer in self.layers]

@@ -116,8 +116,6 @@ def load_model(name: str | None = None, precision: str | None = None, identify: 
     :attr:`LoadedModel.identity` (what stores are keyed by): a caller that stores nothing
     skips it (seconds for a large model).
     """
-    import mlx_lm
-
     name = name or DEFAULT_MODEL
     precision = checked_precision(precision) if precision else default_precision()
     source = _checked_source(name)
