@@ -421,3 +421,18 @@ def test_what_mlx_lm_cannot_split_is_refused_in_one_line(config, ranks, pipeline
     with pytest.raises(CKVError) as refused:
         check_shardable(config, "m", ranks, pipeline)
     assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_hybrid_model_split_by_layers_numbers_its_attention_layers_over_the_whole_model(tmp_path_factory, tmp_path,
+                                                                                         profile_of):
+    """qwen3_next (linear attention, full attention every 2nd layer) over 2 ranks by
+    layers: each rank holds one of the 2 compressing layers, numbered 0 and 1 in the whole
+    model, and PyramidKV's budgets fall by that number."""
+    folder = tiny_folder(tmp_path_factory.mktemp("qwen3_next"), "qwen3_next", layers=4, heads=4, kv_heads=2)
+    profile, methods = profile_of(folder), ["compresskv", "pyramidkv", "snapkv-ada"]
+    group = group_run(tmp_path, 2, folder, methods, [COMPRESSED, WHOLE], "pipeline", "float32", profile)
+    one = one_process(tmp_path, folder, methods, [COMPRESSED, WHOLE], "float32", profile)
+    assert [m["layers"] for m, _ in group] == [[1], [0]]
+    budgets = one[0]["runs"][f"pyramidkv/{COMPRESSED}"]["budgets"]
+    assert len(budgets) == 2 and budgets[0] > budgets[1]
+    check_same_as_one_process(group, one, methods, "pipeline", 1e-4)
