@@ -3,8 +3,9 @@ against re-reading the document, its memory, and reopening a stored document.
 
     .venv/bin/python scripts/disk_chat.py                          # 2K, 4K, 8K tokens
     .venv/bin/python scripts/disk_chat.py --lengths 300 --out /tmp/d
+    .venv/bin/python scripts/disk_chat.py --model gemma3-270m --lengths 32000 --out docs/disk_chat/gemma3-32k
 
-Per length, on the built-in model and the shipped haystack (one process, one after the
+Per length, on the built-in model (or --model) and the shipped haystack (one process, one after the
 other): reading the document in memory (the re-read a chat without a store pays for
 each follow-up under ``per-question``'s cost model, and once per reopening); reading it
 into a new store; three questions in one conversation on disk (each selection: time,
@@ -35,6 +36,7 @@ TARGETS = {"reselect_vs_reread": 0.10, "reopen_vs_first_read": 0.05}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="a built-in model or mlx-lm folder (default: the built-in SmolLM2)")
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[2000, 4000, 8000])
     p.add_argument("--method", default="compresskv")
     p.add_argument("--budget", type=int, default=128)
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     from ckv_mlx.profiles import resolve_profile
 
     started = time.perf_counter()
-    loaded = load_model(None, "float32")
+    loaded = load_model(args.model, "float32")
     loaded.tokenizer.eos_token_ids = set()  # every answer is --answer-tokens long
     method, _ = make_method(args.method, resolve_profile(None, loaded.shape)[0])
     haystack = loaded.tokenizer.encode(load_haystack(DEFAULT_HAYSTACK))
