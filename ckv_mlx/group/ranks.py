@@ -20,7 +20,6 @@ import numpy as np
 from ..errors import CKVError
 
 
-
 class Ranks:
     """The group of processes running one model (a group of one outside ``mlx.launch``)."""
 
