@@ -34,9 +34,9 @@ def recorded_words(session, monkeypatch) -> list:
     """The ``words`` each selection of ``session``'s method is given, from now on."""
     seen, real = [], type(session.method).keep_indices
 
-    def spy(self, layer, queries, keys, scale, budget, sinks=None, visible=None, words=None):
+    def spy(self, layer, queries, keys, scale, budget, sinks=None, visible=None, words=None, heads=None):
         seen.append(words)
-        return real(self, layer, queries, keys, scale, budget, sinks, visible, words)
+        return real(self, layer, queries, keys, scale, budget, sinks, visible, words, heads)
 
     monkeypatch.setattr(type(session.method), "keep_indices", spy)
     return seen
