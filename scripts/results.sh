@@ -4,9 +4,9 @@
 # Each step is resumable: killed and started again, it continues; with larger grids
 # (e.g. --lengths 1000,2000,4000,7000) it adds only the missing records.
 # Usage: bash scripts/results.sh [niah|pyramidkv|uniform|firstk|chunked|coverage|ablation|mixed|agnostic|followup|gemma_niah|
-#                                 gemma_32k_profile|gemma_32k_niah|kv_bits|
+#                                 gemma_32k_profile|gemma_32k_niah|gemma_reading|kv_bits|
 #                                 facts_dev|facts_coverage|facts_held_out|span_niah]...
-# (default: all sixteen but the two gemma_32k steps, hours each)
+# (default: all sixteen but the three gemma steps at 32K, hours each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -129,6 +129,14 @@ gemma_32k_niah() {  # Gemma 3 270M at 8K-32K: every method at 64-512 tokens per 
         --profile profiles/gemma3-270m-32k.json --depths 0,25,50,75,100 \
         --methods full,compresskv,compresskv-gqa,compresskv-gqa+span8,snapkv,pyramidkv,streamingllm,keydiff \
         --budgets 64,128,256,512 --modes query-aware --max-tokens 8 --no-fidelity --out docs/eval/gemma3-niah-32k
+}
+
+gemma_reading() {  # beyond question answering: a summary and a list of every thing of a kind over real documents at
+                 # 8K-32K, every method at 128-512, scored by fidelity to the full cache's answer; resumable
+    $PY -m ckv_mlx.eval --model gemma3-270m --tasks summary,list --lengths "${LENGTHS_32K:-8000,16000,32000}" \
+        --profile profiles/gemma3-270m-32k.json \
+        --methods full,compresskv,compresskv-gqa+span8+word48,snapkv,pyramidkv,streamingllm,keydiff \
+        --budgets 128,256,512 --modes query-aware,query-agnostic --out docs/eval/gemma3-reading
 }
 
 kv_bits() {  # kept rows quantized: NIAH and fidelity, compresskv at 64-512 tokens with 16, 8 and 4 bits per value

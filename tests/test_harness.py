@@ -68,3 +68,53 @@ def test_disk_follow_ups_select_from_the_documents_store_not_a_copy(tmp_path, mo
     assert [r["answer"] for r in runs[None]] == [r["answer"] for r in runs[tmp_path]]
     by_policy = {(r["policy"], r["turn"]): r["answer"] for r in runs[tmp_path]}
     assert by_policy[("per-question", 2)] == by_policy[("per-question-disk", 2)]
+
+
+class LineTokenizer(NumberTokenizer):
+    """Every token a line of its own: an answer's first line is its first token."""
+
+    def decode(self, ids):
+        return "".join(f"{i}\n" for i in ids)
+
+
+def test_a_whole_answer_runs_past_its_first_line_and_is_scored_by_fidelity():
+    model = tiny_model()
+    method = make_method("snapkv")[0]
+    harness = Harness(Session(model, LineTokenizer(), method), LineTokenizer(), max_tokens=2)
+    line, whole = sample("line", 3), replace(sample("whole", 3), max_tokens=6, whole_answer=True)
+    settings = [Setting(make_method("full")[0], None), Setting(method, "32")]
+    cut = list(harness.run(line, settings, ["query-aware"], set()))
+    full, kept = harness.run(whole, settings, ["query-aware"], set())
+    assert len(cut[0]["answer"].split()) == 1  # the first line only
+    assert full["answer"] == LineTokenizer().decode(plain_greedy(model, whole.document + whole.questions[0], 6))
+    assert kept["top1"] is not None and kept["kl"] is not None
+
+
+class WordTokenizer:
+    """Words as tokens, for the reading prompts' lengths."""
+
+    def __init__(self):
+        self.words: list[str] = []
+
+    def encode(self, text, add_special_tokens=False):
+        ids = []
+        for word in text.split(" "):
+            if word not in self.words:
+                self.words.append(word)
+            ids.append(self.words.index(word))
+        return ids
+
+    def decode(self, ids):
+        return " ".join(self.words[i] for i in ids)
+
+
+@pytest.mark.parametrize("kind", ["manual", "legal"])
+def test_reading_documents_are_the_kinds_real_documents_cut_at_the_length(kind):
+    from ckv_mlx.eval import reading
+    from ckv_mlx.eval.facts import DOCUMENTS
+
+    tokenizer = WordTokenizer()
+    text = reading.document_text(kind, 3000, tokenizer)
+    first = sorted((DOCUMENTS / kind).glob("*.txt"))[0].read_text(encoding="utf-8")
+    assert len(tokenizer.encode(text)) == 3000 and text.startswith(first[:200])
+    assert reading.LISTED[kind] in reading.prompt("list", kind)

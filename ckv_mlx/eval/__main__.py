@@ -20,7 +20,7 @@ DEFAULT_LENGTHS = [1000, 2000, 4000, 7000]
 DEFAULT_DEPTHS = [0, 11, 22, 33, 44, 56, 67, 78, 89, 100]
 DEFAULT_BUDGETS = ["32", "64", "128", "256"]
 SINGLE_TASKS = ("niah", "facts", "multikey", "multivalue", "variable-tracking", "frequent-words")
-TASKS = SINGLE_TASKS + ("followup",)
+TASKS = SINGLE_TASKS + ("followup", "summary", "list")
 
 
 def _list(text: str) -> list[str]:
@@ -159,7 +159,9 @@ def _methods(names, profile):
 
 def _samples(args, loaded):
     from .niah import DEFAULT_HAYSTACK, DEFAULT_NEEDLES, load_haystack, load_needles
-    from .tasks import fact_samples, followup_samples, niah_samples, ruler_samples
+    from .facts import REAL_KINDS
+    from .reading import TASKS as READING_TASKS
+    from .tasks import fact_samples, followup_samples, niah_samples, reading_samples, ruler_samples
 
     tokenizer = loaded.tokenizer
     samples = []
@@ -175,6 +177,10 @@ def _samples(args, loaded):
                                 args.style)
     ruler_tasks = [t for t in args.tasks if t in SINGLE_TASKS and t not in ("niah", "facts")]
     samples += ruler_samples(tokenizer, ruler_tasks, args.lengths, args.samples)
+    reading_tasks = [t for t in args.tasks if t in READING_TASKS]
+    if reading_tasks:
+        kinds = [k for k in args.kinds if k in REAL_KINDS] or list(REAL_KINDS)
+        samples += reading_samples(tokenizer, reading_tasks, kinds, args.lengths)
     return samples
 
 

@@ -65,6 +65,8 @@ class Harness:
 
     def _answer(self, logits, sample: EvalSample) -> list[int]:
         limit = sample.max_tokens or self.max_tokens
+        if sample.whole_answer:
+            return list(self.session.generate(logits, limit))
         return answer_line(self.session.generate(logits, limit), self.tokenizer, limit)
 
     def _record(self, sample: EvalSample, setting: Setting, answer: list[int], scorer, **extra) -> dict:

@@ -12,6 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..errors import read_jsonl
+from .reading import TASKS as READING_TASKS
 
 METHOD_ORDER = ("full", "compresskv", "compresskv-gqa", "compresskv-gqa-ada", "snapkv", "snapkv-ada", "pyramidkv",
                 "streamingllm", "keydiff")
@@ -168,9 +169,11 @@ def modes_table(records, task, metric="score") -> str:
     return _table(header, rows)
 
 
-def fidelity_table(records, mode="query-aware") -> str:
-    """Top-1 agreement (%) and mean KL against the full cache's answer, per method and budget."""
-    chosen = [r for r in records if r.get("mode") == mode and r.get("top1") is not None]
+def fidelity_table(records, mode="query-aware", task: str | None = None) -> str:
+    """Top-1 agreement (%) and mean KL against the full cache's answer, per method and
+    budget (of ``task``'s records only, if given)."""
+    chosen = [r for r in records if r.get("mode") == mode and r.get("top1") is not None
+              and task in (None, r["task"])]
     budgets = budget_order(chosen)
     rows = []
     for method in method_order(chosen):
@@ -382,6 +385,11 @@ def write_report(records, out_dir) -> str:
         for mode in modes:
             sections.append(f"## Fidelity to the full cache, {mode}: top-1 agreement % / mean KL\n\n"
                             f"{fidelity_table(records, mode)}")
+    for task in READING_TASKS:
+        for mode in modes:
+            if any(r["task"] == task and r.get("mode") == mode and r.get("top1") is not None for r in records):
+                sections.append(f"## {task}, {mode}: fidelity to the full cache's answer, top-1 agreement % / mean "
+                                f"KL\n\n{fidelity_table(records, mode, task)}")
     if any(r["task"] == "followup" for r in records):
         sections.append(f"## Follow-up questions: turn 1 / turn 2 accuracy (%)\n\n{followup_table(records)}")
         for method in method_order([r for r in records if r["task"] == "followup"]):

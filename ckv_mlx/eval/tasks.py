@@ -8,7 +8,7 @@ from typing import Callable
 from ..errors import CKVError
 from .niah import Needle, exact_match, needle_prompt, question_text, rouge1_recall
 from ..text.prompts import split_prompt
-from . import facts, ruler
+from . import facts, reading, ruler
 
 WORDS_PER_TOKEN = 0.7
 Scorer = Callable[[str], dict]
@@ -27,6 +27,7 @@ class EvalSample:
     depth: int | None = None
     max_tokens: int | None = None  # answer tokens, where the sample sets its own
     info: dict = field(default_factory=dict)  # more fields for its records
+    whole_answer: bool = False  # the answer runs to its token limit, not to the end of its first line
 
 
 def _needle_scorer(needle: Needle) -> Scorer:
@@ -96,4 +97,19 @@ def fact_samples(tokenizer, kinds, forms, split: str, lengths, per_cell: int, es
                     samples.append(EvalSample(
                         key, "facts", length, prompt.document, [prompt.question], [scorer], fact.depth, answer_tokens,
                         {"kind": kind, "form": form, "split": split, "document": fact.document, "value": fact.value}))
+    return samples
+
+
+def reading_samples(tokenizer, tasks, kinds, lengths) -> list[EvalSample]:
+    """A summary and a list of every thing of a kind (:mod:`reading`), over each kind's
+    real documents at each length: scored by fidelity only."""
+    samples = []
+    for task in tasks:
+        for kind in kinds:
+            for length in lengths:
+                text = reading.document_text(kind, length, tokenizer)
+                document, question = split_prompt(tokenizer, text, reading.prompt(task, kind), True)
+                samples.append(EvalSample(f"{task}/{kind}/L{length}", task, length, document, [question],
+                                          [lambda answer: {"score": None, "rouge1": None}],
+                                          max_tokens=reading.ANSWER_TOKENS, info={"kind": kind}, whole_answer=True))
     return samples
