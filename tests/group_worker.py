@@ -20,7 +20,9 @@ def run(folder: str, methods: list[str], budgets: list[int], out: Path, pipeline
         precision: str = "float32", profile: str | None = None) -> None:
     """Write ``out/rank<r>.json`` (tokens, bytes, placement) and ``out/rank<r>.npz`` (each
     held layer's kept keys, by method, budget and layer number)."""
+    from ckv_mlx import make_prompt_cache
     from ckv_mlx.engine.session import Session
+    from ckv_mlx.errors import CKVError
     from ckv_mlx.model.models import load_model
     from ckv_mlx.policy.methods import make_method
     from ckv_mlx.profiles import load_profile
@@ -28,6 +30,11 @@ def run(folder: str, methods: list[str], budgets: list[int], out: Path, pipeline
     loaded = load_model(folder, precision, identify=False, pipeline=pipeline)
     chosen = load_profile(profile) if profile else None
     record, kept = {}, {}
+    try:  # the mlx-lm building block compresses a model held whole only
+        make_prompt_cache(loaded.model, method="snapkv")
+        refused = None
+    except CKVError as error:
+        refused = str(error)
     for name in methods:
         method, _ = make_method(name, chosen)
         session = Session(loaded.model, loaded.tokenizer, method)
@@ -42,7 +49,8 @@ def run(folder: str, methods: list[str], budgets: list[int], out: Path, pipeline
                 "tokens": list(session.generate(logits, ANSWER))}
     rank = mx.distributed.init().rank()
     heads = session.heads
-    meta = {"layers": list(session.placement.layers), "first_kv": heads.first_kv if heads else 0, "runs": record}
+    meta = {"layers": list(session.placement.layers), "first_kv": heads.first_kv if heads else 0, "runs": record,
+            "make_prompt_cache_refused": refused}
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / f"rank{rank}.npz", **kept)
     (out / f"rank{rank}.json").write_text(json.dumps(meta))

@@ -184,6 +184,8 @@ def test_split_by_heads_keeps_and_answers_as_one_process(tmp_path, tensor_model,
     group = group_run(tmp_path, 2, tensor_model, EVERY_METHOD, [COMPRESSED, WHOLE], "tensor", "float32", profile)
     one = one_process(tmp_path, tensor_model, EVERY_METHOD, [COMPRESSED, WHOLE], "float32", profile)
     assert [m["first_kv"] for m, _ in group] == [0, 1]
+    assert all("split over several processes" in m["make_prompt_cache_refused"] for m, _ in group)
+    assert one[0]["make_prompt_cache_refused"] is None
     check_same_as_one_process(group, one, EVERY_METHOD, "tensor", 1e-4)
     plain = plain_greedy(model_of({**tiny_config("llama", layers=3, heads=4, kv_heads=2, vocab=VOCAB),
                                    "max_position_embeddings": 8192}), group_worker.PROMPT, group_worker.ANSWER)
@@ -204,6 +206,7 @@ def test_split_by_layers_keeps_and_answers_as_one_process(tmp_path, pipeline_mod
     group = group_run(tmp_path, 2, folder, EVERY_METHOD, [COMPRESSED, WHOLE], "pipeline", "float32", profile)
     one = one_process(tmp_path, folder, EVERY_METHOD, [COMPRESSED, WHOLE], "float32", profile)
     assert [m["layers"] for m, _ in group] == [[2, 3], [0, 1]]
+    assert all("split over several processes" in m["make_prompt_cache_refused"] for m, _ in group)
     assert len(set(one[0]["runs"][f"compresskv/{COMPRESSED}"]["budgets"])) > 1, "error-aware budgets differ by layer"
     check_same_as_one_process(group, one, EVERY_METHOD, "pipeline", 1e-4)
 
