@@ -123,12 +123,14 @@ gemma_32k_profile() {  # Gemma 3 270M's profile made at the lengths it is used a
         SRH_ARGS="--skip-needles 3" LAYER_ARGS="--words 12000" bash scripts/make_profile.sh
 }
 
-gemma_32k_niah() {  # Gemma 3 270M at 8K-32K: every method at 64-512 tokens per layer, 5 depths x 3 needles, with
-                    # the 32K profile; resumable (LENGTHS_32K to run a part)
+gemma_32k_niah() {  # Gemma 3 270M at 8K-32K: every method (the shipped default too) at 64-512 tokens per layer,
+                    # query-aware and query-agnostic, 5 depths x 3 needles, with the 32K profile; resumable
+                    # (LENGTHS_32K to run a part)
     $PY -m ckv_mlx.eval --model gemma3-270m --tasks niah --haystack "$PG" --lengths "${LENGTHS_32K:-8000,16000,32000}" \
         --profile profiles/gemma3-270m-32k.json --depths 0,25,50,75,100 \
-        --methods full,compresskv,compresskv-gqa,compresskv-gqa+span8,snapkv,pyramidkv,streamingllm,keydiff \
-        --budgets 64,128,256,512 --modes query-aware --max-tokens 8 --no-fidelity --out docs/eval/gemma3-niah-32k
+        --methods full,compresskv,compresskv-gqa,compresskv-gqa+span8,compresskv-gqa+span8+word48,snapkv,pyramidkv,\
+streamingllm,keydiff --budgets 64,128,256,512 --modes query-aware,query-agnostic --max-tokens 8 --no-fidelity \
+        --out docs/eval/gemma3-niah-32k
 }
 
 gemma_reading() {  # beyond question answering: a summary and a list of every thing of a kind over real documents at
