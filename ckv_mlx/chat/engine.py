@@ -205,12 +205,7 @@ class ChatEngine:
     def follow(self):
         """A rank other than 0 under ``mlx.launch``: run rank 0's jobs as they come, in
         its order, on this thread, until rank 0's engine ends."""
-        while (job := self._ranks.share(None)) is not None:
-            name, args = job
-            try:
-                self._run(getattr(self, name), args)
-            except Cancelled:
-                pass
+        self._ranks.follow(lambda job: self._run(getattr(self, job[0]), job[1]), ignore=(Cancelled,))
         self.close()
 
     # The engine's thread.
@@ -221,14 +216,12 @@ class ChatEngine:
     def _end(self):
         """The thread's last work: the conversation dropped, the other ranks told to stop."""
         self._end_conversation()
-        if self._ranks.size > 1 and self._ranks.leader:
-            self._ranks.share(None)
+        self._ranks.send(None)
 
     def _run(self, job, args):
         """Run one job (every rank of a group runs it: rank 0 sends it first), reporting
         its failure (a cancelled one, the engine closing, ends quietly)."""
-        if self._ranks.size > 1 and self._ranks.leader:
-            self._ranks.share([job.__name__, list(args)])
+        self._ranks.send([job.__name__, list(args)])
         try:
             job(*args)
         except CKVError as error:

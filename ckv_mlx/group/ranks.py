@@ -58,6 +58,21 @@ class Ranks:
         mine = mx.array(np.frombuffer(data, np.uint8)) if self.leader else mx.zeros(size, mx.uint8)
         return json.loads(bytes(np.array(self._sum(mine))))
 
+    def send(self, work) -> None:
+        """Rank 0: tell the other ranks the work it starts now (anything JSON can hold),
+        or with None that it is done; the others run it in :meth:`follow`."""
+        if self.size > 1 and self.leader:
+            self.share(work)
+
+    def follow(self, run: Callable[[object], None], ignore: tuple[type[BaseException], ...] = ()) -> None:
+        """A rank other than 0: ``run`` each work rank 0 :meth:`send` s, in its order, until
+        it sends None (an exception in ``ignore`` ends that work only)."""
+        while (work := self.share(None)) is not None:
+            try:
+                run(work)
+            except ignore:
+                pass
+
     def each(self, value: int) -> list[int]:
         """Every rank's ``value``, in rank order."""
         if self.size == 1:

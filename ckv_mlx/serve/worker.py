@@ -84,24 +84,22 @@ class Worker:
     def follow(self):
         """A rank other than 0: serve rank 0's requests as they come, in its order, on this
         thread, until rank 0's worker closes."""
-        while (shared := self.ranks.share(None)) is not None:
+        def serve(shared: dict):
             request = Request(**{**shared, "compression": Compression(**shared["compression"])})
-            try:
-                self._serve(Job(lambda _: None), request, lambda event: None)
-            except Cancelled:
-                pass
+            self._serve(Job(lambda _: None), request, lambda event: None)
+
+        self.ranks.follow(serve, ignore=(Cancelled,))
         self.close()
 
     def _end(self):
         """The MLX thread's last work: the other ranks told to stop."""
-        if self.ranks.size > 1 and self.ranks.leader:
-            self.ranks.share(None)
+        self.ranks.send(None)
 
     def _serve(self, job: Job, request: Request, emit: Callable[[tuple], None]):
-        if self.ranks.size > 1 and self.ranks.leader:
-            if request.seed is None and request.temperature > 0:  # every rank must sample the same tokens
+        if self.ranks.size > 1:  # the other ranks serve it too (rank 0 sends it), sampling the same tokens
+            if request.seed is None and request.temperature > 0:
                 request = replace(request, seed=random.getrandbits(31))
-            self.ranks.share(asdict(request))
+            self.ranks.send(asdict(request))
         try:
             self._run(job, request, emit)
         except APIError as error:
