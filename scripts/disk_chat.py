@@ -9,10 +9,12 @@ Per length, on the built-in model (or --model) and the shipped haystack (one pro
 other): reading the document in memory (the re-read a chat without a store pays for
 each follow-up under ``per-question``'s cost model, and once per reopening); reading it
 into a new store; three questions in one conversation on disk (each selection: time,
-MLX peak over what was held before it; the KV at that peak: the last selection, which
-this one frees, plus that peak, less the attention scores and logits an in-memory read of
-the same tokens allocates; against the target of what the issue lets RAM hold: the kept
-cache, the window queries, one layer's full rows and one chunk of rows); and reopening: a fresh session reusing the store,
+MLX peak over what was held before it; the KV at its peak, measured: MLX's active bytes as
+each layer's full rows arrive from disk and as the next layer starts, less what was held
+besides KV before the selection (weights and the like), so it counts every kept row, the
+layer's full rows, the window queries and the hidden states; against the target of what
+the issue lets RAM hold: the kept cache, the window queries, one layer's full rows and one
+chunk of rows); and reopening: a fresh session reusing the store,
 time to the first answer token, against the first read's (read, question, compression,
 first token). With ``--store-bits 16,8`` each length is measured with the store as computed
 and kept 8-bit, one after the other. Writes OUT/disk_chat.json and OUT/disk_chat.md.
@@ -54,20 +56,23 @@ def first_token(session, logits) -> float:
     return time.perf_counter() - start
 
 
-def transients(session, tokens: list[int]) -> int:
-    """Bytes that reading ``tokens`` in one call after the whole document allocates beyond
-    the KV it adds (attention scores over every row, every token's logits): measured with
-    the full cache in memory, they are what a selection from disk allocates besides KV."""
+def probe_layers(full) -> list[int]:
+    """Have ``full`` (one :class:`DiskFullCache`) record MLX's active bytes as a selection
+    asks for each layer's rows and once they are read: the KV a selection holds is at its
+    largest then, between the attention scores of two layers. Returns the list it fills."""
     import mlx.core as mx
 
-    mx.clear_cache()
-    held, kv = mx.get_active_memory(), session.kv_bytes
-    mx.reset_peak_memory()
-    mx.eval(session.model(mx.array([tokens]), cache=session.model_caches())[:, -1, :])  # one call, as a selection reads
-    extra = mx.get_peak_memory() - held - (session.kv_bytes - kv)
-    for cache in session.caches:
-        cache.trim(len(tokens))
-    return extra
+    samples, read = [], full.layer
+
+    def layer(index: int, room: int = 0):
+        samples.append(mx.get_active_memory())
+        rows = read(index, room)
+        mx.eval(rows)
+        samples.append(mx.get_active_memory())
+        return rows
+
+    full.layer = layer
+    return samples
 
 
 def measure(loaded, method, tokens: list[int], questions: list[list[int]], args, root: Path, bits: int) -> dict:
@@ -88,11 +93,6 @@ def measure(loaded, method, tokens: list[int], questions: list[list[int]], args,
     logits = session.feed(questions[0])
     session.compress(args.budget)
     row["first_read_ttft_s"] = time.perf_counter() - start + first_token(session, logits)
-    session.reset()
-    session.prefill(tokens)
-    fed = [questions[0]] + [[0] * args.answer_tokens + q for q in questions[1:]]  # what each selection reads
-    extra = [transients(session, f) for f in fed]
-
     key = document_key(loaded.identity, tokens, kv_bits=store_bits)
     session.reset()
     start = time.perf_counter()
@@ -102,9 +102,11 @@ def measure(loaded, method, tokens: list[int], questions: list[list[int]], args,
     row["disk_bytes"] = full.store.nbytes
     conversation = Conversation(session, "per-question", args.budget, full)
     conversation.open()
+    samples = probe_layers(full)
     row["questions"] = []
-    for i, question in enumerate(questions):
+    for question in questions:
         mx.clear_cache()
+        samples.clear()
         held, kv_before = mx.get_active_memory(), session.kv_bytes  # the last selection, freed as this one starts
         mx.reset_peak_memory()
         logits = conversation.start(question)
@@ -113,7 +115,7 @@ def measure(loaded, method, tokens: list[int], questions: list[list[int]], args,
         queries = sum(q.nbytes for q in session.remembered_queries() if q is not None)  # the new window's
         target = session.kv_bytes + queries + full.layer_bytes + PREFILL_STEP * layer_row
         row["questions"].append({"reselect_s": session.stats.reselect_s, "peak_over_held_bytes": peak,
-                                 "transient_bytes": extra[i], "kv_peak_bytes": kv_before + peak - extra[i],
+                                 "kv_peak_bytes": max(samples) - held + kv_before,
                                  "kept_bytes": session.kv_bytes, "queries_bytes": queries, "layer_bytes": full.layer_bytes,
                                  "target_bytes": target})
         answer = list(session.generate(logits, args.answer_tokens))
@@ -185,10 +187,10 @@ def table(results: dict) -> str:
         f"{results['model']}, {results['method']} at budget {results['budget']}; {results['seconds']:.0f} s in all.",
         "",
         "| context | read s | read + store s | on disk MiB | follow-up selection s (3 questions) | selection / read "
-        "| peak over held MiB (worst) | of which scores and logits over every row | KV at the peak MiB (each question) "
+        "| peak over held MiB (worst) | KV at its peak MiB (each question) "
         "| target: kept + window queries + 1 layer + 1 chunk MiB (each) | first read, to 1st token s | reopened, to 1st token s "
         "| reopened / first |",
-        "|---" * 13 + "|",
+        "|---" * 12 + "|",
     ]
     for length, r in results["lengths"].items():
         q = r["questions"]
@@ -199,7 +201,7 @@ def table(results: dict) -> str:
         lines.append(
             f"| {size} | {r['read_s']:.1f} | {r['read_and_store_s']:.1f} | {r['disk_bytes'] / mib:.1f} "
             f"| {each} | {selection / r['read_s']:.3f} "
-            f"| {worst['peak_over_held_bytes'] / mib:.2f} | {worst['transient_bytes'] / mib:.2f} "
+            f"| {worst['peak_over_held_bytes'] / mib:.2f} "
             f"| {_each_mib(q, 'kv_peak_bytes')} | {_each_mib(q, 'target_bytes')} "
             f"| {r['first_read_ttft_s']:.1f} | {r['reopen_ttft_s']:.2f} | {r['reopen_ttft_s'] / r['first_read_ttft_s']:.3f} |")
     lines += ["", "| target (at the longest context) | limit | measured | met |", "|---|---|---|---|"]
