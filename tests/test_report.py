@@ -9,8 +9,8 @@ from ckv_mlx.errors import CKVError
 
 from ckv_mlx.eval.report import (accuracy_table, budget_order, bytes_table, difference_interval, difference_table,
                                  fidelity_table, followup_length_table,
-                                 followup_table, heatmap, load_records, method_order, relative_table, ratio_interval, wilson_interval,
-                                 write_report)
+                                 followup_table, heatmap, load_records, method_order, per_length, relative_table,
+                                 ratio_interval, wilson_interval, write_report)
 
 
 def rec(method, budget, score, sample, depth=0, length=1000, mode="query-aware", task="niah", **extra):
@@ -140,6 +140,19 @@ def test_write_report_writes_plots_and_sections(tmp_path):
     assert "## niah, query-aware: accuracy (%)" in text
     assert (tmp_path / "niah-query-aware-compresskv-5pct.png").exists()
     assert (tmp_path / "niah-query-aware-full.png").exists()
+
+
+def test_per_length_tables_count_each_length_alone(tmp_path):
+    records = RECORDS + [rec("full", None, 1.0, "d", length=2000), rec("compresskv", "64", 0.0, "d", length=2000),
+                         rec("snapkv", "64", 1.0, "d", length=2000)]
+    text = per_length(records, "niah", "query-aware")
+    short, long = text.split("### niah, query-aware, 2,000 tokens")
+    assert "### niah, query-aware, 1,000 tokens" in short
+    assert row(short, "compresskv")[1].startswith("66.7 [")  # a, b, c: 2 of 3; d is not counted here
+    assert row(long, "compresskv")[0].startswith("0.0 [") and row(long, "snapkv")[0].startswith("100.0 [")
+    assert "compresskv vs snapkv" in long
+    assert per_length(RECORDS, "niah", "query-aware") == ""  # one length: the pooled table says it all
+    assert "### niah, query-aware, 2,000 tokens" in write_report(records, tmp_path)
 
 
 def test_wilson_interval_is_the_textbook_one():

@@ -341,6 +341,21 @@ def summary_plot(records, task, path, metric="score", mode="query-aware"):
     fig.savefig(path, dpi=100)
 
 
+def per_length(records, task, mode) -> str:
+    """Where the records span several lengths: the accuracy table and the variants'
+    differences at each length alone (the tables above pool them)."""
+    lengths = sorted({r["length"] for r in _select(records, task, mode)})
+    if len(lengths) < 2:
+        return ""
+    text = ""
+    for length in lengths:
+        at = [r for r in records if r.get("length") == length]
+        text += f"### {task}, {mode}, {length:,} tokens: accuracy (%)\n\n{accuracy_table(at, task, mode=mode)}\n"
+        if differences := difference_table(at, task, mode=mode):
+            text += f"Each CompressKV variant against each baseline at {length:,} tokens (points):\n\n{differences}\n"
+    return text
+
+
 def _file(*parts) -> str:
     return "-".join(str(p) for p in parts if p).replace("%", "pct").replace(" ", "-") + ".png"
 
@@ -365,6 +380,7 @@ def write_report(records, out_dir) -> str:
                 text += f"By the KV kept (quantized rows count their bits):\n\n{bytes_table(records, task, mode)}\n"
             if task == "niah":
                 text += f"ROUGE-1 recall (%):\n\n{accuracy_table(records, task, 'rouge1', mode)}\n"
+                text += per_length(records, task, mode)
                 summary = _file(task, mode, "summary")
                 summary_plot(records, task, out_dir / summary, mode=mode)
                 text += f"![accuracy vs budget]({summary})\n\n"
