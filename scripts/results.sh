@@ -4,9 +4,9 @@
 # Each step is resumable: killed and started again, it continues; with larger grids
 # (e.g. --lengths 1000,2000,4000,7000) it adds only the missing records.
 # Usage: bash scripts/results.sh [niah|pyramidkv|uniform|firstk|chunked|coverage|ablation|mixed|agnostic|followup|gemma_niah|
-#                                 gemma_32k_profile|gemma_32k_niah|gemma_reading|kv_bits|
+#                                 gemma_32k_profile|gemma_32k_niah|gemma_32k_niah_low|gemma_reading|kv_bits|
 #                                 facts_dev|facts_coverage|facts_held_out|span_niah]...
-# (default: all sixteen but the three gemma steps at 32K, hours each)
+# (default: all sixteen but the four gemma steps at 32K, hours each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -123,14 +123,20 @@ gemma_32k_profile() {  # Gemma 3 270M's profile made at the lengths it is used a
         SRH_ARGS="--skip-needles 3" LAYER_ARGS="--words 12000" bash scripts/make_profile.sh
 }
 
-gemma_32k_niah() {  # Gemma 3 270M at 8K-32K: every method (the shipped default too) at 64-512 tokens per layer,
-                    # query-aware and query-agnostic, 5 depths x 3 needles, with the 32K profile; resumable
-                    # (LENGTHS_32K to run a part)
+gemma_niah_grid() {  # BUDGETS MODES: Gemma 3 270M at 8K-32K, every method (the shipped default too), 5 depths x 3
+                    # needles, with the 32K profile; resumable (LENGTHS_32K to run a part)
     $PY -m ckv_mlx.eval --model gemma3-270m --tasks niah --haystack "$PG" --lengths "${LENGTHS_32K:-8000,16000,32000}" \
         --profile profiles/gemma3-270m-32k.json --depths 0,25,50,75,100 \
         --methods full,compresskv,compresskv-gqa,compresskv-gqa+span8,compresskv-gqa+span8+word48,snapkv,pyramidkv,\
-streamingllm,keydiff --budgets 64,128,256,512 --modes query-aware,query-agnostic --max-tokens 8 --no-fidelity \
-        --out docs/eval/gemma3-niah-32k
+streamingllm,keydiff --budgets "$1" --modes "$2" --max-tokens 8 --no-fidelity --out docs/eval/gemma3-niah-32k
+}
+
+gemma_32k_niah() {  # the issue's grid: 64-512 tokens per layer, query-aware and query-agnostic
+    gemma_niah_grid 64,128,256,512 query-aware,query-agnostic
+}
+
+gemma_32k_niah_low() {  # the same samples at 16 and 32 tokens per layer, query-aware: 64 up is a ceiling there
+    gemma_niah_grid 16,32 query-aware
 }
 
 gemma_reading() {  # beyond question answering: a summary and a list of every thing of a kind over real documents at
