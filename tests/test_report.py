@@ -8,7 +8,7 @@ import pytest
 from ckv_mlx.errors import CKVError
 
 from ckv_mlx.eval.report import (accuracy_table, budget_order, bytes_table, difference_interval, difference_table,
-                                 fidelity_table, followup_length_table,
+                                 fidelity_table, followup_length_table, modes_difference_table,
                                  followup_table, heatmap, load_records, method_order, per_length, relative_table,
                                  ratio_interval, wilson_interval, write_report)
 
@@ -95,6 +95,16 @@ def test_difference_table_pairs_samples_and_says_ahead_level_or_behind():
     assert row(table, "compresskv vs keydiff")[0].strip(" |").endswith("] behind")
     assert "compresskv vs compresskv-gqa" not in table and "vs full" not in table
     assert difference_table([r for r in records if r["method"] in ("snapkv", "keydiff")], "niah") == ""
+
+
+def test_modes_difference_pairs_each_sample_with_itself():
+    records = [rec("snapkv", "64", None, s, task="summary", mode=m, top1=t)
+               for s, m, t in (("a", "query-aware", 0.9), ("b", "query-aware", 0.7), ("c", "query-aware", 0.5),
+                               ("a", "query-agnostic", 0.4), ("b", "query-agnostic", 0.2), ("c", "query-agnostic", 0.1))]
+    table = modes_difference_table(records, "summary", "top1")
+    assert row(table, "snapkv")[0].strip(" |").startswith("+46.7 [")  # (0.5 + 0.5 + 0.4) / 3
+    assert row(table, "snapkv")[0].strip(" |").endswith("] ahead")
+    assert modes_difference_table([r for r in records if r["mode"] == "query-aware"], "summary", "top1") == ""
 
 
 def test_budget_order_puts_tokens_first():

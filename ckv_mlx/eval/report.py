@@ -169,6 +169,20 @@ def modes_table(records, task, metric="score") -> str:
     return _table(header, rows)
 
 
+def modes_difference_table(records, task, metric="score") -> str:
+    """Each method's query-aware ``metric`` less its query-agnostic one on the same
+    samples, per budget, with its 95 % paired interval and verdict."""
+    aware, agnostic = _select(records, task, "query-aware"), _select(records, task, "query-agnostic")
+    by_setting = {(r["method"], r["budget"], r["sample"]): r[metric] for r in agnostic if r[metric] is not None}
+
+    def cell(method, budget):
+        pairs = [(r[metric], by_setting[method, budget, r["sample"]]) for r in aware if r["method"] == method
+                 and r["budget"] == budget and r[metric] is not None and (method, budget, r["sample"]) in by_setting]
+        return compared(pairs) if pairs else "-"
+
+    return method_table(aware, cell) if by_setting else ""
+
+
 def fidelity_table(records, mode="query-aware", task: str | None = None) -> str:
     """Top-1 agreement (%) and mean KL against the full cache's answer, per method and
     budget (of ``task``'s records only, if given)."""
@@ -406,6 +420,12 @@ def write_report(records, out_dir) -> str:
             if any(r["task"] == task and r.get("mode") == mode and r.get("top1") is not None for r in records):
                 sections.append(f"## {task}, {mode}: fidelity to the full cache's answer, top-1 agreement % / mean "
                                 f"KL\n\n{fidelity_table(records, mode, task)}")
+                if differences := difference_table(records, task, "top1", mode):
+                    sections.append(f"Each CompressKV variant against each baseline, {task}, {mode}: the difference in "
+                                    f"top-1 agreement (points) with its 95 % paired bootstrap interval:\n\n{differences}")
+        if len(modes) > 1 and (helped := modes_difference_table(records, task, "top1")):
+            sections.append(f"## {task}: where query-aware selection helps: top-1 agreement, query-aware less "
+                            f"query-agnostic (points, 95 % paired bootstrap interval)\n\n{helped}")
     if any(r["task"] == "followup" for r in records):
         sections.append(f"## Follow-up questions: turn 1 / turn 2 accuracy (%)\n\n{followup_table(records)}")
         for method in method_order([r for r in records if r["task"] == "followup"]):
