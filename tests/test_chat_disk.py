@@ -11,6 +11,7 @@ import shutil
 import pytest
 
 from ckv_mlx.chat import session_file
+from ckv_mlx.disk import disk_cache
 from ckv_mlx.chat.events import (
     CacheView, ChatSettings, DocumentReady, Failure, Notice, Progress, Reply, Resumed, Saved,
 )
@@ -62,7 +63,8 @@ def test_a_mixed_model_answers_on_disk_as_with_the_full_cache_in_memory(doc, tmp
     on_disk, recorder = chat(doc, arch, store_dir=str(tmp_path / "stores"))
     assert on_disk == in_memory and any(on_disk)
     view = recorder.of(CacheView)[-1]
-    assert view.disk_bytes > 0 and view.kept_bytes < view.held_bytes < view.full_bytes
+    assert view.disk_bytes > 0 and view.kept_bytes < view.full_bytes
+    assert view.held_bytes == view.kept_bytes  # the other layers' caches at the disk's end are on disk, not here
     assert "stays in memory" not in notices(recorder)
 
 
@@ -187,6 +189,35 @@ def test_a_full_disk_during_a_question_fails_in_one_line_and_the_chat_goes_on(do
         engine.close()
     assert failure.text.startswith("cannot write the full cache to") and "the disk is full" in failure.text
     assert answers == expected  # the failed question was taken back whole
+
+
+def test_a_full_disk_setting_the_other_layers_aside_takes_the_question_back(doc, tmp_path, monkeypatch):
+    """A sliding window's cache where the disk's rows end goes to disk after each selection:
+    when that write fails, the question is taken back whole, as when its rows' write fails."""
+    expected, _ = chat(doc, "gemma3_text", full_cache="memory")
+    engine, recorder = start(ChatSettings(method="snapkv", budget="48", max_tokens=6, store_dir=str(tmp_path)),
+                             arch="gemma3_text")
+    real_write = disk_cache.write_caches
+
+    def full_disk(path, caches):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        engine.open(doc)
+        engine.ask(QUESTIONS[0])
+        recorder.wait(Reply)
+        monkeypatch.setattr(disk_cache, "write_caches", full_disk)
+        engine.ask(QUESTIONS[1])
+        failure = recorder.wait(Failure)[0]
+        monkeypatch.setattr(disk_cache, "write_caches", real_write)
+        for question in QUESTIONS[1:]:
+            engine.ask(question)
+        recorder.wait(Reply, 3)
+        answers = [t.answer_tokens for t in engine._document.turns]
+    finally:
+        engine.close()
+    assert failure.text.startswith("cannot write the full cache to") and "the disk is full" in failure.text
+    assert answers == expected
 
 
 def test_an_8_bit_store_is_smaller_and_a_saved_chat_resumes_from_it_at_once(doc, tmp_path):

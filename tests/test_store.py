@@ -20,6 +20,7 @@ from ckv_mlx.errors import CKVError
 from ckv_mlx.policy.methods import make_method
 from ckv_mlx.engine.session import Session
 from ckv_mlx.kv.quantized import KVBits
+from ckv_mlx.safetensors_file import write_safetensors
 from ckv_mlx.disk.store import (
     CONVERSATIONS, MANIFEST, DiskError, StoreCorrupt, StoreWriter, list_stores, open_store, prune, document_key,
 )
@@ -147,6 +148,17 @@ def test_a_full_disk_stops_the_store_not_the_reading(tmp_path):
     with pytest.raises(CKVError, match=r"^cannot write the full cache to .*: the disk is full; free some space"):
         writer.publish(session.remembered_queries())
     assert list(tmp_path.iterdir()) == []  # nothing half-written is left
+
+
+def test_a_safetensors_file_on_a_full_disk_raises_instead_of_vanishing():
+    """Given a path, MLX's writer drops a failed write without a word; every safetensors
+    file we write (queries, other layers' caches, saved chats, converted weights) goes
+    through ``write_safetensors``, which raises: the kernel's /dev/full is the full disk."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    with pytest.raises(OSError) as failure:
+        write_safetensors("/dev/full", {"rows": mx.zeros((4096,))}, {"layout": "[]"})
+    assert failure.value.errno == errno.ENOSPC
 
 
 def test_a_full_tmpfs_is_reported_in_one_line(tmp_path):

@@ -31,6 +31,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from ..errors import CKVError
 from ..kv.cache import EvictingKVCache
 from ..kv.layer_caches import from_saved, to_saved
+from ..safetensors_file import write_safetensors
 
 SESSION_FORMAT = "ckv-chat-session/2"  # 2: caches in mlx-lm 0.32's state layout
 CACHE_SCALARS = "cache_scalars"
@@ -83,7 +84,7 @@ def write(path: str | Path, saved: SavedSession) -> None:
                               "tail_tokens": disk.tail_tokens, "unread": disk.unread, "others": selection_layout}
     tmp = path.with_name(f".{path.name}.tmp.safetensors")
     try:
-        mx.save_safetensors(str(tmp), arrays, metadata={"ckv": json.dumps(meta)})
+        write_safetensors(tmp, arrays, {"ckv": json.dumps(meta)})
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)

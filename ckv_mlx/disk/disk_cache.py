@@ -2,7 +2,9 @@
 
 It is the document's :class:`~ckv_mlx.disk.store.Store` (shared, never changed) followed by
 the conversation's tail (the questions and answers read against the full cache, in a
-private folder removed on :meth:`DiskFullCache.close`). :meth:`DiskFullCache.streamed`
+private folder removed on :meth:`DiskFullCache.close`), and beside it mlx-lm's caches of
+the layers that do not compress as they stand where the rows end (:meth:`set_aside`): the
+next selection starts them from there, so memory holds no second copy of them. :meth:`DiskFullCache.streamed`
 gives the per-layer caches of one model call: each reads its layer's rows from disk when
 that layer runs, appends the call's new rows to the tail, and once the attention has
 seen the call's queries hands the whole layer to a ``keep`` callback (the selection).
@@ -26,12 +28,14 @@ from mlx_lm.models.cache import _BaseCache
 
 from ..kv.cache import EvictingKVCache, allocated_rows
 from ..errors import CKVError
+from ..safetensors_file import read_caches, write_caches
 from ..kv.quantized import KVBits
 from .store import (
     CONVERSATIONS, LEASE, LayerRows, Store, StoreCorrupt, disk_error, open_store,
 )
 
 Keep = Callable[[int, mx.array, mx.array], None]
+OTHERS = "others.safetensors"  # in the tail's folder: the other layers' caches where the rows end
 
 
 class DiskFullCache:
@@ -121,6 +125,23 @@ class DiskFullCache:
             raise
         self.tail.advance(len(tokens))
         return logits
+
+    def set_aside(self, others: dict[int, object]):
+        """Write ``others`` (mlx-lm's caches of the layers that do not compress, by layer)
+        as they stand where the rows on disk end, for :meth:`others_at_tail`."""
+        path = self.tail.folder / OTHERS
+        try:
+            write_caches(path.with_suffix(".new.safetensors"), others)
+            os.replace(path.with_suffix(".new.safetensors"), path)  # whole, never half written
+        except OSError as error:
+            raise disk_error(self.tail.folder.parent.parent, error) from None
+
+    def others_at_tail(self) -> dict[int, object]:
+        """New caches as :meth:`set_aside` last wrote them (none before it did)."""
+        path = self.tail.folder / OTHERS
+        if not path.exists():
+            return {}
+        return read_caches(path)
 
     def close(self):
         """Remove the conversation's tail (the document's store stays)."""

@@ -36,7 +36,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import CKVError
-from ..kv.layer_caches import from_saved, to_saved
+from ..safetensors_file import read_caches, write_caches, write_safetensors
 from ..kv.quantized import KVBits
 
 STORE_FORMAT = "ckv-store/1"
@@ -273,10 +273,9 @@ class StoreWriter(LayerRows):
             raise TypeError("publish takes one array of window queries per layer (Session.remembered_queries)")
         try:
             named = {f"window.{i}": q for i, q in enumerate(queries) if q is not None}
-            mx.save_safetensors(str(self.folder / QUERIES), named)
+            write_safetensors(self.folder / QUERIES, named)
             if others:
-                arrays, layout = to_saved(others)
-                mx.save_safetensors(str(self.folder / OTHERS), arrays, metadata={"layout": json.dumps(layout)})
+                write_caches(self.folder / OTHERS, others)
             manifest = self._manifest()
             size = _stored_bytes(manifest)
             if size > self.limit_bytes:
@@ -365,8 +364,7 @@ class Store:
         """mlx-lm's caches of the layers that do not compress, at the document's end."""
         if OTHERS not in self.manifest["files"]:
             return {}
-        arrays, meta = mx.load(str(self.path / OTHERS), return_metadata=True)
-        return from_saved(arrays, json.loads(meta["layout"]))
+        return read_caches(self.path / OTHERS)
 
     def touch(self):
         """Mark as just used (what the least-recently-used limit goes by), if the folder lets us."""

@@ -19,7 +19,7 @@ import mlx.core as mx
 from ..kv.attention import joined
 from ..disk.disk_cache import DiskFullCache
 from ..errors import CKVError
-from ..kv.layer_caches import copies, nbytes
+from ..kv.layer_caches import nbytes
 from .session import Session
 
 POLICIES = ("first-question", "agnostic", "per-question")
@@ -52,18 +52,16 @@ class Conversation:
         self._answer_start = 0
         self._unread: list[int] = []  # on disk: the last answer, read with the next question
         self._queries: list | None = None  # on disk: the window queries of the last selection
-        self._others_at_tail: dict = {}  # on disk: mlx-lm's caches of the other layers where the disk's rows end
         self.last_answer: KeptCache | None = None  # in memory: the copy the last answer used
         self.kv_ram_bytes = 0  # KV in memory for the last question: selection + full cache set aside (+ one layer read)
 
     @property
     def held_bytes(self) -> int:
         """Bytes set aside in memory beside the session's caches: the full cache while a
-        ``per-question`` answer runs, or with it on disk the other layers' caches where
-        the disk's rows end."""
+        ``per-question`` answer runs (on disk, nothing: what it sets aside is there)."""
         if self._full:
             return sum(c.nbytes for c in self._full.caches) + sum(nbytes(c) for c in self._full.others.values())
-        return sum(nbytes(c) for c in self._others_at_tail.values())
+        return 0
 
     @property
     def disk_bytes(self) -> int:
@@ -77,7 +75,7 @@ class Conversation:
         if self.full_on_disk is not None:
             self.session.forget_rows()
             self._queries = [a.window_state() for a in self.session.attentions]
-            self._others_at_tail = copies(self.session.others)
+            self.full_on_disk.set_aside(self.session.others)
             return
         self.session.restore(document)
         if self.policy == "agnostic":
@@ -120,22 +118,24 @@ class Conversation:
         for attention, queries in zip(self.session.attentions, self._queries):
             attention.restore_window_state(queries)
         self.session.forget_rows()  # the last selection goes first: it is all on disk
-        self.session.others = copies(self._others_at_tail)  # the other layers go back to where the disk ends
-        logits = self.session.reselect(self._unread + question, self.full_on_disk, self.budget)
+        self.session.others = self.full_on_disk.others_at_tail()  # back to where the disk ends
+        with self.session.taken_back_on_failure(self.full_on_disk):  # a failed write takes the question back
+            logits = self.session.reselect(self._unread + question, self.full_on_disk, self.budget)
+            self.full_on_disk.set_aside(self.session.others)
         self._unread = []
         self._queries = [a.window_state() for a in self.session.attentions]
-        self._others_at_tail = copies(self.session.others)
         return logits
 
     def disk_state(self) -> tuple[list[int], list[mx.array | None], dict[int, object]]:
         """What selecting from disk needs beyond the caches, to save: the last answer
         not read yet, each layer's window queries at the last selection, and mlx-lm's
         caches of the other layers where the disk ends."""
-        return self._unread, [joined(state) for state in self._queries], self._others_at_tail
+        return self._unread, [joined(state) for state in self._queries], self.full_on_disk.others_at_tail()
 
     def resume_disk_state(self, unread: list[int], queries: list[mx.array | None], others: dict[int, object]):
         """Go on from what :meth:`disk_state` gave."""
-        self._unread, self._queries, self._others_at_tail = list(unread), queries, others
+        self._unread, self._queries = list(unread), queries
+        self.full_on_disk.set_aside(others)
 
     def finish(self, answer: list[int]):
         """Make sure the whole answer is in the cache that the next question builds on:

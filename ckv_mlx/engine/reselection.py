@@ -6,6 +6,7 @@ stored document or read and store it (:func:`read_or_reuse`), and publish a long
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -47,21 +48,28 @@ class Reselection:
         step = self._disk_step(total)
         split = (len(tokens) - 1) // step * step  # the last piece, of at most a step, selects
         body, last = tokens[:split], tokens[split:]
-        read_before, noted = full.tail.tokens, None if self.tokens is None else len(self.tokens)
-        try:
+        with self.taken_back_on_failure(full):  # an interrupted selection adds none of its pieces
             self.read_on_disk(body, full)  # their rows join the full cache; the last piece's window selects
             self.note_read(last)  # before the call: each layer selects inside it, over every token
             logits = full.read(self.model, last, self.model_caches(full.streamed(self.attentions, keep)))
-        except BaseException:
-            full.tail.truncate(read_before)  # an interrupted selection adds none of its pieces
-            if noted is not None:
-                del self.tokens[noted:]
-            raise
         mx.eval([a.window_state() for a in self.attentions])
         self.caches = kept
         self.stats.reselect_s = time.perf_counter() - start
         self._selected(every)
         return logits
+
+    @contextmanager
+    def taken_back_on_failure(self, full: DiskFullCache):
+        """The rows the block adds to ``full``'s tail and the tokens it notes are taken
+        back out if it fails."""
+        read_before, noted = full.tail.tokens, None if self.tokens is None else len(self.tokens)
+        try:
+            yield
+        except BaseException:
+            full.tail.truncate(read_before)
+            if noted is not None:
+                del self.tokens[noted:]
+            raise
 
     def read_on_disk(self, tokens: list[int], full: DiskFullCache):
         """Read ``tokens`` against every row of the full cache on disk, their rows joining

@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import CKVError
+from ..safetensors_file import write_safetensors
 from .gguf import atomic_folder, cache_dir, mlx_name
 
 GEMMA_MODEL = "gemma3-270m"
@@ -79,7 +80,7 @@ def convert(gguf_path: Path, folder: Path) -> None:
     reader = GGUFReader(str(gguf_path))
     with atomic_folder(folder) as staging:
         weights, quantization = _weights(reader)
-        mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
+        write_safetensors(staging / "model.safetensors", weights, {"format": "mlx"})
         (staging / "config.json").write_text(json.dumps(_config(reader.fields, quantization), indent=2))
         _write_tokenizer(reader.fields, staging)
 

