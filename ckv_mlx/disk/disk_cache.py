@@ -4,10 +4,11 @@ It is the document's :class:`~ckv_mlx.disk.store.Store` (shared, never changed) 
 the conversation's tail (the questions and answers read against the full cache, in a
 private folder removed on :meth:`DiskFullCache.close`), and beside it mlx-lm's caches of
 the layers that do not compress as they stand where the rows end (:meth:`set_aside`): the
-next selection starts them from there, so memory holds no second copy of them. :meth:`DiskFullCache.streamed`
-gives the per-layer caches of one model call: each reads its layer's rows from disk when
-that layer runs, appends the call's new rows to the tail, and once the attention has
-seen the call's queries hands the whole layer to a ``keep`` callback (the selection).
+next selection starts them from there, so memory holds no second copy of them.
+:meth:`DiskFullCache.streamed` gives the per-layer caches of one model call: each reads
+its layer's rows from disk when that layer runs, appends the call's new rows to the tail,
+and once the attention has seen the call's queries hands the whole layer to a ``keep``
+callback (the selection).
 Each layer first
 evaluates its input, so the layer below has finished and its full rows are freed: at
 most one layer's full rows are in memory at a time.
@@ -31,11 +32,10 @@ from ..errors import CKVError
 from ..safetensors_file import read_caches, write_caches
 from ..kv.quantized import KVBits
 from .store import (
-    CONVERSATIONS, LEASE, LayerRows, Store, StoreCorrupt, disk_error, open_store,
+    CONVERSATIONS, LEASE, OTHERS, LayerRows, Store, StoreCorrupt, disk_error, open_store,
 )
 
 Keep = Callable[[int, mx.array, mx.array], None]
-OTHERS = "others.safetensors"  # in the tail's folder: the other layers' caches where the rows end
 
 
 class DiskFullCache:
@@ -128,7 +128,10 @@ class DiskFullCache:
 
     def set_aside(self, others: dict[int, object]):
         """Write ``others`` (mlx-lm's caches of the layers that do not compress, by layer)
-        as they stand where the rows on disk end, for :meth:`others_at_tail`."""
+        as they stand where the rows on disk end, for :meth:`others_at_tail` (a model
+        whose every layer compresses has none)."""
+        if not others:
+            return
         path = self.tail.folder / OTHERS
         try:
             write_caches(path.with_suffix(".new.safetensors"), others)
