@@ -186,3 +186,27 @@ def test_a_long_question_reads_each_layer_from_disk_once(tmp_path, monkeypatch):
     assert dict(reads) == {layer: 1 for layer in range(3)}, reads
     np.testing.assert_allclose(np.array(got), np.array(expected), atol=1e-3, rtol=0)
     assert_same_selection(disk, memory, 1e-4)
+
+
+def test_writing_and_reading_the_other_layers_caches_leaves_no_reference_cycle(tmp_path):
+    """A cycle would keep every array of the saved caches alive until Python's cycle
+    collector ran: at 32K tokens on Gemma, a second copy of its sliding windows at the
+    peak of each selection (measured: 29 MiB over the target before this was fixed)."""
+    import gc
+
+    from mlx_lm.models.cache import RotatingKVCache
+
+    from ckv_mlx.safetensors_file import read_caches, write_caches
+
+    window = RotatingKVCache(max_size=8)
+    window.update_and_fetch(mx.ones((1, 1, 12, 4)), mx.ones((1, 1, 12, 4)))
+    gc.collect()
+    gc.disable()
+    try:
+        write_caches(tmp_path / "others.safetensors", {3: window})
+        back = read_caches(tmp_path / "others.safetensors")
+        unreachable = gc.collect()
+    finally:
+        gc.enable()
+    assert unreachable == 0
+    assert back[3].offset == window.offset and mx.array_equal(back[3].state[0], window.state[0])

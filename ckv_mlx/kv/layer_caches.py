@@ -63,33 +63,38 @@ def to_saved(caches: dict[int, object], prefix: str = "others") -> tuple[dict[st
     and its ``state``, with every array replaced by its name): what :func:`from_saved`
     reads back."""
     arrays: dict[str, mx.array] = {}
-
-    def encode(value, name: str):
-        if isinstance(value, mx.array):
-            arrays[name] = value
-            return {"array": name}
-        if isinstance(value, (list, tuple)):
-            return [encode(v, f"{name}.{i}") for i, v in enumerate(value)]
-        return value  # an int, or None
-
-    layout = [{"layer": layer, "class": type(cache).__name__, "state": encode(cache.state, f"{prefix}.{layer}")}
+    layout = [{"layer": layer, "class": type(cache).__name__, "state": _encoded(cache.state, f"{prefix}.{layer}", arrays)}
               for layer, cache in caches.items()]
     return arrays, layout
 
 
+# Module functions, not closures: a recursive closure is a reference cycle, which would keep
+# every array it saw (a whole layer set's caches) alive until Python's cycle collector ran.
+def _encoded(value, name: str, arrays: dict[str, mx.array]):
+    """``value`` with each array put in ``arrays`` under a name and replaced by that name."""
+    if isinstance(value, mx.array):
+        arrays[name] = value
+        return {"array": name}
+    if isinstance(value, (list, tuple)):
+        return [_encoded(v, f"{name}.{i}", arrays) for i, v in enumerate(value)]
+    return value  # an int, or None
+
+
+def _decoded(value, arrays: dict[str, mx.array]):
+    """What :func:`_encoded` replaced, back from ``arrays``."""
+    if isinstance(value, dict) and value.get("array") not in arrays:
+        raise CKVError(f"the saved array {value.get('array')!r} of a layer's cache is missing: the file is damaged")
+    if isinstance(value, dict):
+        return arrays[value["array"]]
+    return [_decoded(v, arrays) for v in value] if isinstance(value, list) else value
+
+
 def from_saved(arrays: dict[str, mx.array], layout: list[dict]) -> dict[int, object]:
     """The caches :func:`to_saved` wrote; a layout naming no cache of mlx-lm's is refused."""
-    def decode(value):
-        if isinstance(value, dict) and value.get("array") not in arrays:
-            raise CKVError(f"the saved array {value.get('array')!r} of a layer's cache is missing: the file is damaged")
-        if isinstance(value, dict):
-            return arrays[value["array"]]
-        return [decode(v) for v in value] if isinstance(value, list) else value
-
     caches = {}
     for entry in layout:
         kind = getattr(mlx_caches, entry["class"], None)
         if not (isinstance(kind, type) and issubclass(kind, mlx_caches._BaseCache)):
             raise CKVError(f"the saved layer {entry['layer']} holds an unknown cache {entry['class']!r}")
-        caches[entry["layer"]] = kind.from_state(decode(entry["state"]))
+        caches[entry["layer"]] = kind.from_state(_decoded(entry["state"], arrays))
     return caches
