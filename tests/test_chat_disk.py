@@ -163,9 +163,7 @@ def test_a_session_whose_store_is_gone_reads_the_document_and_conversation_again
     assert "is gone (removed past the disk limit, or damaged): reading it and the conversation again" in notices(recorder)
 
 
-def test_a_full_disk_during_a_question_fails_in_one_line_and_the_chat_goes_on(doc, tmp_path, monkeypatch):
-    expected, _ = chat(doc, full_cache="memory")
-    engine, recorder = start(ChatSettings(method="snapkv", budget="48", max_tokens=6, store_dir=str(tmp_path)))
+def _rows_write_fails(monkeypatch):
     real_open = open
 
     def full_disk_open(path, mode="r", *args, **kwargs):
@@ -173,11 +171,29 @@ def test_a_full_disk_during_a_question_fails_in_one_line_and_the_chat_goes_on(do
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, mode, *args, **kwargs)
 
+    monkeypatch.setattr("builtins.open", full_disk_open)
+
+
+def _setting_aside_fails(monkeypatch):
+    def full_disk(path, caches):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(disk_cache, "write_caches", full_disk)
+
+
+@pytest.mark.parametrize("arch, fail", [("llama", _rows_write_fails), ("gemma3_text", _setting_aside_fails)],
+                         ids=["rows", "other-layers-set-aside"])
+def test_a_full_disk_during_a_question_fails_in_one_line_and_the_chat_goes_on(doc, tmp_path, monkeypatch, arch, fail):
+    """The question's rows, or (beside a sliding window) the other layers' caches where the
+    disk's rows end, which go to disk after each selection: either write failing takes the
+    question back whole."""
+    expected, _ = chat(doc, arch, full_cache="memory")
+    engine, recorder = start(ChatSettings(method="snapkv", budget="48", max_tokens=6, store_dir=str(tmp_path)), arch=arch)
     try:
         engine.open(doc)
         engine.ask(QUESTIONS[0])
         recorder.wait(Reply)
-        monkeypatch.setattr("builtins.open", full_disk_open)
+        fail(monkeypatch)
         engine.ask(QUESTIONS[1])
         failure = recorder.wait(Failure)[0]
         monkeypatch.undo()
@@ -189,35 +205,6 @@ def test_a_full_disk_during_a_question_fails_in_one_line_and_the_chat_goes_on(do
         engine.close()
     assert failure.text.startswith("cannot write the full cache to") and "the disk is full" in failure.text
     assert answers == expected  # the failed question was taken back whole
-
-
-def test_a_full_disk_setting_the_other_layers_aside_takes_the_question_back(doc, tmp_path, monkeypatch):
-    """A sliding window's cache where the disk's rows end goes to disk after each selection:
-    when that write fails, the question is taken back whole, as when its rows' write fails."""
-    expected, _ = chat(doc, "gemma3_text", full_cache="memory")
-    engine, recorder = start(ChatSettings(method="snapkv", budget="48", max_tokens=6, store_dir=str(tmp_path)),
-                             arch="gemma3_text")
-    real_write = disk_cache.write_caches
-
-    def full_disk(path, caches):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    try:
-        engine.open(doc)
-        engine.ask(QUESTIONS[0])
-        recorder.wait(Reply)
-        monkeypatch.setattr(disk_cache, "write_caches", full_disk)
-        engine.ask(QUESTIONS[1])
-        failure = recorder.wait(Failure)[0]
-        monkeypatch.setattr(disk_cache, "write_caches", real_write)
-        for question in QUESTIONS[1:]:
-            engine.ask(question)
-        recorder.wait(Reply, 3)
-        answers = [t.answer_tokens for t in engine._document.turns]
-    finally:
-        engine.close()
-    assert failure.text.startswith("cannot write the full cache to") and "the disk is full" in failure.text
-    assert answers == expected
 
 
 def test_an_8_bit_store_is_smaller_and_a_saved_chat_resumes_from_it_at_once(doc, tmp_path):
