@@ -140,11 +140,12 @@ gemma_32k_niah_low() {  # the same samples at 32 tokens per layer (the least err
 }
 
 gemma_reading() {  # beyond question answering: a summary and a list of every thing of a kind over real documents at
-                 # 8K-32K, every method at 128-512, scored by fidelity to the full cache's answer; resumable
+                 # 8K-32K, every method at 128-512, scored by fidelity to the full cache's answer (alone: the
+                 # compressed answers are not generated); resumable
     $PY -m ckv_mlx.eval --model gemma3-270m --tasks summary,list --lengths "${LENGTHS_32K:-8000,16000,32000}" \
         --profile profiles/gemma3-270m-32k.json \
         --methods full,compresskv,compresskv-gqa+span8+word48,snapkv,pyramidkv,streamingllm,keydiff \
-        --budgets 128,256,512 --modes query-aware,query-agnostic --out docs/eval/gemma3-reading
+        --budgets 128,256,512 --modes query-aware,query-agnostic --fidelity-only --out docs/eval/gemma3-reading
 }
 
 kv_bits() {  # kept rows quantized: NIAH and fidelity, compresskv at 64-512 tokens with 16, 8 and 4 bits per value

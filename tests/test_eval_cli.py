@@ -152,3 +152,28 @@ def test_a_kv_bits_grid_records_each_bits_with_its_bytes(tmp_path, capsys, defau
     assert "snapkv 4-bit" in (tmp_path / "report.md").read_text()
     assert main([*args[:-2], "--kv-bits", "16,3", "--out", str(tmp_path / "bad")]) == 2
     assert "--kv-bits 3: use 16" in capsys.readouterr().err
+
+
+def test_reading_fidelity_alone_measures_the_same_without_answers(tmp_path, default_model):
+    from ckv_mlx.eval.reading import ANSWER_TOKENS, document_text, prompt
+    from ckv_mlx.text.prompts import split_prompt
+
+    args = ["--tasks", "list", "--kinds", "code", "--lengths", "300", "--methods", "snapkv", "--budgets", "32",
+            "--modes", "query-aware"]
+    runs = []
+    for extra, out in (([], tmp_path / "answers"), (["--fidelity-only"], tmp_path / "alone")):
+        assert main([*args, *extra, "--out", str(out)]) == 0
+        runs.append([json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()[1:]])
+    (full, snapkv), (full_alone, snapkv_alone) = runs
+    tokenizer = default_model.tokenizer
+    document, question = split_prompt(tokenizer, document_text("code", 300, tokenizer), prompt("list", "code"), True)
+    expected = tokenizer.decode(plain_greedy(default_model.model, document + question, ANSWER_TOKENS))
+    assert full["answer"] == full_alone["answer"] == expected  # the whole answer, past its first line
+    assert snapkv["answer"] and snapkv_alone["answer"] == ""
+    assert (snapkv_alone["top1"], snapkv_alone["kl"]) == (snapkv["top1"], snapkv["kl"])
+    assert 0 <= snapkv["top1"] <= 1 and snapkv["kl"] >= 0
+
+
+def test_fidelity_alone_is_only_for_reading_tasks(tmp_path, capsys, default_model):
+    assert main(["--tasks", "niah", "--fidelity-only", "--out", str(tmp_path)]) == 2
+    assert "--fidelity-only scores summary and list by fidelity alone" in capsys.readouterr().err

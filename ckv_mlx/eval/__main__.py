@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --working-budget, query-aware: score each chunk by the question read right after it "
                    "(default, as generate and ckv-chat do), or by the chunk's own last tokens (no question known)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the teacher-forced fidelity measurement")
+    p.add_argument("--fidelity-only", action="store_true", help="summary and list: score compressed settings by "
+                   "fidelity alone, without generating their own answers (several times faster; answer left empty)")
     p.add_argument("--store-dir", type=Path, help="where documents' full caches are stored on disk (default: "
                    "$CKV_STORE_DIR, else stores/ in the user cache): a document read before is not read again")
     p.add_argument("--no-store", action="store_true", help="neither reuse nor store documents' full caches")
@@ -93,6 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _check(args, modes, policies, kinds, forms):
     from ..policy.methods import options
     from .facts import ESSAYS_NEEDED
+    from .reading import TASKS as READING_TASKS
 
     if not args.methods:
         raise CKVError("--methods is empty: name at least one method")
@@ -123,6 +126,9 @@ def _check(args, modes, policies, kinds, forms):
     KVBits(BITS[0], args.kv_group_size)  # a group size mx.quantize refuses fails here, before any prefill
     if "facts" in args.tasks and "essays" in args.kinds and args.essays is None:
         raise CKVError(ESSAYS_NEEDED)
+    if args.fidelity_only and (args.no_fidelity or set(args.tasks) - set(READING_TASKS)):
+        raise CKVError("--fidelity-only scores summary and list by fidelity alone: drop it, --no-fidelity or the "
+                       "other tasks")
     if not all(0 <= d <= 100 for d in args.depths):
         raise CKVError("--depths are percentages: each must be between 0 and 100")
 
@@ -227,6 +233,7 @@ def run(args, argv) -> int:
     session = Session(loaded.model, loaded.tokenizer, methods[0])
     stores = None if args.no_store else (args.store_dir or store_root())
     harness = Harness(session, loaded.tokenizer, args.max_tokens, fidelity=not args.no_fidelity,
+                      answers=not args.fidelity_only,
                       working_budget=args.working_budget, chunk=args.prefill_chunk,
                       chunk_question=args.chunk_scoring == "question", stores=stores, identity=loaded.identity,
                       notify=lambda text: print(f"note: {text}", file=sys.stderr))

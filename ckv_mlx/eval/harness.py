@@ -55,11 +55,12 @@ def _fidelity(lp: mx.array, full_lp: mx.array) -> tuple[float, float]:
 class Harness:
     """Runs samples through one session; yields one record per answer."""
 
-    def __init__(self, session: Session, tokenizer, max_tokens: int, fidelity: bool = True,
+    def __init__(self, session: Session, tokenizer, max_tokens: int, fidelity: bool = True, answers: bool = True,
                  working_budget: int | None = None, chunk: int = PREFILL_STEP, chunk_question: bool = True,
                  stores: Path | None = None, identity: str = "", notify=lambda text: None):
         self.session, self.tokenizer = session, tokenizer
         self.max_tokens, self.fidelity = max_tokens, fidelity
+        self.answers = answers  # False: compressed settings are scored by fidelity alone, their answers not generated
         self.working_budget, self.chunk, self.chunk_question = working_budget, chunk, chunk_question
         self.stores, self.identity, self.notify = stores, identity, notify  # documents' full caches on disk
 
@@ -168,7 +169,7 @@ class Harness:
         logits = conversation.start(sample.questions[0])
         kept = session.kv_bytes
         state = session.snapshot() if self.fidelity else None
-        answer = self._answer(logits, sample)
+        answer = self._answer(logits, sample) if self.answers or not setting.method.compresses else []
         extra = {"mode": mode, "key": f"{sample.key}/{setting.key(mode)}", "budget_tokens": budget,
                  "kv_fraction": kept / full_bytes, "kv_bytes": kept}
         if self.working_budget and setting.method.compresses:
