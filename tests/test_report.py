@@ -165,6 +165,22 @@ def test_per_length_tables_count_each_length_alone(tmp_path):
     assert "### niah, query-aware, 2,000 tokens" in write_report(records, tmp_path)
 
 
+def test_reading_tables_pool_the_lengths_then_count_each_alone(tmp_path):
+    records = [rec(m, "128", None, f"summary/manual/L{n}", length=n, task="summary", mode=mode, top1=t, kl=0.1)
+               for n, m, mode, t in ((8000, "compresskv", "query-aware", 0.9), (8000, "snapkv", "query-aware", 0.7),
+                                     (16000, "compresskv", "query-aware", 0.5), (16000, "snapkv", "query-aware", 0.5),
+                                     (8000, "compresskv", "query-agnostic", 0.6), (16000, "compresskv",
+                                                                                   "query-agnostic", 0.4))]
+    text = write_report(records, tmp_path)
+    assert "### summary, 8,000 tokens, query-aware: fidelity" in text
+    pooled, short, long = text.split("query-aware: fidelity")[1:]
+    assert row(pooled, "compresskv")[0].startswith("70.0 / ")  # (0.9 + 0.5) / 2
+    assert row(short, "compresskv")[0].startswith("90.0 / ") and "### summary, 16,000 tokens" in short
+    assert row(long, "snapkv")[0].startswith("50.0 / ")
+    assert row(long, "compresskv vs snapkv")[0].startswith("+0.0 [")
+    assert row(short.split("where query-aware selection helps")[1], "compresskv")[0].startswith("+30.0 [")
+
+
 def test_wilson_interval_is_the_textbook_one():
     low, high = wilson_interval(8, 10)  # p = 0.8, n = 10: 0.490 to 0.943 (Wilson 1927; e.g. Newcombe 1998, table I)
     assert round(low, 3) == 0.490 and round(high, 3) == 0.943

@@ -370,6 +370,24 @@ def per_length(records, task, mode) -> str:
     return text
 
 
+def reading_sections(records, task, modes, where: str = "", level: str = "##") -> list[str]:
+    """A reading task's fidelity to the full cache per mode, each CompressKV variant
+    against each baseline, and where query-aware selection helps (``where`` names the
+    records' part, e.g. one length)."""
+    sections = []
+    for mode in modes:
+        if any(r["task"] == task and r.get("mode") == mode and r.get("top1") is not None for r in records):
+            sections.append(f"{level} {task}{where}, {mode}: fidelity to the full cache's answer, top-1 agreement % / "
+                            f"mean KL\n\n{fidelity_table(records, mode, task)}")
+            if differences := difference_table(records, task, "top1", mode):
+                sections.append(f"Each CompressKV variant against each baseline, {task}{where}, {mode}: the difference "
+                                f"in top-1 agreement (points) with its 95 % paired bootstrap interval:\n\n{differences}")
+    if len(modes) > 1 and (helped := modes_difference_table(records, task, "top1")):
+        sections.append(f"{level} {task}{where}: where query-aware selection helps: top-1 agreement, query-aware less "
+                        f"query-agnostic (points, 95 % paired bootstrap interval)\n\n{helped}")
+    return sections
+
+
 def _file(*parts) -> str:
     return "-".join(str(p) for p in parts if p).replace("%", "pct").replace(" ", "-") + ".png"
 
@@ -416,16 +434,12 @@ def write_report(records, out_dir) -> str:
             sections.append(f"## Fidelity to the full cache, {mode}: top-1 agreement % / mean KL\n\n"
                             f"{fidelity_table(records, mode)}")
     for task in READING_TASKS:
-        for mode in modes:
-            if any(r["task"] == task and r.get("mode") == mode and r.get("top1") is not None for r in records):
-                sections.append(f"## {task}, {mode}: fidelity to the full cache's answer, top-1 agreement % / mean "
-                                f"KL\n\n{fidelity_table(records, mode, task)}")
-                if differences := difference_table(records, task, "top1", mode):
-                    sections.append(f"Each CompressKV variant against each baseline, {task}, {mode}: the difference in "
-                                    f"top-1 agreement (points) with its 95 % paired bootstrap interval:\n\n{differences}")
-        if len(modes) > 1 and (helped := modes_difference_table(records, task, "top1")):
-            sections.append(f"## {task}: where query-aware selection helps: top-1 agreement, query-aware less "
-                            f"query-agnostic (points, 95 % paired bootstrap interval)\n\n{helped}")
+        sections += reading_sections(records, task, modes)
+        lengths = sorted({r["length"] for r in records if r["task"] == task})
+        if len(lengths) > 1:  # the tables above pool the lengths
+            for length in lengths:
+                at = [r for r in records if r["length"] == length]
+                sections += reading_sections(at, task, modes, f", {length:,} tokens", "###")
     if any(r["task"] == "followup" for r in records):
         sections.append(f"## Follow-up questions: turn 1 / turn 2 accuracy (%)\n\n{followup_table(records)}")
         for method in method_order([r for r in records if r["task"] == "followup"]):
