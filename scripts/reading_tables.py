@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ckv_mlx.eval.report import _cell, difference_table, fidelity_table, labelled, load_records, method_order, \
-    modes_difference_table  # noqa: E402
+from ckv_mlx.eval.report import _cell, _table, difference_table, fidelity_table, labelled, load_records, \
+    method_order, modes_difference_table  # noqa: E402
 from report_files import write_report  # noqa: E402
 
 LOOP_SHARE = 0.4  # an answer whose distinct words are fewer than this share of its words is a loop
@@ -43,8 +43,7 @@ def by_length(records, task: str) -> str:
         for method in method_order(chosen):
             cells = [_cell([r for r in chosen if r["length"] == n], method, b, "top1") for n in lengths for b in BUDGETS]
             rows.append([f"{method}, {mode.removeprefix('query-')}"] + ["-" if c is None else f"{100 * c:.1f}" for c in cells])
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(row) + " |" for row in rows])
+    return _table(header, rows)
 
 
 def main(argv=None) -> int:
